@@ -1,0 +1,20 @@
+"""logitstore: run teachers once, store their sparse distributions, distil from the cache.
+
+    import logitstore
+    store = logitstore.open("cache/")           # local path or fsspec URL
+    seq = store[0]                              # {"input_ids": [n], "teachers": {name: {...}}}
+    for batch in store.iter_batches(8): ...
+"""
+
+__version__ = "0.1.0"
+
+from .errors import ConfigError, FormatError, LogitStoreError  # noqa: E402
+from .reader import Store  # noqa: E402
+
+
+def open(url: str, **kwargs) -> Store:  # noqa: A001 - mirrors zarr.open / fsspec.open
+    """Open a complete store for reading. ``verify_checksums=False`` skips sha256 checks."""
+    return Store(str(url), **kwargs)
+
+
+__all__ = ["open", "Store", "LogitStoreError", "FormatError", "ConfigError", "__version__"]

@@ -1,0 +1,85 @@
+"""The ``logitstore`` command line: parse flags, build a config, call the Python API."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Optional
+
+import typer
+
+from .errors import LogitStoreError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Run teachers once; store their top-k distributions for offline distillation.")
+
+
+def fail(e: Exception) -> None:
+    typer.echo(f"error: {e}", err=True)
+    raise typer.Exit(2)
+
+
+@app.command()
+def dump(
+    teacher: list[str] = typer.Option(..., "--teacher", help="[NAME=]PATH_OR_HUB_ID or a .gguf file; repeat for several teachers"),
+    data: str = typer.Option(..., help=".txt, .jsonl, .parquet or a saved datasets directory"),
+    out: str = typer.Option(..., help="store directory (or fsspec URL) to create or resume"),
+    top_k: int = typer.Option(64, "--top-k", help="ids and log-probs kept per position"),
+    seq_len: int = typer.Option(512, "--seq-len", help="tokens per window"),
+    batch_size: int = typer.Option(8, "--batch-size"),
+    device: str = typer.Option("auto", help="auto, cpu or cuda[:N]"),
+    dtype: str = typer.Option("auto", help="auto (bf16 on cuda, fp32 on cpu), bf16, fp16 or fp32"),
+    format: str = typer.Option("zarr", "--format", help="zarr or arrow"),
+    encoding: str = typer.Option("compact", help="compact or lossless"),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="stop after this many corpus tokens"),
+    text_field: str = typer.Option("text", "--text-field"),
+    pack: bool = typer.Option(True, "--pack/--no-pack", help="pack documents into full windows, or one document per window"),
+    shard_sequences: Optional[int] = typer.Option(None, "--shard-sequences", help="sequences per shard (default: ~262k tokens)"),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Run teachers over a corpus and write (or resume) a store."""
+    from .dump import DumpConfig, dump as run_dump
+
+    try:
+        cfg = DumpConfig(teachers=tuple(teacher), data=data, out=out, top_k=top_k, seq_len=seq_len, batch_size=batch_size,
+                         device=device, dtype=dtype, format=format, encoding=encoding, max_tokens=max_tokens,
+                         text_field=text_field, pack=pack, shard_sequences=shard_sequences,
+                         trust_remote_code=trust_remote_code, progress=not quiet)
+        run_dump(cfg)
+    except LogitStoreError as e:
+        fail(e)
+
+
+@app.command()
+def info(store: str, as_json: bool = typer.Option(False, "--json", help="machine-readable output")) -> None:
+    """Teachers, tokenizer, sizes, bytes/token, mean top-k mass and entropy."""
+    from .info import format_info, info as get_info
+
+    try:
+        d = get_info(store)
+    except LogitStoreError as e:
+        fail(e)
+    typer.echo(json.dumps(d, indent=1) if as_json else format_info(d))
+
+
+@app.command()
+def verify(store: str) -> None:
+    """Check every checksum, shape, dtype and value range; exit 0 only if all hold."""
+    from .verify import verify as run_verify
+
+    problems = run_verify(store)
+    for p in problems:
+        typer.echo(p)
+    if problems:
+        typer.echo(f"{store}: {len(problems)} problem(s)", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"{store}: OK")
+
+
+def main() -> None:
+    app(prog_name="logitstore")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

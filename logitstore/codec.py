@@ -1,0 +1,181 @@
+"""Encodings of per-position top-k teacher distributions (format spec: ``FORMAT.md``).
+
+A *teacher part* holds, for ``S`` sequences of ``L`` positions, the top-``k`` token ids and their
+log-probabilities (normalised over the whole vocabulary, T = 1) plus three per-position scalars.
+Two encodings turn these into plain named arrays that a backend stores as they are:
+
+``lossless``
+    ``ids`` [S, L, k] in rank order (descending log-prob), ``logprobs`` float32, scalars float32.
+    Decodes bit-exactly to what the teacher runner produced.
+
+``compact`` (default)
+    ``ids``: each part ranks the ids it uses by frequency (``id_order``, most frequent first); per
+    position the ranks are sorted ascending and delta-coded, so the entropy coder sees small gaps.
+    ``codes``: log-probs quantised per position on a uniform grid of ``2**value_bits - 1`` steps
+    between ``lp_lo`` and ``lp_hi`` (float16, rounded outwards). The absolute error of every
+    log-prob is at most ``(lp_hi - lp_lo) / (2 * (2**value_bits - 1))``, plus float32 rounding.
+    Scalars are float16. Entries come back ordered by id rank, not by probability.
+
+All functions work on flattened positions: ``ids``/``logprobs`` are ``[N, k]`` with ``N = S * L``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import FormatError
+
+ENCODINGS = ("compact", "lossless")
+SCALARS = ("tail_mass", "gold_logprob", "entropy")
+
+
+def id_dtype(vocab_size: int) -> np.dtype:
+    """Smallest unsigned dtype holding every id below ``vocab_size``."""
+    if vocab_size <= 1 << 8:
+        return np.dtype(np.uint8)
+    if vocab_size <= 1 << 16:
+        return np.dtype(np.uint16)
+    return np.dtype(np.uint32)
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """How a teacher part is encoded. Stored in the manifest as :meth:`to_dict`."""
+
+    name: str = "compact"
+    value_bits: int = 7
+
+    def __post_init__(self) -> None:
+        if self.name not in ENCODINGS:
+            raise FormatError(f"encoding.name: expected one of {ENCODINGS}, got {self.name!r}")
+        if not isinstance(self.value_bits, int) or not 2 <= self.value_bits <= 8:
+            raise FormatError(f"encoding.value_bits: expected an integer in [2, 8], got {self.value_bits!r}")
+
+    def to_dict(self) -> dict:
+        if self.name == "lossless":
+            return {"name": "lossless"}
+        return {"name": self.name, "value_bits": self.value_bits}
+
+    @classmethod
+    def from_dict(cls, d: object) -> "Encoding":
+        if not isinstance(d, dict) or not isinstance(d.get("name"), str):
+            raise FormatError(f"encoding: expected an object with a string 'name', got {d!r}")
+        unknown = set(d) - {"name", "value_bits"}
+        if unknown:
+            raise FormatError(f"encoding: unknown fields {sorted(unknown)}")
+        return cls(name=d["name"], value_bits=d.get("value_bits", 7))
+
+    @property
+    def levels(self) -> int:
+        return (1 << self.value_bits) - 1
+
+    def array_specs(self, k: int, vocab_size: int) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
+        """Per-sequence dtype and trailing shape of every array in a teacher part (without ``id_order``)."""
+        idt = id_dtype(vocab_size)
+        if self.name == "lossless":
+            f = np.dtype(np.float32)
+            return {"ids": (idt, (k,)), "logprobs": (f, (k,)), "tail_mass": (f, ()), "gold_logprob": (f, ()), "entropy": (f, ())}
+        h = np.dtype(np.float16)
+        return {
+            "ids": (idt, (k,)),
+            "codes": (np.dtype(np.uint8), (k,)),
+            "lp_lo": (h, ()),
+            "lp_hi": (h, ()),
+            "tail_mass": (h, ()),
+            "gold_logprob": (h, ()),
+            "entropy": (h, ()),
+        }
+
+    # ------------------------------------------------------------------ encode
+    def encode(self, ids: np.ndarray, logprobs: np.ndarray, scalars: dict[str, np.ndarray], vocab_size: int) -> dict[str, np.ndarray]:
+        """Encode ``ids``/``logprobs`` [N, k] and ``scalars`` [N] into the arrays of a part.
+
+        Returns flat arrays (``[N, k]`` / ``[N]``) plus, for ``compact``, the part-level ``id_order``.
+        """
+        idt = id_dtype(vocab_size)
+        if self.name == "lossless":
+            out = {"ids": ids.astype(idt, copy=False), "logprobs": logprobs.astype(np.float32, copy=False)}
+            for s in SCALARS:
+                out[s] = scalars[s].astype(np.float32, copy=False)
+            return out
+        out = {}
+        # Rank ids by frequency inside this part: frequent ids get small ranks, so gaps between the
+        # sorted ranks of one position are small and compress well.
+        counts = np.bincount(ids.ravel(), minlength=vocab_size)
+        used = np.flatnonzero(counts)
+        id_order = used[np.argsort(-counts[used], kind="stable")].astype(idt)
+        rank = np.zeros(vocab_size, dtype=idt)
+        rank[id_order] = np.arange(id_order.size, dtype=idt)
+        r = rank[ids]
+        perm = np.argsort(r, axis=-1, kind="stable")
+        r = np.take_along_axis(r, perm, axis=-1)
+        lp = np.take_along_axis(logprobs.astype(np.float32, copy=False), perm, axis=-1)
+        deltas = np.empty_like(r)
+        deltas[:, 0] = r[:, 0]
+        np.subtract(r[:, 1:], r[:, :-1], out=deltas[:, 1:])
+        out["id_order"] = id_order
+        out["ids"] = deltas
+        # Per-position affine quantisation; the float16 bounds are rounded outwards so every value
+        # lies inside [lo, hi] and the error bound holds for the stored (rounded) bounds.
+        lo = _f16_floor(lp.min(axis=-1))
+        hi = _f16_ceil(lp.max(axis=-1))
+        lo32, hi32 = lo.astype(np.float32), hi.astype(np.float32)
+        span = np.maximum(hi32 - lo32, np.float32(1e-30))
+        q = np.rint((lp - lo32[:, None]) * (self.levels / span)[:, None])
+        out["codes"] = np.clip(q, 0, self.levels).astype(np.uint8)
+        out["lp_lo"], out["lp_hi"] = lo, hi
+        for s in SCALARS:
+            out[s] = scalars[s].astype(np.float16)
+        return out
+
+    # ------------------------------------------------------------------ decode
+    def decode(self, arrays: dict[str, np.ndarray], vocab_size: int) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+        """Inverse of :meth:`encode`: ``(ids [N, k] int64, logprobs [N, k] float32, scalars)``.
+
+        Raises :class:`FormatError` if the arrays decode to ids outside the vocabulary.
+        """
+        if self.name == "lossless":
+            ids = arrays["ids"]
+            if ids.size and int(ids.max()) >= vocab_size:
+                raise FormatError(f"ids: found id {int(ids.max())} >= vocab_size {vocab_size}")
+            return ids, arrays["logprobs"], {s: arrays[s] for s in SCALARS}
+        id_order = arrays["id_order"]
+        if id_order.size and int(id_order.max()) >= vocab_size:
+            raise FormatError(f"id_order: found id {int(id_order.max())} >= vocab_size {vocab_size}")
+        ranks = np.cumsum(arrays["ids"], axis=-1, dtype=np.int64)
+        if ranks.size and int(ranks[:, -1].max()) >= id_order.size:
+            raise FormatError(f"ids: rank {int(ranks[:, -1].max())} outside id_order of length {id_order.size}")
+        ids = id_order[ranks]
+        lo = arrays["lp_lo"].astype(np.float32)
+        step = (arrays["lp_hi"].astype(np.float32) - lo) / np.float32(self.levels)
+        logprobs = arrays["codes"].astype(np.float32)
+        logprobs *= step[:, None]
+        logprobs += lo[:, None]
+        scalars = {s: arrays[s].astype(np.float32) for s in SCALARS}
+        return ids, logprobs, scalars
+
+    def error_bound(self, logprobs: np.ndarray) -> np.ndarray:
+        """Documented per-position bound on ``|decoded - original|`` log-prob error, ``[N]``."""
+        if self.name == "lossless":
+            return np.zeros(logprobs.shape[0], dtype=np.float32)
+        lo = _f16_floor(logprobs.min(axis=-1)).astype(np.float64)
+        hi = _f16_ceil(logprobs.max(axis=-1)).astype(np.float64)
+        return ((hi - lo) / (2 * self.levels) + 1e-5 * np.maximum(1.0, np.abs(lo))).astype(np.float32)
+
+
+def _f16_floor(x: np.ndarray) -> np.ndarray:
+    """Largest float16 <= x (x finite and within float16 range)."""
+    h = x.astype(np.float16)
+    over = h.astype(np.float32) > x
+    h[over] = np.nextafter(h[over], np.float16(-np.inf))
+    return h
+
+
+def _f16_ceil(x: np.ndarray) -> np.ndarray:
+    """Smallest float16 >= x."""
+    h = x.astype(np.float16)
+    under = h.astype(np.float32) < x
+    h[under] = np.nextafter(h[under], np.float16(np.inf))
+    return h

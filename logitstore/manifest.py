@@ -1,0 +1,135 @@
+"""The manifest (``manifest.json``): parsing, validation and atomic writing.
+
+A store is complete exactly when its manifest exists; readers trust nothing that the manifest does
+not list. Everything in a manifest is untrusted input: :func:`validate_manifest` checks types,
+bounds and paths before anything is allocated or opened.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+from .codec import Encoding
+from .errors import FormatError
+
+FORMAT_NAME = "logitstore"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+PLAN = "plan.json"
+MAX_MANIFEST_BYTES = 256 << 20
+# Bounds that keep a hostile manifest from asking for absurd allocations.
+MAX_SEQ_LEN = 1 << 20
+MAX_VOCAB = 1 << 24
+MAX_SHARD_SEQUENCES = 1 << 20
+MAX_SEQUENCES = 1 << 40
+_SAFE_PATH = re.compile(r"^[A-Za-z0-9_.\-]+(/[A-Za-z0-9_.\-]+)*$")
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def check_relpath(path: object, where: str) -> str:
+    """A path inside the store: relative, no ``..``, no scheme, conservative characters."""
+    if not isinstance(path, str) or not _SAFE_PATH.match(path) or any(seg in ("..", ".") for seg in path.split("/")):
+        raise FormatError(f"{where}: path {path!r} is not a plain relative path inside the store")
+    return path
+
+
+def _get(d: dict, key: str, types, where: str):
+    if not isinstance(d, dict):
+        raise FormatError(f"{where}: expected an object")
+    if key not in d:
+        raise FormatError(f"{where}.{key}: missing")
+    v = d[key]
+    if isinstance(v, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
+        raise FormatError(f"{where}.{key}: expected {_tname(types)}, got {v!r}")
+    if not isinstance(v, types):
+        raise FormatError(f"{where}.{key}: expected {_tname(types)}, got {type(v).__name__}")
+    return v
+
+
+def _int(d: dict, key: str, where: str, lo: int, hi: int) -> int:
+    v = _get(d, key, int, where)
+    if not lo <= v <= hi:
+        raise FormatError(f"{where}.{key}: expected an integer in [{lo}, {hi}], got {v}")
+    return v
+
+
+def _tname(types) -> str:
+    types = types if isinstance(types, tuple) else (types,)
+    return " or ".join({int: "an integer", str: "a string", dict: "an object", list: "a list", bool: "a boolean", float: "a number"}.get(t, t.__name__) for t in types)
+
+
+def parse_manifest(raw: bytes, where: str = MANIFEST) -> dict:
+    """Parse and validate manifest bytes; raise :class:`FormatError` with a one-line reason."""
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise FormatError(f"{where}: {len(raw)} bytes, more than the {MAX_MANIFEST_BYTES} allowed")
+    try:
+        d = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FormatError(f"{where}: not valid JSON ({e}); the store is damaged or was not finished") from None
+    return validate_manifest(d, where)
+
+
+def validate_manifest(d: object, where: str = MANIFEST) -> dict:
+    if not isinstance(d, dict):
+        raise FormatError(f"{where}: expected a JSON object")
+    if d.get("format") != FORMAT_NAME:
+        raise FormatError(f"{where}.format: expected {FORMAT_NAME!r}, got {d.get('format')!r}")
+    version = _get(d, "format_version", int, where)
+    if version > FORMAT_VERSION:
+        raise FormatError(f"{where}.format_version: {version} is newer than this logitstore reads ({FORMAT_VERSION}); upgrade logitstore")
+    if version != FORMAT_VERSION:
+        raise FormatError(f"{where}.format_version: expected {FORMAT_VERSION}, got {version}")
+    backend = _get(d, "backend", str, where)
+    if backend not in ("zarr", "arrow"):
+        raise FormatError(f"{where}.backend: expected 'zarr' or 'arrow', got {backend!r}")
+    Encoding.from_dict(_get(d, "encoding", dict, where))
+    seq_len = _int(d, "seq_len", where, 1, MAX_SEQ_LEN)
+    _get(d, "packed", bool, where)
+    n_seq = _int(d, "n_sequences", where, 0, MAX_SEQUENCES)
+    n_tok = _int(d, "n_tokens", where, 0, MAX_SEQUENCES * seq_len)
+    tok = _get(d, "tokenizer", dict, where)
+    vocab = _int(tok, "vocab_size", f"{where}.tokenizer", 1, MAX_VOCAB)
+    _get(tok, "fingerprint", str, f"{where}.tokenizer")
+    _get(_get(d, "data", dict, where), "fingerprint", str, f"{where}.data")
+    teachers = _get(d, "teachers", list, where)
+    names = set()
+    for i, t in enumerate(teachers):
+        w = f"{where}.teachers[{i}]"
+        name = _get(t, "name", str, w)
+        if name in names:
+            raise FormatError(f"{w}.name: duplicate teacher name {name!r}")
+        names.add(name)
+        _int(t, "k", w, 1, vocab)
+        check_relpath(_get(t, "part", str, w), f"{w}.part")
+    shards = _get(d, "shards", list, where)
+    start = tokens = 0
+    for j, s in enumerate(shards):
+        w = f"{where}.shards[{j}]"
+        if _int(s, "start", w, 0, MAX_SEQUENCES) != start:
+            raise FormatError(f"{w}.start: expected {start} (shards must tile the sequences in order)")
+        n = _int(s, "n_sequences", w, 1, MAX_SHARD_SEQUENCES)
+        tokens += _int(s, "n_tokens", w, 1, n * seq_len)
+        start += n
+        check_relpath(_get(s, "path", str, w), f"{w}.path")
+        parts = _get(s, "parts", dict, w)
+        for pname in ["inputs"] + [t["part"] for t in teachers]:
+            part = _get(parts, pname, dict, f"{w}.parts")
+            files = _get(part, "files", dict, f"{w}.parts.{pname}")
+            if not files:
+                raise FormatError(f"{w}.parts.{pname}.files: empty")
+            for rel, meta in files.items():
+                fw = f"{w}.parts.{pname}.files[{rel!r}]"
+                check_relpath(rel, fw)
+                _int(meta, "bytes", fw, 0, 1 << 40)
+                if not _HEX64.match(str(_get(meta, "sha256", str, fw))):
+                    raise FormatError(f"{fw}.sha256: expected 64 lowercase hex digits")
+    if start != n_seq:
+        raise FormatError(f"{where}.n_sequences: {n_seq}, but the shards hold {start}")
+    if tokens != n_tok:
+        raise FormatError(f"{where}.n_tokens: {n_tok}, but the shards hold {tokens}")
+    return d
+
+
+def dumps(d: dict) -> bytes:
+    return (json.dumps(d, indent=1, sort_keys=False) + "\n").encode()

@@ -1,0 +1,218 @@
+"""Teachers: loading through ``transformers`` and the on-device top-k statistics.
+
+For every position the runner computes, on the teacher's device in float32 and a chunk of
+positions at a time (so a ``[B, L, V]`` float32 tensor never exists):
+
+- ``ids``/``logprobs`` [.., k]: the top-k of ``log_softmax(logits)`` over the tokenizer's real
+  vocabulary (logit rows of a padded embedding beyond it are masked out first), rank order;
+- ``tail_mass``: the summed probability of every other token, summed directly (not ``1 - sum``);
+- ``gold_logprob``: log-prob of the actual next token (0 at a sequence's last position);
+- ``entropy``: of the full distribution, in nats.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import ConfigError, LogitStoreError
+from .hashing import config_hash, tokenizer_fingerprint, weights_hash
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+#: log-probs below this (``-inf`` from masked logits) are stored as this value.
+LOGPROB_FLOOR = -1.0e4
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    """Where a teacher comes from. ``source`` is a local directory, a ``.gguf`` file or a hub id."""
+
+    name: str
+    source: str
+    revision: str | None = None
+    trust_remote_code: bool = False
+
+    @classmethod
+    def parse(cls, arg: str, *, revision: str | None = None, trust_remote_code: bool = False) -> "TeacherSpec":
+        """``NAME=SOURCE`` or ``SOURCE`` (the name is then derived from the source)."""
+        name, sep, source = arg.partition("=")
+        if not sep:
+            source = arg
+            name = Path(arg.rstrip("/")).name.removesuffix(".gguf") or "teacher"
+        if not source or not name:
+            raise ConfigError(f"--teacher {arg!r}: expected NAME=PATH_OR_ID or PATH_OR_ID")
+        return cls(name=name, source=source, revision=revision, trust_remote_code=trust_remote_code)
+
+    def _load_args(self) -> tuple[str, dict]:
+        kw: dict = {"trust_remote_code": self.trust_remote_code}
+        if self.revision:
+            kw["revision"] = self.revision
+        src = self.source
+        if src.endswith(".gguf"):
+            if not os.path.isfile(src):
+                raise LogitStoreError(f"--teacher {src}: no such GGUF file")
+            kw["gguf_file"] = os.path.basename(src)
+            return os.path.dirname(os.path.abspath(src)), kw
+        if _looks_local(src) and not os.path.isdir(src):
+            raise LogitStoreError(f"--teacher {src}: no such directory")
+        return src, kw
+
+    def load_tokenizer(self):
+        from transformers import AutoTokenizer
+
+        path, kw = self._load_args()
+        try:
+            return AutoTokenizer.from_pretrained(path, **kw)
+        except Exception as e:  # transformers raises OSError/ValueError/... for unusable sources
+            raise LogitStoreError(f"--teacher {self.source}: cannot load tokenizer ({type(e).__name__}: {_first_line(e)})") from e
+
+    def load_model(self, device: torch.device, dtype: torch.dtype):
+        from transformers import AutoModelForCausalLM
+
+        path, kw = self._load_args()
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw)
+        except Exception as e:
+            raise LogitStoreError(f"--teacher {self.source}: cannot load model ({type(e).__name__}: {_first_line(e)})") from e
+        return model.to(device=device, dtype=dtype).eval()
+
+    def identity(self, tokenizer) -> dict:
+        """What identifies this teacher's outputs, computable without loading the model."""
+        path, kw = self._load_args()
+        local = os.path.exists(self.source)
+        return {
+            "name": self.name,
+            "source": os.path.abspath(self.source) if local else self.source,
+            "revision": self.revision,
+            "weights_hash": weights_hash(self.source) if local else None,
+            "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+        }
+
+
+def _looks_local(src: str) -> bool:
+    """A hub id is ``name`` or ``org/name``; anything else is meant as a local path."""
+    return os.path.exists(src) or src.startswith((".", "/", "~")) or src.count("/") > 1
+
+
+def _first_line(e: Exception) -> str:
+    s = str(e).strip()
+    return s.splitlines()[0] if s else ""
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: CUDA is not available on this machine")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ConfigError(f"--device: expected auto, cpu or cuda[:N], got {device!r}")
+    return torch.device(device)
+
+
+def topk_stats(logits: torch.Tensor, k: int, vocab_size: int, next_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Top-k statistics of ``logits`` [N, V_model] (any float dtype) over the first ``vocab_size`` ids.
+
+    ``next_ids`` [N] (or None): the actual next tokens, negative where there is none.
+    Returns float32/int64 tensors ``ids`` [N, k], ``logprobs`` [N, k], ``tail_mass``, ``gold_logprob``
+    and ``entropy`` [N]. Peak extra memory is a few ``[N, V]`` float32 buffers.
+    """
+    x = logits[:, :vocab_size].float()
+    lse = torch.logsumexp(x, dim=-1, keepdim=True)
+    logp = x - lse  # [N, V]
+    if torch.isnan(logp).any() or torch.isinf(lse).any():
+        bad = int(torch.nonzero(torch.isnan(logp).any(-1) | torch.isinf(lse[:, 0]))[0, 0])
+        raise LogitStoreError(f"teacher produced non-finite logits at position {bad} (fp16 overflow? try --dtype bf16 or fp32)")
+    top_lp, top_ids = torch.topk(logp, k, dim=-1, sorted=True)
+    p = logp.exp()
+    ent_terms = torch.where(p > 0, p * logp, torch.zeros_like(p))
+    entropy = -ent_terms.sum(-1)
+    p.scatter_(-1, top_ids, 0.0)  # what is left is the tail, summed without cancellation
+    tail = p.sum(-1).clamp_(0.0, 1.0)
+    if next_ids is None:
+        gold = torch.zeros(x.shape[0], device=x.device)
+    else:
+        valid = next_ids >= 0
+        gold = torch.where(valid, logp.gather(-1, next_ids.clamp(min=0)[:, None])[:, 0], torch.zeros((), device=x.device))
+    return {"ids": top_ids, "logprobs": top_lp.clamp_(min=LOGPROB_FLOOR), "tail_mass": tail, "gold_logprob": gold, "entropy": entropy}
+
+
+@dataclass
+class TeacherRunner:
+    """Runs one teacher over batches of windows and returns ``[B, L, ...]`` numpy results."""
+
+    model: torch.nn.Module
+    vocab_size: int
+    k: int
+    chunk_positions: int = 1024
+    forward_seconds: float = field(default=0.0, init=False)
+
+    def __post_init__(self) -> None:
+        model_vocab = self.model.get_output_embeddings().weight.shape[0]
+        if model_vocab < self.vocab_size:
+            raise ConfigError(f"teacher: output layer has {model_vocab} rows, fewer than the tokenizer's {self.vocab_size} tokens")
+        if not 0 < self.k <= self.vocab_size:
+            raise ConfigError(f"--top-k: expected 1..{self.vocab_size} (the vocab size), got {self.k}")
+        self.device = next(self.model.parameters()).device
+        cfg = self.model.config
+        self._softcap = getattr(cfg, "final_logit_softcapping", None)
+        self._scale = getattr(cfg, "logit_scale", None)
+
+    def _hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        base = self.model.base_model
+        return base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.model.get_output_embeddings()(hidden)
+        if self._scale is not None:
+            logits = logits * self._scale
+        if self._softcap:
+            logits = torch.tanh(logits / self._softcap) * self._softcap
+        return logits
+
+    @torch.inference_mode()
+    def run(self, input_ids: np.ndarray, lengths: np.ndarray) -> dict[str, np.ndarray]:
+        """``input_ids`` [B, L], ``lengths`` [B] -> ids/logprobs [B, L, k], scalars [B, L]."""
+        B, L = input_ids.shape
+        ids_t = torch.from_numpy(input_ids.astype(np.int64)).to(self.device)
+        lens_t = torch.from_numpy(lengths.astype(np.int64)).to(self.device)
+        pos = torch.arange(L, device=self.device)
+        mask = (pos[None, :] < lens_t[:, None]).long()
+        t0 = time.perf_counter()
+        hidden = self._hidden(ids_t, mask)  # [B, L, H]: the lm head runs per chunk below
+        # next token of position t is token t+1 of the same window; none at the last real position
+        nxt = torch.full_like(ids_t, -1)
+        nxt[:, :-1] = ids_t[:, 1:]
+        nxt = torch.where(pos[None, :] + 1 < lens_t[:, None], nxt, torch.full_like(nxt, -1))
+        flat_h = hidden.reshape(B * L, -1)
+        flat_next = nxt.reshape(-1)
+        keep = mask.reshape(-1).bool()
+        outs = {n: [] for n in ("ids", "logprobs", "tail_mass", "gold_logprob", "entropy")}
+        for s in range(0, B * L, self.chunk_positions):
+            sl = slice(s, s + self.chunk_positions)
+            st = topk_stats(self._logits(flat_h[sl]), self.k, self.vocab_size, flat_next[sl])
+            for n, v in st.items():
+                outs[n].append(v)
+        res = {n: torch.cat(v) for n, v in outs.items()}
+        for n, v in res.items():  # zero the padding positions
+            v[~keep] = 0
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.forward_seconds += time.perf_counter() - t0
+        out = {n: v.reshape(B, L, *v.shape[1:]).cpu().numpy() for n, v in res.items()}
+        out["ids"] = out["ids"].astype(np.int64, copy=False)
+        return out
+
+
+def model_identity(model, dtype: torch.dtype) -> dict:
+    return {
+        "config_hash": config_hash(model.config),
+        "model_type": getattr(model.config, "model_type", None),
+        "dtype": str(dtype).removeprefix("torch."),
+        "model_vocab_size": int(model.get_output_embeddings().weight.shape[0]),
+        "n_parameters": int(sum(p.numel() for p in model.parameters())),
+    }

@@ -1,0 +1,115 @@
+"""``logitstore verify``: check every byte and every invariant of a store."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import layout
+from .errors import FormatError
+from .hashing import sequence_hashes, sha256_hex
+from .reader import Store
+
+#: float16 scalars carry ~1e-3 relative error; checks on them allow this much slack.
+TOL = 2e-3
+
+
+def verify(url: str) -> list[str]:
+    """Return one line per problem found (empty when the store is sound). Never raises for
+    damaged content: every problem becomes a line naming the shard file and what was expected."""
+    try:
+        store = Store(url, verify_checksums=True, cache_shards=0)
+    except FormatError as e:
+        return [str(e)]
+    problems: list[str] = []
+    m = store.manifest
+    for j, entry in enumerate(m["shards"]):
+        base = entry["path"]
+        # checksums of every file, part by part, so one bad file does not hide the others
+        ok_parts = set()
+        for part in [layout.INPUTS] + [t["part"] for t in m["teachers"]]:
+            bad = False
+            for rel, meta in entry["parts"][part]["files"].items():
+                where = f"{base}/{part}/{rel}"
+                try:
+                    data = store.fs.read(f"{base}/{part}/{rel}")
+                except FormatError as e:
+                    problems.append(str(e) if where in str(e) else f"{where}: {e}")
+                    bad = True
+                    continue
+                if len(data) != meta["bytes"]:
+                    problems.append(f"{where}: {len(data)} bytes, manifest says {meta['bytes']}")
+                    bad = True
+                elif sha256_hex(data) != meta["sha256"]:
+                    problems.append(f"{where}: sha256 mismatch (file is corrupt)")
+                    bad = True
+            if not bad:
+                ok_parts.add(part)
+        if layout.INPUTS in ok_parts:
+            try:
+                inp = store.read_part(j, layout.INPUTS)
+                problems += _check_inputs(inp, store, entry)
+            except FormatError as e:
+                problems.append(str(e))
+        for t in m["teachers"]:
+            if t["part"] not in ok_parts:
+                continue
+            try:
+                problems += _check_teacher(store, j, t, entry)
+            except FormatError as e:
+                problems.append(str(e))
+    return problems
+
+
+def _check_inputs(inp: dict, store: Store, entry: dict) -> list[str]:
+    where = f"{entry['path']}/inputs"
+    out = []
+    ids, lens = inp["input_ids"], inp["length"]
+    if lens.size and (lens.min() < 1 or lens.max() > store.seq_len):
+        out.append(f"{where}/length: values must lie in [1, {store.seq_len}], found [{lens.min()}, {lens.max()}]")
+        return out
+    if int(lens.sum()) != entry["n_tokens"]:
+        out.append(f"{where}/length: sums to {int(lens.sum())}, manifest says {entry['n_tokens']} tokens")
+    if ids.size and int(ids.max()) >= store.vocab_size:
+        out.append(f"{where}/input_ids: id {int(ids.max())} >= vocab_size {store.vocab_size}")
+    bad = np.flatnonzero((sequence_hashes(ids, lens) != inp["seq_hash"]).any(axis=1))
+    if bad.size:
+        out.append(f"{where}/seq_hash: {bad.size} sequence(s) do not match their token ids (first: row {bad[0]})")
+    return out
+
+
+def _check_teacher(store: Store, j: int, t: dict, entry: dict) -> list[str]:
+    where = f"{entry['path']}/{t['part']}"
+    sh = store.load_shard(j, [t["name"]])
+    td = sh["teachers"][t["name"]]
+    valid = np.arange(store.seq_len)[None, :] < sh["length"][:, None]
+    out = []
+    for name, arr in td.items():
+        if name == "ids":
+            continue
+        v = arr[valid]
+        if not np.isfinite(v).all():
+            out.append(f"{where}/{name}: non-finite values")
+    lp, tail = td["logprobs"][valid], td["tail_mass"][valid]
+    if lp.size and lp.max() > TOL:
+        out.append(f"{where}/logprobs: log-probability {lp.max():.4g} > 0")
+    if tail.size and (tail.min() < 0 or tail.max() > 1 + TOL):
+        out.append(f"{where}/tail_mass: outside [0, 1] (found [{tail.min():.4g}, {tail.max():.4g}])")
+    if lp.size:
+        total = np.exp(lp.astype(np.float64)).sum(-1) + tail
+        worst = float(np.abs(total - 1).max())
+        if worst > 0.05:
+            out.append(f"{where}: top-k mass + tail_mass differs from 1 by {worst:.3g}")
+    ent = td["entropy"][valid]
+    if ent.size and ent.min() < -TOL:
+        out.append(f"{where}/entropy: negative entropy {ent.min():.4g}")
+    gold = td["gold_logprob"][valid]
+    if gold.size and gold.max() > TOL:
+        out.append(f"{where}/gold_logprob: log-probability {gold.max():.4g} > 0")
+    ids = td["ids"][valid]
+    if ids.size and int(ids.max()) >= store.vocab_size:
+        out.append(f"{where}/ids: id {int(ids.max())} >= vocab_size {store.vocab_size}")
+    if ids.size and t["k"] > 1:
+        s = np.sort(ids, axis=-1)
+        if (s[:, 1:] == s[:, :-1]).any():
+            out.append(f"{where}/ids: a position lists the same id twice")
+    return out

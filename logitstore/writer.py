@@ -1,0 +1,115 @@
+"""Writing parts of a store: encode, store files under a temporary name, rename, commit.
+
+A part becomes visible to a later dump (resume) only through its commit record, written after all
+its files; a reader sees a part only through the manifest, written after every commit. A crash at
+any moment therefore leaves either a committed part or debris that the next run deletes.
+Parts are written by one writer each, so several writers (one per rank) can fill one store.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+import uuid
+from typing import Callable
+
+import numpy as np
+
+from . import layout
+from .backends import get_backend
+from .codec import Encoding
+from .fsio import StoreFS
+from .hashing import sha256_hex
+from .manifest import check_relpath
+
+
+class PartWriter:
+    """Encodes parts with one backend into one store root."""
+
+    def __init__(self, fs: StoreFS, backend: str, chunk_rows: int):
+        self.fs = fs
+        self.backend = get_backend(backend)
+        self.chunk_rows = chunk_rows
+
+    def committed(self, shard: int, part: str) -> dict | None:
+        """The commit record of a part if it exists and its files have the recorded sizes."""
+        rel = layout.commit_path(shard, part)
+        if not self.fs.exists(rel):
+            return None
+        try:
+            rec = json.loads(self.fs.read(rel))
+            for f, meta in rec["files"].items():
+                check_relpath(f, rel)
+                p = self.fs.path(f"{layout.part_dir(shard, part)}/{f}")
+                if self.fs.fs.size(p) != meta["bytes"]:
+                    return None
+        except (ValueError, KeyError, TypeError, FileNotFoundError):
+            return None
+        return rec
+
+    def write(self, shard: int, part: str, arrays: dict[str, np.ndarray], extra: dict) -> dict:
+        files = self.backend.encode_part(arrays, self.chunk_rows)
+        tmp = f"{layout.shard_dir(shard)}/.tmp-{part}-{uuid.uuid4().hex[:8]}"
+        for rel, data in files.items():
+            self.fs.write(f"{tmp}/{rel}", data)
+        final = layout.part_dir(shard, part)
+        self.fs.rm(layout.commit_path(shard, part))
+        self.fs.rm(final)
+        self.fs.mv(tmp, final)
+        record = {"shard": shard, "part": part, **extra,
+                  "files": {rel: {"bytes": len(data), "sha256": sha256_hex(data)} for rel, data in sorted(files.items())}}
+        self.fs.write_atomic(layout.commit_path(shard, part), json.dumps(record).encode())
+        return record
+
+    def clean_debris(self, shard: int) -> None:
+        """Remove temporary directories a crashed writer left in a shard directory."""
+        for name in self.fs.ls(layout.shard_dir(shard)):
+            if name.startswith(".tmp-"):
+                self.fs.rm(f"{layout.shard_dir(shard)}/{name}")
+
+
+class BackgroundWriter:
+    """Runs write jobs on one thread behind a bounded queue, so the producer waits only when
+    ``depth`` jobs are already pending. The first job error is re-raised in the producer."""
+
+    def __init__(self, depth: int = 2):
+        self._q: queue.Queue = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self.busy_seconds = 0.0
+        self._thread = threading.Thread(target=self._loop, name="logitstore-writer", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        import time
+
+        while True:
+            job = self._q.get()
+            if job is None:
+                return
+            if self._error is None:
+                t0 = time.perf_counter()
+                try:
+                    job()
+                except BaseException as e:  # handed to the producer by submit()/close()
+                    self._error = e
+                self.busy_seconds += time.perf_counter() - t0
+
+    def submit(self, job: Callable[[], None]) -> None:
+        self._raise()
+        self._q.put(job)
+
+    def close(self) -> None:
+        self._q.put(None)
+        self._thread.join()
+        self._raise()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err
+
+    def abort(self) -> None:
+        """Stop after the pending jobs without raising (used while another error propagates)."""
+        self._q.put(None)
+        self._thread.join()
