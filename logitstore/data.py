@@ -42,6 +42,7 @@ def load_texts(path: str, text_field: str = "text") -> list[str]:
     saved ``datasets`` directory. Raises a one-line :class:`LogitStoreError` on any problem."""
     import datasets
 
+    datasets.disable_progress_bars()  # our own bar reports the dump; theirs would bury error lines
     p = Path(path)
     if not p.exists():
         raise LogitStoreError(f"--data {path}: no such file or directory")

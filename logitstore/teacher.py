@@ -73,7 +73,9 @@ class TeacherSpec:
 
     def load_model(self, device: torch.device, dtype: torch.dtype):
         from transformers import AutoModelForCausalLM
+        from transformers.utils import logging as hf_logging
 
+        hf_logging.disable_progress_bar()
         path, kw = self._load_args()
         try:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw)

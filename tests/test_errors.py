@@ -1,0 +1,165 @@
+"""Bad input: one clear line naming the file/field, a non-zero exit, nothing that looks complete."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+import logitstore
+from logitstore.cli import app
+from logitstore.dump import DumpConfig, dump
+from logitstore.errors import ConfigError, FormatError, LogitStoreError
+
+from conftest import build_tokenizer, save_llama
+
+runner = CliRunner()
+
+
+def run_cli(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def dump_args(teacher, data, out, *extra):
+    return ["dump", "--teacher", teacher, "--data", data, "--out", out, "--top-k", "4", "--seq-len", "16", "-q", *extra]
+
+
+@pytest.fixture(scope="module")
+def small_store(tmp_path_factory, llama_dir, corpus):
+    out = tmp_path_factory.mktemp("small") / "store"
+    dump(DumpConfig(teachers=(str(llama_dir),), data=str(corpus), out=str(out), top_k=4, seq_len=16, max_tokens=200,
+                    shard_sequences=4, progress=False))
+    return out
+
+
+def assert_one_line_error(result, *needles):
+    assert result.exit_code == 2, result.output
+    err = result.output.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), result.output
+    for n in needles:
+        assert n in err[0], (n, err[0])
+    assert "Traceback" not in result.output
+
+
+def test_mismatched_tokenizers_refused_before_work(tmp_path, llama_dir, corpus):
+    other_tok = build_tokenizer(vocab_size=300, extra_special="<|other|>")
+    other = save_llama(tmp_path / "other", other_tok)
+    out = tmp_path / "out"
+    r = run_cli(*dump_args(f"a={llama_dir}", corpus, out, "--teacher", f"b={other}"))
+    assert_one_line_error(r, "tokenizer differs", str(other))
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("flag,value,needle", [
+    ("--top-k", "0", "--top-k"), ("--top-k", "100000", "larger than the vocabulary"),
+    ("--seq-len", "0", "--seq-len"), ("--seq-len", "-5", "--seq-len"),
+    ("--format", "hdf5", "--format"), ("--encoding", "zip", "--encoding"), ("--dtype", "int8", "--dtype"),
+])
+def test_bad_flags(tmp_path, llama_dir, corpus, flag, value, needle):
+    out = tmp_path / "out"
+    args = dump_args(str(llama_dir), corpus, out)
+    i = args.index(flag) if flag in args else None
+    if i is not None:
+        args[i + 1] = value
+    else:
+        args += [flag, value]
+    assert_one_line_error(run_cli(*args), needle)
+    assert not (out / "manifest.json").exists()
+
+
+def test_missing_teacher_path(tmp_path, corpus):
+    assert_one_line_error(run_cli(*dump_args(str(tmp_path / "nope"), corpus, tmp_path / "o")), "nope", "no such")
+
+
+def test_missing_text_field(tmp_path, llama_dir):
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"body": "hello world"}) + "\n")
+    assert_one_line_error(run_cli(*dump_args(str(llama_dir), data, tmp_path / "o")), "no field 'text'", "--text-field")
+
+
+def test_empty_corpus(tmp_path, llama_dir):
+    data = tmp_path / "empty.jsonl"
+    data.write_text(json.dumps({"text": "   "}) + "\n")
+    assert_one_line_error(run_cli(*dump_args(str(llama_dir), data, tmp_path / "o")), "no non-empty documents")
+
+
+def test_non_utf8_corpus(tmp_path, llama_dir):
+    data = tmp_path / "bad.txt"
+    data.write_bytes(b"hello \xff\xfe world " * 3)
+    assert_one_line_error(run_cli(*dump_args(str(llama_dir), data, tmp_path / "o")), "not valid UTF-8", "bad.txt")
+
+
+def test_other_store_at_output(tmp_path, llama_dir, corpus, small_store):
+    r = run_cli(*dump_args(str(llama_dir), corpus, small_store, "--top-k", "5"))
+    assert_one_line_error(r, "different settings")
+
+
+def test_newer_format_version_refused(tmp_path, small_store):
+    import shutil
+
+    s = tmp_path / "newer"
+    shutil.copytree(small_store, s)
+    m = json.loads((s / "manifest.json").read_text())
+    m["format_version"] = 2
+    (s / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(FormatError, match="format_version: 2 is newer"):
+        logitstore.open(str(s))
+    assert_one_line_error(run_cli("info", s), "newer than this logitstore reads")
+
+
+def test_truncated_manifest_refused(tmp_path, small_store):
+    import shutil
+
+    s = tmp_path / "trunc"
+    shutil.copytree(small_store, s)
+    raw = (s / "manifest.json").read_bytes()
+    (s / "manifest.json").write_bytes(raw[: len(raw) // 2])
+    assert_one_line_error(run_cli("info", s), "manifest.json", "not valid JSON")
+    r = run_cli("verify", s)
+    assert r.exit_code == 1 and "not valid JSON" in r.output
+
+
+@pytest.mark.parametrize("path", ["../../etc/passwd", "/etc/passwd", "s3://elsewhere/x", "a/./b"])
+def test_paths_outside_store_refused(tmp_path, small_store, path):
+    import shutil
+
+    s = tmp_path / "evil"
+    shutil.copytree(small_store, s)
+    m = json.loads((s / "manifest.json").read_text())
+    files = m["shards"][0]["parts"]["inputs"]["files"]
+    files[path] = next(iter(files.values()))
+    (s / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(FormatError, match="not a plain relative path"):
+        logitstore.open(str(s))
+
+
+def test_huge_declared_sizes_refused_without_allocating(tmp_path, small_store):
+    import shutil
+
+    s = tmp_path / "huge"
+    shutil.copytree(small_store, s)
+    m = json.loads((s / "manifest.json").read_text())
+    m["shards"][0]["n_sequences"] = 10**12
+    (s / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(FormatError, match=r"n_sequences: expected an integer in"):
+        logitstore.open(str(s))
+    m["shards"][0]["n_sequences"] = 4
+    m["seq_len"] = 10**9
+    (s / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(FormatError, match="seq_len"):
+        logitstore.open(str(s))
+
+
+def test_unfinished_store_is_not_readable(tmp_path, small_store):
+    import shutil
+
+    s = tmp_path / "unfinished"
+    shutil.copytree(small_store, s)
+    (s / "manifest.json").unlink()
+    with pytest.raises(FormatError, match="unfinished or crashed"):
+        logitstore.open(str(s))
+
+
+def test_errors_are_logitstore_errors():
+    assert issubclass(FormatError, LogitStoreError) and issubclass(ConfigError, LogitStoreError)
+    with pytest.raises(ConfigError):
+        DumpConfig(teachers=(), data="x", out="y")

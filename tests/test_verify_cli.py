@@ -1,0 +1,77 @@
+"""verify finds damage and names the file; the CLI runs dump, info and verify end to end."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from logitstore.cli import app
+from logitstore.verify import verify
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module", params=["zarr", "arrow"])
+def cli_store(request, tmp_path_factory, llama_dir, gpt2_dir, corpus):
+    out = tmp_path_factory.mktemp(f"cli-{request.param}") / "store"
+    r = runner.invoke(app, ["dump", "--teacher", f"llama={llama_dir}", "--teacher", f"gpt2={gpt2_dir}", "--data", str(corpus),
+                            "--out", str(out), "--top-k", "8", "--seq-len", "32", "--format", request.param,
+                            "--shard-sequences", "8", "--max-tokens", "900"])
+    assert r.exit_code == 0, r.output
+    assert "B/token" in r.output and "tokens/s" in r.output
+    return out
+
+
+def test_info_and_verify_cli(cli_store):
+    r = runner.invoke(app, ["info", str(cli_store)])
+    assert r.exit_code == 0 and "llama" in r.output and "gpt2" in r.output and "B/token" in r.output
+    r = runner.invoke(app, ["info", str(cli_store), "--json"])
+    d = json.loads(r.output)
+    assert d["tokens"] == 900 and len(d["teachers"]) == 2
+    r = runner.invoke(app, ["verify", str(cli_store)])
+    assert r.exit_code == 0 and r.output.strip().endswith("OK")
+
+
+def test_flipped_byte_is_found_and_named(tmp_path, cli_store):
+    rng = np.random.default_rng(0)
+    m = json.loads((cli_store / "manifest.json").read_text())
+    files = [f"{s['path']}/{p}/{rel}" for s in m["shards"] for p, v in s["parts"].items() for rel in v["files"]]
+    for trial in range(6):
+        s = tmp_path / f"flip{trial}"
+        shutil.copytree(cli_store, s)
+        victim = files[rng.integers(len(files))]
+        data = bytearray((s / victim).read_bytes())
+        pos = int(rng.integers(len(data)))
+        data[pos] ^= 1 << int(rng.integers(8))
+        (s / victim).write_bytes(bytes(data))
+        problems = verify(str(s))
+        assert problems and any(victim in p for p in problems), (victim, problems)
+        r = runner.invoke(app, ["verify", str(s)])
+        assert r.exit_code == 1 and victim in r.output
+
+
+def test_missing_shard_file_is_reported(tmp_path, cli_store):
+    s = tmp_path / "missing"
+    shutil.copytree(cli_store, s)
+    shutil.rmtree(s / "shards" / "000001" / "t1")
+    problems = verify(str(s))
+    assert any("shards/000001/t1" in p and "missing" in p for p in problems)
+
+
+def test_reader_refuses_corrupt_data_by_default(tmp_path, cli_store):
+    import logitstore
+    from logitstore.errors import FormatError
+
+    s = tmp_path / "corrupt"
+    shutil.copytree(cli_store, s)
+    m = json.loads((s / "manifest.json").read_text())
+    rel = next(iter(m["shards"][0]["parts"]["t0"]["files"]))
+    p = s / "shards/000000/t0" / rel
+    data = bytearray(p.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    p.write_bytes(bytes(data))
+    store = logitstore.open(str(s))
+    with pytest.raises(FormatError, match="sha256 mismatch"):
+        store[0]
