@@ -94,6 +94,8 @@ class DumpResult:
     tokens_this_run: int
     resumed_parts: int = 0
     summary: dict = field(default_factory=dict)
+    #: wall time of the teacher loop and writes, without model loading or corpus preparation
+    pipeline_seconds: float = 0.0
 
 
 def _log(cfg: DumpConfig, msg: str) -> None:
@@ -153,6 +155,8 @@ def dump(cfg: DumpConfig, *, rank: int = 0, world_size: int = 1) -> DumpResult:
     pw = PartWriter(fs, cfg.format, chunk_rows=max(1, CHUNK_TOKENS // cfg.seq_len))
     mine = list(range(rank, n_shards, world_size))
     bg = BackgroundWriter(depth=2)
+    t_pipeline = time.perf_counter()
+    load_seconds = 0.0
     forward_total = 0.0
     tokens_run = 0
     skipped = 0
@@ -173,8 +177,10 @@ def dump(cfg: DumpConfig, *, rank: int = 0, world_size: int = 1) -> DumpResult:
             skipped += len(mine) - len(todo)
             if not todo:
                 continue
+            t_load = time.perf_counter()
             model = spec.load_model(device, dtype)
             runner = TeacherRunner(model, vocab, cfg.top_k)
+            load_seconds += time.perf_counter() - t_load
             mid = model_identity(model, dtype)
             total = sum(int(packed.lengths[j * S:(j + 1) * S].sum()) for j in todo)
             with progress_bar(total, f"{spec.name}", enabled=cfg.progress) as bar:
@@ -205,11 +211,13 @@ def dump(cfg: DumpConfig, *, rank: int = 0, world_size: int = 1) -> DumpResult:
 
         dist.barrier()
     if rank != 0:
-        return DumpResult({}, time.perf_counter() - t_start, forward_total, tokens_run, skipped)
+        return DumpResult({}, time.perf_counter() - t_start, forward_total, tokens_run, skipped,
+                          pipeline_seconds=time.perf_counter() - t_pipeline - load_seconds)
     manifest = build_manifest(fs, plan, n_shards, cfg)
     fs.write_atomic(MANIFEST, dumps(manifest))
     wall = time.perf_counter() - t_start
-    result = DumpResult(manifest, wall, forward_total, tokens_run, skipped, summarize(manifest))
+    pipeline = time.perf_counter() - t_pipeline - load_seconds
+    result = DumpResult(manifest, wall, forward_total, tokens_run, skipped, summarize(manifest), pipeline)
     if resumed and skipped:
         _log(cfg, f"resumed: {skipped} committed part(s) reused")
     _log(cfg, format_summary(result))

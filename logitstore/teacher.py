@@ -121,26 +121,28 @@ def topk_stats(logits: torch.Tensor, k: int, vocab_size: int, next_ids: torch.Te
 
     ``next_ids`` [N] (or None): the actual next tokens, negative where there is none.
     Returns float32/int64 tensors ``ids`` [N, k], ``logprobs`` [N, k], ``tail_mass``, ``gold_logprob``
-    and ``entropy`` [N]. Peak extra memory is a few ``[N, V]`` float32 buffers.
+    and ``entropy`` [N]. Makes about seven passes over ``[N, V]`` and holds two float32 copies of it.
     """
     x = logits[:, :vocab_size].float()
-    lse = torch.logsumexp(x, dim=-1, keepdim=True)
-    logp = x - lse  # [N, V]
-    if torch.isnan(logp).any() or torch.isinf(lse).any():
-        bad = int(torch.nonzero(torch.isnan(logp).any(-1) | torch.isinf(lse[:, 0]))[0, 0])
+    lse = torch.logsumexp(x, dim=-1)  # [N]
+    if not torch.isfinite(lse).all():  # NaN anywhere or +inf in a row makes its lse non-finite
+        bad = int(torch.nonzero(~torch.isfinite(lse))[0, 0])
         raise LogitStoreError(f"teacher produced non-finite logits at position {bad} (fp16 overflow? try --dtype bf16 or fp32)")
-    top_lp, top_ids = torch.topk(logp, k, dim=-1, sorted=True)
-    p = logp.exp()
-    ent_terms = torch.where(p > 0, p * logp, torch.zeros_like(p))
-    entropy = -ent_terms.sum(-1)
+    top_x, top_ids = torch.topk(x, k, dim=-1, sorted=True)
+    p = torch.exp(x - lse[:, None])  # [N, V]
+    # entropy = lse - sum(p * x), as one batched dot product instead of a [N, V] temporary
+    entropy = lse - torch.bmm(p[:, None, :], x[:, :, None])[:, 0, 0]
+    if not torch.isfinite(entropy).all():  # -inf logits: 0 * -inf; take the slow, safe path
+        entropy = -torch.where(p > 0, p * (x - lse[:, None]), torch.zeros((), device=x.device)).sum(-1)
     p.scatter_(-1, top_ids, 0.0)  # what is left is the tail, summed without cancellation
     tail = p.sum(-1).clamp_(0.0, 1.0)
     if next_ids is None:
-        gold = torch.zeros(x.shape[0], device=x.device)
+        gold = torch.zeros_like(lse)
     else:
         valid = next_ids >= 0
-        gold = torch.where(valid, logp.gather(-1, next_ids.clamp(min=0)[:, None])[:, 0], torch.zeros((), device=x.device))
-    return {"ids": top_ids, "logprobs": top_lp.clamp_(min=LOGPROB_FLOOR), "tail_mass": tail, "gold_logprob": gold, "entropy": entropy}
+        gold = torch.where(valid, x.gather(-1, next_ids.clamp(min=0)[:, None])[:, 0] - lse, torch.zeros((), device=x.device))
+    logprobs = (top_x - lse[:, None]).clamp_(min=LOGPROB_FLOOR)
+    return {"ids": top_ids, "logprobs": logprobs, "tail_mass": tail, "gold_logprob": gold, "entropy": entropy.clamp_(min=0.0)}
 
 
 @dataclass

