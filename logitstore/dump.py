@@ -328,5 +328,5 @@ def format_summary(r: DumpResult) -> str:
     s = r.summary
     share = f"{100 * r.forward_seconds / r.wall_seconds:.0f}%" if r.wall_seconds and r.tokens_this_run else "n/a"
     return (f"dump: {s['tokens']:,} tokens in {s['sequences']:,} sequences, {s['total_bytes'] / 1e6:.2f} MB "
-            f"({s['bytes_per_token']:.1f} B/token), wall {r.wall_seconds:.1f}s, teacher forward {share} of wall"
+            f"({s['bytes_per_token']:.1f} B/token), wall {r.wall_seconds:.1f}s, teacher forward+top-k {share} of wall"
             + (f", {r.tokens_this_run / r.wall_seconds:,.0f} tokens/s" if r.tokens_this_run and r.wall_seconds else ""))

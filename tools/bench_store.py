@@ -66,6 +66,7 @@ def match_back(ids, lp, ids_hat, lp_hat):
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--positions", type=int, default=32768, help="real positions, encoded as one part")
+    ap.add_argument("--k", type=int, nargs="+", default=[32, 64, 128])
     ap.add_argument("--repeat", type=int, default=5, help="timed decodes per measurement")
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench_store.json"))
     args = ap.parse_args()
@@ -88,7 +89,7 @@ def main() -> None:
     print(f"machine: {machine()} (pinned to 1 core)\nreal distributions: {N} positions, V = {V}, "
           f"mean top-1 p {p_all[:, 0].mean():.3f}, entropy {d['entropy'][:N].mean():.2f} nats")
     rows = []
-    for k in (32, 64, 128):
+    for k in args.k:
         ids = d["ids"][:N, :k]
         lp = d["logprobs"][:N, :k]
         tail = (d["tail_mass"][:N] + p_all[:, k:].sum(1)).astype(np.float32)

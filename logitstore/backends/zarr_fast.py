@@ -74,11 +74,10 @@ def decode_array(files: dict[str, bytes], name: str, where: str):
     if lay is None:
         return None
     dtype, shape, outer, inner = lay
-    out = np.zeros(shape, dtype=dtype)
     key = f"{name}/c/" + "/".join("0" * len(shape))
     shard = files.get(key)
     if shard is None:
-        return out  # an absent shard is all fill value
+        return np.zeros(shape, dtype=dtype)  # an absent shard is all fill value
     n_chunks = outer[0] // inner[0]
     index_bytes = n_chunks * 16 + 4
     if len(shard) < index_bytes:
@@ -88,6 +87,9 @@ def decode_array(files: dict[str, bytes], name: str, where: str):
     row_elems = int(np.prod(shape[1:], dtype=np.int64))
     chunk_bytes = rows * row_elems * dtype.itemsize
     data_end = len(shard) - index_bytes
+    present = ~((index[:, 0] == _EMPTY) & (index[:, 1] == _EMPTY))
+    # every row is overwritten below unless a chunk is absent (all fill value)
+    out = np.empty(shape, dtype=dtype) if present[: -(-shape[0] // inner[0])].all() else np.zeros(shape, dtype=dtype)
     flat = out.reshape(shape[0], -1) if shape[1:] else out.reshape(-1, 1)
     for c in range(n_chunks):
         offset, nbytes = index[c]
