@@ -44,7 +44,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--top-k", type=int, default=64)
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--out", default=str(ROOT / "runs" / "bench_dump.json"))
+    ap.add_argument("--out", default=str(ROOT / "tools" / "results" / "bench_dump.json"))
     args = ap.parse_args()
     from logitstore.data import load_texts, pack
     from logitstore.dump import DumpConfig, dump

@@ -68,7 +68,7 @@ def main() -> None:
     ap.add_argument("--positions", type=int, default=32768, help="real positions, encoded as one part")
     ap.add_argument("--k", type=int, nargs="+", default=[32, 64, 128])
     ap.add_argument("--repeat", type=int, default=5, help="timed decodes per measurement")
-    ap.add_argument("--out", default=str(ROOT / "runs" / "bench_store.json"))
+    ap.add_argument("--out", default=str(ROOT / "tools" / "results" / "bench_store.json"))
     args = ap.parse_args()
     d = real_distributions(args.positions)
     os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
