@@ -1,0 +1,118 @@
+"""Knowledge-distillation losses against sparse targets, and their chunked evaluation.
+
+Every divergence is computed over ``K + 1`` outcomes per position: the ``K`` support ids and, with
+``tail="bucket"``, one bucket for all other tokens (the target's ``out_lp`` against the student's
+total probability off the support). With ``tail="renorm"`` the bucket is dropped and both
+distributions are renormalised over the support. When the support is the whole vocabulary both
+modes equal the dense divergence. Per position the divergence is summed over outcomes; the loss
+is the mean over target positions (padding and positions without a next token excluded).
+
+- ``fkl``: forward KL(teacher || student) (Hinton); ``rkl``: reverse KL(student || teacher);
+- ``jsd``: generalised Jensen-Shannon with mixture ``m = beta * teacher + (1 - beta) * student``,
+  ``beta * KL(teacher || m) + (1 - beta) * KL(student || m)`` (the convention of TRL's GKD).
+
+Distillation at temperature ``T`` softens the student as ``log_softmax(logits / T)`` and multiplies
+the divergence by ``T**2`` so gradients keep their scale (Hinton et al.).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .fusion import SparseTarget
+
+LOSSES = ("fkl", "rkl", "jsd")
+TAILS = ("bucket", "renorm")
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """``log(1 - exp(x))`` for ``x <= 0``, stable at both ends."""
+    x = x.clamp(max=-1e-30) if x.dtype == torch.float64 else x.clamp(max=-1e-12)
+    return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def _kl(p_lp: torch.Tensor, q_lp: torch.Tensor) -> torch.Tensor:
+    """sum over the last axis of p * (log p - log q), with 0 * anything = 0."""
+    p = p_lp.exp()
+    return torch.where(p > 0, p * (p_lp - q_lp), torch.zeros_like(p)).sum(-1)
+
+
+def divergence(student_lp: torch.Tensor, target: SparseTarget, *, loss: str = "fkl", tail: str = "bucket",
+               beta: float = 0.5) -> torch.Tensor:
+    """Per-position divergence [N] between the student's full log-probs ``student_lp`` [N, V] and a
+    sparse target over ``target.support`` [N, K]."""
+    if loss not in LOSSES:
+        raise ValueError(f"--loss: expected one of {LOSSES}, got {loss!r}")
+    if tail not in TAILS:
+        raise ValueError(f"--tail: expected one of {TAILS}, got {tail!r}")
+    neg_inf = torch.tensor(float("-inf"), device=student_lp.device, dtype=student_lp.dtype)
+    valid = target.valid
+    s = torch.where(valid, student_lp.gather(-1, target.support), neg_inf)  # [N, K]
+    t = torch.where(valid, target.lp.to(student_lp.dtype), neg_inf)
+    if tail == "bucket":
+        has_out = target.n_out > 0
+        s_out = torch.where(has_out, _log1mexp(torch.logsumexp(s, -1)), neg_inf)
+        t_out = torch.where(has_out, target.out_lp.to(student_lp.dtype), neg_inf)
+        s = torch.cat([s, s_out[:, None]], -1)
+        t = torch.cat([t, t_out[:, None]], -1)
+    else:
+        s = s - torch.logsumexp(s, -1, keepdim=True)
+        t = t - torch.logsumexp(t, -1, keepdim=True)
+    if loss == "fkl":
+        return _kl(t, s)
+    if loss == "rkl":
+        return _kl(s, t)
+    if not 0.0 < beta < 1.0:
+        raise ValueError(f"--beta: expected 0 < beta < 1 for jsd, got {beta}")
+    m = torch.logsumexp(torch.stack([t + math.log(beta), s + math.log(1 - beta)]), 0)
+    return beta * _kl(t, m) + (1 - beta) * _kl(s, m)
+
+
+def _chunk_losses(x: torch.Tensor, head, labels: torch.Tensor, kd_mask: torch.Tensor, support, valid, t_lp, t_out, n_out,
+                  temperature: float, loss: str, tail: str, beta: float, want_kd: bool):
+    logits = head(x) if head is not None else x
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()  # [c, V] float32 exists only per chunk
+    ce = F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
+    if not want_kd:
+        return ce, torch.zeros((), device=logits.device)
+    student_lp = F.log_softmax(logits / temperature, dim=-1)
+    target = SparseTarget(support, valid, t_lp, t_out, n_out)
+    kd = divergence(student_lp, target, loss=loss, tail=tail, beta=beta)
+    kd = torch.where(kd_mask, kd, torch.zeros_like(kd)).sum() * temperature**2
+    return ce, kd
+
+
+def kd_ce_loss(x: torch.Tensor, labels: torch.Tensor, target: SparseTarget | None, *, head=None, temperature: float = 1.0,
+               loss: str = "fkl", tail: str = "bucket", beta: float = 0.5, chunk_positions: int = 1024):
+    """Summed CE and KD over positions, computed ``chunk_positions`` at a time.
+
+    ``x`` [N, V] logits, or [N, H] hidden states with ``head`` mapping them to logits (then the full
+    logits never exist). ``labels`` [N] next-token ids, ``-100`` where there is none (KD is skipped
+    there too). ``target`` (or None for CE only) as in :func:`divergence`. Each chunk is
+    checkpointed, so backward recomputes its float32 logits instead of keeping them: peak float32
+    memory is ``chunk_positions * V``, not ``N * V``. Returns ``(ce_sum, kd_sum, n_positions)``.
+    """
+    N = x.shape[0]
+    kd_mask = labels != -100
+    n = kd_mask.sum()
+    ce_total = x.new_zeros((), dtype=torch.float32)
+    kd_total = x.new_zeros((), dtype=torch.float32)
+    for a in range(0, N, chunk_positions):
+        sl = slice(a, a + chunk_positions)
+        if target is None:
+            args = (None, None, None, None, None)
+        else:
+            args = (target.support[sl], target.valid[sl], target.lp[sl], target.out_lp[sl], target.n_out[sl])
+        fn = lambda xc, lab, km, *t: _chunk_losses(xc, head, lab, km, *t, temperature, loss, tail, beta, target is not None)  # noqa: E731
+        if torch.is_grad_enabled() and x.requires_grad:
+            ce, kd = checkpoint(fn, x[sl], labels[sl], kd_mask[sl], *args, use_reentrant=False)
+        else:
+            ce, kd = fn(x[sl], labels[sl], kd_mask[sl], *args)
+        ce_total = ce_total + ce
+        kd_total = kd_total + kd
+    return ce_total, kd_total, n
