@@ -73,8 +73,10 @@ def divergence(student_lp: torch.Tensor, target: SparseTarget, *, loss: str = "f
 
 
 def _chunk_losses(x: torch.Tensor, head, labels: torch.Tensor, kd_mask: torch.Tensor, support, valid, t_lp, t_out, n_out,
-                  temperature: float, loss: str, tail: str, beta: float, want_kd: bool):
+                  temperature: float, loss: str, tail: str, beta: float, want_kd: bool, vocab_size: int | None):
     logits = head(x) if head is not None else x
+    if vocab_size is not None:
+        logits = logits[:, :vocab_size]  # rows of a padded student vocabulary take no probability
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()  # [c, V] float32 exists only per chunk
     ce = F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
@@ -88,12 +90,14 @@ def _chunk_losses(x: torch.Tensor, head, labels: torch.Tensor, kd_mask: torch.Te
 
 
 def kd_ce_loss(x: torch.Tensor, labels: torch.Tensor, target: SparseTarget | None, *, head=None, temperature: float = 1.0,
-               loss: str = "fkl", tail: str = "bucket", beta: float = 0.5, chunk_positions: int = 1024):
+               loss: str = "fkl", tail: str = "bucket", beta: float = 0.5, chunk_positions: int = 1024,
+               vocab_size: int | None = None):
     """Summed CE and KD over positions, computed ``chunk_positions`` at a time.
 
     ``x`` [N, V] logits, or [N, H] hidden states with ``head`` mapping them to logits (then the full
     logits never exist). ``labels`` [N] next-token ids, ``-100`` where there is none (KD is skipped
-    there too). ``target`` (or None for CE only) as in :func:`divergence`. Each chunk is
+    there too). ``target`` (or None for CE only) as in :func:`divergence`. ``vocab_size``: the
+    store's vocabulary; logit columns beyond it (a padded student vocabulary) are dropped. Each chunk is
     checkpointed, so backward recomputes its float32 logits instead of keeping them: peak float32
     memory is ``chunk_positions * V``, not ``N * V``. Returns ``(ce_sum, kd_sum, n_positions)``.
     """
@@ -108,7 +112,7 @@ def kd_ce_loss(x: torch.Tensor, labels: torch.Tensor, target: SparseTarget | Non
             args = (None, None, None, None, None)
         else:
             args = (target.support[sl], target.valid[sl], target.lp[sl], target.out_lp[sl], target.n_out[sl])
-        fn = lambda xc, lab, km, *t: _chunk_losses(xc, head, lab, km, *t, temperature, loss, tail, beta, target is not None)  # noqa: E731
+        fn = lambda xc, lab, km, *t: _chunk_losses(xc, head, lab, km, *t, temperature, loss, tail, beta, target is not None, vocab_size)  # noqa: E731
         if torch.is_grad_enabled() and x.requires_grad:
             ce, kd = checkpoint(fn, x[sl], labels[sl], kd_mask[sl], *args, use_reentrant=False)
         else:

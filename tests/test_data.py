@@ -1,0 +1,105 @@
+"""The streaming dataset: joins, coverage across ranks x workers, exact mid-epoch resume."""
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+import logitstore
+from logitstore.dump import DumpConfig, dump
+from logitstore.errors import LogitStoreError
+from trainer.data import DistillDataset
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory, llama_dir, gpt2_dir, corpus):
+    root = tmp_path_factory.mktemp("data-stores")
+    base = dict(data=str(corpus), top_k=5, seq_len=20, max_tokens=700, progress=False)
+    a = root / "a"
+    dump(DumpConfig(teachers=(f"llama={llama_dir}",), out=str(a), shard_sequences=6, **base))
+    b = root / "b"  # another teacher, other shard layout
+    dump(DumpConfig(teachers=(f"gpt2={gpt2_dir}",), out=str(b), shard_sequences=11, **base))
+    c = root / "c"  # other sequences
+    dump(DumpConfig(teachers=(f"gpt2={gpt2_dir}",), out=str(c), shard_sequences=11, **{**base, "seq_len": 20, "max_tokens": 660}))
+    return a, b, c
+
+
+def collect(ds, workers):
+    loader = DataLoader(ds, batch_size=None, num_workers=workers)
+    return list(loader)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+@pytest.mark.parametrize("workers", [0, 2])
+def test_every_sequence_once_per_epoch(stores, world, workers):
+    a, b, _ = stores
+    seen, steps = [], []
+    for rank in range(world):
+        ds = DistillDataset([a, b], batch_size=4, seed=7, shuffle_buffer=5, rank=rank, world_size=world, num_workers=workers)
+        ds.set_epoch(1)
+        batches = collect(ds, workers)
+        steps.append(len(batches))
+        for bt in batches:
+            seen += bt["index"][bt["weight"] > 0].tolist()
+            # filler rows carry no labels
+            assert (bt["labels"][bt["weight"] == 0] == -100).all()
+    assert sorted(seen) == list(range(ds.n)), "each sequence exactly once across ranks and workers"
+    assert len(set(steps)) == 1, "every rank takes the same number of steps"
+
+
+def test_epochs_are_shuffled_differently_but_deterministically(stores):
+    a, _, _ = stores
+    ds = DistillDataset([a], batch_size=4, seed=3)
+    assert not np.array_equal(ds.epoch_order(0), ds.epoch_order(1))
+    assert np.array_equal(ds.epoch_order(1), DistillDataset([a], batch_size=4, seed=3).epoch_order(1))
+    assert sorted(ds.epoch_order(2)) == list(range(ds.n))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_mid_epoch_continues_with_the_next_batch(stores, workers):
+    a, b, _ = stores
+    full = collect(_ds(a, b, workers), workers)
+    ds = _ds(a, b, workers)
+    ds.consumed = 3  # what the training loop records after taking 3 batches
+    state = ds.state_dict()
+    resumed = _ds(a, b, workers)
+    resumed.load_state_dict(state)
+    rest = collect(resumed, workers)
+    assert len(rest) == len(full) - 3
+    for x, y in zip(full[3:], rest):
+        for k in x:
+            assert torch.equal(x[k], y[k]), k
+
+
+def _ds(a, b, workers):
+    ds = DistillDataset([a, b], batch_size=3, seed=11, num_workers=workers)
+    ds.set_epoch(2)
+    return ds
+
+
+def test_batch_contents_match_the_stores(stores):
+    a, b, _ = stores
+    ds = DistillDataset([a, b], batch_size=2, shuffle=False)
+    assert ds.teacher_names == ["llama", "gpt2"]
+    bt = next(iter(ds))
+    sa, sb = logitstore.open(str(a)), logitstore.open(str(b))
+    L = ds.seq_len
+    for row in range(2):
+        i = int(bt["index"][row])
+        n = len(sa[i]["input_ids"])
+        assert torch.equal(bt["input_ids"][row, :n], torch.from_numpy(sa[i]["input_ids"].astype(np.int64)))
+        assert bt["labels"][row, n - 1] == -100 and bt["labels"][row, 0] == bt["input_ids"][row, 1]
+        for m, (store, name) in enumerate(((sa, "llama"), (sb, "gpt2"))):
+            td = store[i]["teachers"][name]
+            for t in range(n):
+                flat = row * L + t
+                sup = bt["support"][flat][bt["valid"][flat]].tolist()
+                got = dict(zip(sup, bt["teacher_lp"][m, flat][bt["valid"][flat]].tolist()))
+                for tid, lp in zip(td["ids"][t].tolist(), td["logprobs"][t].tolist()):
+                    assert got[tid] == pytest.approx(lp, abs=1e-6)
+
+
+def test_mismatched_stores_are_refused(stores, tmp_path):
+    a, _, c = stores
+    with pytest.raises(LogitStoreError, match="same sequences"):
+        DistillDataset([a, c], batch_size=2)

@@ -1,0 +1,84 @@
+"""The ``trainer`` command line: parse flags, build a ``FitConfig``, call :func:`trainer.fit.fit`.
+
+Settings come from ``--config fit.yaml``, then flags, then trailing ``key=value`` overrides
+(any ``FitConfig`` field, e.g. ``warmup_steps=100 teacher_temperatures=[1.0,2.0]``).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Optional
+
+import typer
+
+from logitstore.errors import LogitStoreError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Distil students from logitstore caches; the teacher never runs here.")
+
+
+@app.callback()
+def _main() -> None:
+    """Distil students from logitstore caches."""
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
+def fit(
+    ctx: typer.Context,
+    logits: Optional[list[str]] = typer.Option(None, "--logits", help="store path or URL; repeat for several stores"),
+    student: Optional[str] = typer.Option(None, help="model directory, hub id, or model config (.json/.yaml) to train from scratch"),
+    out: Optional[str] = typer.Option(None, help="run directory"),
+    config: Optional[str] = typer.Option(None, "--config", help="YAML file with any of the settings"),
+    weights: Optional[str] = typer.Option(None, help="teacher weights, e.g. 0.7,0.3 (default: equal)"),
+    eval_logits: Optional[str] = typer.Option(None, "--eval-logits", help="held-out store for evaluation"),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps"),
+    epochs: Optional[int] = typer.Option(None),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="sequences per micro-batch per process"),
+    grad_accum: Optional[int] = typer.Option(None, "--grad-accum"),
+    lr: Optional[float] = typer.Option(None),
+    seed: Optional[int] = typer.Option(None),
+    alpha: Optional[float] = typer.Option(None, help="loss = alpha * KD + (1 - alpha) * CE"),
+    temperature: Optional[float] = typer.Option(None),
+    temperature_schedule: Optional[str] = typer.Option(None, "--temperature-schedule", help="constant, linear, cosine or exp"),
+    loss: Optional[str] = typer.Option(None, help="fkl, rkl or jsd"),
+    beta: Optional[float] = typer.Option(None, help="jsd mixture weight of the teacher"),
+    tail: Optional[str] = typer.Option(None, help="bucket or renorm"),
+    fuse: Optional[str] = typer.Option(None, help="mean-probs or mean-logits"),
+    device: Optional[str] = typer.Option(None, help="auto, cpu or cuda"),
+    precision: Optional[str] = typer.Option(None, help="auto, no, bf16 or fp16"),
+    num_workers: Optional[int] = typer.Option(None, "--num-workers"),
+    eval_every: Optional[int] = typer.Option(None, "--eval-every"),
+    checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every"),
+    resume: bool = typer.Option(False, "--resume", help="continue from the latest checkpoint in --out"),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Train a student from cached teacher targets."""
+    from .config import load_config, parse_override
+    from .fit import fit as run_fit
+
+    try:
+        overrides = dict(parse_override(a) for a in ctx.args)
+        flags = dict(logits=logits or None, student=student, out=out, weights=weights, eval_logits=eval_logits, max_steps=max_steps,
+                     epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, lr=lr, seed=seed, alpha=alpha, temperature=temperature,
+                     temperature_schedule=temperature_schedule, loss=loss, beta=beta, tail=tail, fuse=fuse, device=device,
+                     precision=precision, num_workers=num_workers, eval_every=eval_every, checkpoint_every=checkpoint_every)
+        if resume:
+            flags["resume"] = True
+        if quiet:
+            flags["progress"] = False
+        cfg = load_config(config, {**{k: v for k, v in flags.items() if v is not None}, **overrides})
+        result = run_fit(cfg)
+    except LogitStoreError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2)
+    if result.get("eval") and not quiet:
+        typer.echo(json.dumps({"steps": result["steps"], "tokens": result["tokens"], "eval": result["eval"]}))
+
+
+def main() -> None:
+    app(prog_name="trainer")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

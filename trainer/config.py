@@ -1,0 +1,137 @@
+"""``FitConfig``: every setting of ``trainer fit``, from a YAML file, flags and ``key=value`` overrides."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+from logitstore.errors import ConfigError
+
+from .fusion import MODES
+from .losses import LOSSES, TAILS
+
+SCHEDULES = ("constant", "linear", "cosine", "exp")
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    logits: tuple[str, ...] = ()
+    student: str = ""
+    out: str = ""
+    weights: tuple[float, ...] | None = None
+    eval_logits: str | None = None
+    # optimisation
+    max_steps: int | None = None
+    epochs: int = 1
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 3e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    seed: int = 0
+    # distillation
+    alpha: float = 0.5
+    temperature: float = 1.0
+    temperature_schedule: str = "constant"
+    temperature_final: float = 1.0
+    temperature_gamma: float = 0.5
+    teacher_temperatures: tuple[float, ...] | None = None
+    loss: str = "fkl"
+    beta: float = 0.5
+    tail: str = "bucket"
+    fuse: str = "mean-probs"
+    # runtime
+    device: str = "auto"
+    precision: str = "auto"
+    num_workers: int = 1
+    shuffle_buffer: int = 1024
+    chunk_positions: int = 1024
+    log_every: int = 1
+    eval_every: int = 0
+    eval_batches: int | None = None
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 2
+    resume: bool = False
+    verify_checksums: bool = True
+    trust_remote_code: bool = False
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("logits", "weights", "teacher_temperatures"):
+            v = getattr(self, name)
+            if v is not None and not isinstance(v, tuple):
+                if isinstance(v, str):
+                    v = [x for x in v.split(",") if x.strip()]
+                object.__setattr__(self, name, tuple(float(x) for x in v) if name != "logits" else tuple(str(x) for x in v))
+        if not self.logits:
+            raise ConfigError("--logits: at least one store is required")
+        if not self.student:
+            raise ConfigError("--student: required (a model directory, hub id, or a model config .json/.yaml)")
+        if not self.out:
+            raise ConfigError("--out: required (the run directory)")
+        _check(self.loss in LOSSES, f"--loss: expected one of {', '.join(LOSSES)}, got {self.loss!r}")
+        _check(self.tail in TAILS, f"--tail: expected one of {', '.join(TAILS)}, got {self.tail!r}")
+        _check(self.fuse in MODES, f"--fuse: expected one of {', '.join(MODES)}, got {self.fuse!r}")
+        _check(self.temperature_schedule in SCHEDULES, f"--temperature-schedule: expected one of {', '.join(SCHEDULES)}")
+        _check(0.0 <= self.alpha <= 1.0, f"--alpha: expected a value in [0, 1], got {self.alpha}")
+        _check(self.temperature > 0 and self.temperature_final > 0, "--temperature: must be > 0")
+        _check(0.0 < self.beta < 1.0, f"--beta: expected 0 < beta < 1, got {self.beta}")
+        _check(self.batch_size > 0, f"--batch-size: expected a positive integer, got {self.batch_size}")
+        _check(self.grad_accum > 0, f"--grad-accum: expected a positive integer, got {self.grad_accum}")
+        _check(self.lr > 0, f"--lr: expected a positive number, got {self.lr}")
+        _check(self.epochs > 0, f"--epochs: expected a positive integer, got {self.epochs}")
+        _check(self.max_steps is None or self.max_steps > 0, f"--max-steps: expected a positive integer, got {self.max_steps}")
+        _check(self.num_workers >= 0, "--num-workers: expected >= 0")
+        _check(self.precision in ("auto", "no", "bf16", "fp16"), f"--precision: expected auto, no, bf16 or fp16, got {self.precision!r}")
+        if self.teacher_temperatures is not None:
+            _check(all(t > 0 for t in self.teacher_temperatures), "--teacher-temperatures: must all be > 0")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        for k, v in d.items():
+            if isinstance(v, tuple):
+                d[k] = list(v)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "FitConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"config: unknown keys {unknown} (known: {', '.join(sorted(known))})")
+        return cls(**d)
+
+
+def _check(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ConfigError(msg)
+
+
+def parse_override(item: str) -> tuple[str, object]:
+    """``key=value`` with the value parsed as YAML (so numbers, booleans and lists work)."""
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {item!r}: expected key=value")
+    return key.strip().replace("-", "_"), yaml.safe_load(value)
+
+
+def load_config(path: str | None, overrides: dict) -> FitConfig:
+    """Config file (YAML or JSON) updated with ``overrides`` (flags and ``key=value`` pairs)."""
+    d: dict = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"--config {path}: no such file")
+        try:
+            d = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(d, dict):
+            raise ConfigError(f"--config {path}: expected a mapping of settings")
+    d.update({k: v for k, v in overrides.items() if v is not None})
+    return FitConfig.from_dict(d)

@@ -1,0 +1,239 @@
+"""Streaming teacher targets out of one or more stores into training batches.
+
+``DistillDataset`` is a ``torch.utils.data.IterableDataset`` that yields whole batches (use it with
+``DataLoader(ds, batch_size=None, num_workers=W)``). Decoding and alignment of the teachers' top-k
+sets run in the workers; the training step receives padded tensors ready for the loss.
+
+Several stores are joined **by the per-sequence content hash** (never by position): the first store
+is the primary, every other store must hold exactly the same sequences (as a multiset of hashes),
+the same tokenizer fingerprint and the same ``seq_len``; otherwise construction fails with a clear
+error before any training.
+
+Order and partition of an epoch (all deterministic in ``seed`` and ``epoch``):
+1. shards are visited in a seeded random order and the rows of each shard are permuted;
+2. a shuffle buffer of ``shuffle_buffer`` sequences mixes neighbouring shards;
+3. the order is cut into global batches of ``world_size * batch_size``; rank ``r`` takes slice ``r``
+   of each, so the sequences of every step do not depend on the number of ranks (a run on N ranks
+   equals one process with an N times larger batch, up to float rounding). The price: every rank
+   reads every shard (a shard is decoded once per rank and worker that needs rows of it);
+4. batch ``i`` of a rank goes to worker ``(i - consumed) % num_workers``, which is exactly the order
+   in which ``DataLoader`` returns them.
+Every rank yields the same number of full batches (DDP needs equal steps): the last global batch is
+filled with repeated sequences whose ``weight`` is 0 and whose labels are ignored, so each sequence
+counts exactly once per epoch. ``state_dict()`` records the epoch and how many batches the
+training loop has consumed; after ``load_state_dict`` each worker skips exactly its consumed batches
+(computed without decoding them), so a resumed epoch continues with the very next batch.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+import logitstore
+from logitstore.errors import LogitStoreError
+
+from .targets import build_targets
+
+
+class DistillDataset(IterableDataset):
+    def __init__(self, stores: list[str], *, batch_size: int, seed: int = 0, shuffle: bool = True, shuffle_buffer: int = 256,
+                 rank: int = 0, world_size: int = 1, num_workers: int = 0, verify_checksums: bool = True,
+                 with_targets: bool = True, cache_shards: int = 4):
+        if batch_size < 1:
+            raise LogitStoreError(f"--batch-size: expected a positive integer, got {batch_size}")
+        self.urls = [str(s) for s in stores]
+        if not self.urls:
+            raise LogitStoreError("--logits: at least one store is required")
+        self.batch_size = batch_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.shuffle_buffer = max(1, shuffle_buffer)
+        self.rank, self.world_size = rank, world_size
+        self.num_workers = num_workers
+        self.verify_checksums = verify_checksums
+        self.with_targets = with_targets
+        self.cache_shards = cache_shards
+        self.epoch = 0
+        self.consumed = 0  # batches of this epoch the training loop has taken (set by the loop)
+        self._open()
+        self._check_and_join()
+
+    # ------------------------------------------------------------------ stores
+    def _open(self) -> None:
+        self.stores = [logitstore.open(u, verify_checksums=self.verify_checksums, cache_shards=self.cache_shards) for u in self.urls]
+
+    def __getstate__(self):  # workers reopen the stores; open file handles and caches do not travel
+        d = dict(self.__dict__)
+        d.pop("stores", None)
+        return d
+
+    def __setstate__(self, d):
+        self.__dict__.update(d)
+        self._open()
+
+    def _check_and_join(self) -> None:
+        first = self.stores[0]
+        m0 = first.manifest
+        for url, s in zip(self.urls[1:], self.stores[1:]):
+            m = s.manifest
+            if m["tokenizer"]["fingerprint"] != m0["tokenizer"]["fingerprint"]:
+                raise LogitStoreError(f"--logits {url}: tokenizer fingerprint differs from {self.urls[0]}'s; stores must share a tokenizer")
+            if m["seq_len"] != m0["seq_len"]:
+                raise LogitStoreError(f"--logits {url}: seq_len {m['seq_len']} differs from {self.urls[0]}'s {m0['seq_len']}")
+            if m["tokenizer"]["vocab_size"] != m0["tokenizer"]["vocab_size"]:
+                raise LogitStoreError(f"--logits {url}: vocab_size differs from {self.urls[0]}'s")
+        self.vocab_size = m0["tokenizer"]["vocab_size"]
+        self.seq_len = m0["seq_len"]
+        self.teachers: list[tuple[int, str]] = [(si, name) for si, s in enumerate(self.stores) for name in s.teachers]
+        names = [n for _, n in self.teachers]
+        self.teacher_names = [n if names.count(n) == 1 else f"{self.urls[si]}:{n}" for si, n in self.teachers]
+        hashes = [self._hashes(s) for s in self.stores]
+        self.n = len(hashes[0])
+        self._maps: list[np.ndarray | None] = [None]
+        for url, h in zip(self.urls[1:], hashes[1:]):
+            if len(h) != self.n:
+                raise LogitStoreError(f"--logits {url}: holds {len(h)} sequences, {self.urls[0]} holds {self.n}; stores must cover the same sequences")
+            if np.array_equal(h, hashes[0]):
+                self._maps.append(None)  # same order: no indirection
+                continue
+            where: dict[bytes, list[int]] = {}
+            for i, x in enumerate(h):
+                where.setdefault(x.tobytes(), []).append(i)
+            mapping = np.empty(self.n, dtype=np.int64)
+            for i, x in enumerate(hashes[0]):
+                lst = where.get(x.tobytes())
+                if not lst:
+                    raise LogitStoreError(f"--logits {url}: does not contain sequence {i} of {self.urls[0]} (content hash {x.tobytes().hex()}); stores must cover the same sequences")
+                mapping[i] = lst.pop(0)
+            self._maps.append(mapping)
+        self._lengths = np.concatenate([first.load_shard(j, [])["length"] for j in range(first.n_shards)]) if self.n else np.zeros(0)
+        self._starts = [[e["start"] for e in s.manifest["shards"]] for s in self.stores]
+
+    @staticmethod
+    def _hashes(store) -> np.ndarray:
+        parts = [store.load_shard(j, [])["seq_hash"] for j in range(store.n_shards)]
+        return np.concatenate(parts) if parts else np.zeros((0, 16), np.uint8)
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self._lengths.sum())
+
+    # ------------------------------------------------------------------ plan
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """Global sequence order of an epoch (same on every rank)."""
+        s0 = self.stores[0]
+        entries = s0.manifest["shards"]
+        if not self.shuffle:
+            return np.arange(self.n, dtype=np.int64)
+        rng = np.random.default_rng([self.seed, epoch])
+        order = np.concatenate([e["start"] + rng.permutation(e["n_sequences"]) for e in (entries[j] for j in rng.permutation(len(entries)))]) if entries else np.zeros(0, np.int64)
+        # shuffle buffer, simulated on indices: keep a buffer, emit a random element, refill
+        buf_size = self.shuffle_buffer
+        out = np.empty_like(order)
+        buf = list(order[:buf_size])
+        nxt = buf_size
+        for i in range(len(order)):
+            j = int(rng.integers(len(buf)))
+            out[i] = buf[j]
+            if nxt < len(order):
+                buf[j] = order[nxt]
+                nxt += 1
+            else:
+                buf[j] = buf[-1]
+                buf.pop()
+        return out
+
+    def rank_batches(self, epoch: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """This rank's batches (sequence indices) and their weights (0 marks filler).
+
+        The epoch order is cut into global batches of ``world_size * batch_size`` sequences and rank
+        ``r`` takes slice ``r`` of each, so every step trains on the same sequences whatever the
+        number of ranks (a run on N ranks matches one process with an N times larger batch). The
+        last global batch is filled up with weight-0 repeats."""
+        order = self.epoch_order(epoch)
+        gb = self.world_size * self.batch_size
+        n_steps = math.ceil(len(order) / gb) if len(order) else 0
+        pad = n_steps * gb - len(order)
+        weights = np.concatenate([np.ones(len(order), np.float32), np.zeros(pad, np.float32)])
+        order = np.concatenate([order, np.resize(order, pad)]) if pad else order
+        lo, hi = self.rank * self.batch_size, (self.rank + 1) * self.batch_size
+        batches = [order[i * gb + lo:i * gb + hi] for i in range(n_steps)]
+        wts = [weights[i * gb + lo:i * gb + hi] for i in range(n_steps)]
+        return batches, wts
+
+    def batches_per_epoch(self) -> int:
+        return len(self.rank_batches(0)[0])
+
+    # ------------------------------------------------------------------ resume
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "consumed": self.consumed, "seed": self.seed, "world_size": self.world_size,
+                "num_workers": self.num_workers, "batch_size": self.batch_size, "n": self.n}
+
+    def load_state_dict(self, d: dict) -> None:
+        for key in ("seed", "world_size", "num_workers", "batch_size", "n"):
+            if d[key] != getattr(self, key):
+                raise LogitStoreError(f"--resume: checkpoint was made with {key}={d[key]}, now {getattr(self, key)}; exact resume needs the same value")
+        self.epoch, self.consumed = d["epoch"], d["consumed"]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch, self.consumed = epoch, 0
+
+    # ------------------------------------------------------------------ iteration
+    def __iter__(self):
+        info = get_worker_info()
+        wid, W = (info.id, info.num_workers) if info is not None else (0, 1)
+        if W != max(1, self.num_workers):
+            raise RuntimeError(f"DistillDataset was built for num_workers={self.num_workers}, DataLoader uses {W}")
+        batches, wts = self.rank_batches(self.epoch)
+        # DataLoader takes batches from workers round-robin starting at worker 0, so the batches still
+        # to come (from ``consumed`` on, after a resume) are dealt out from worker 0 as well
+        for i in range(self.consumed + wid, len(batches), W):
+            yield self.make_batch(batches[i], wts[i])
+
+    def _row(self, si: int, i: int):
+        idx = int(self._maps[si][i]) if self._maps[si] is not None else i
+        starts = self._starts[si]
+        j = bisect.bisect_right(starts, idx) - 1
+        return self.stores[si].load_shard(j), idx - starts[j]
+
+    def make_batch(self, indices: np.ndarray, weights: np.ndarray) -> dict:
+        B, L = len(indices), self.seq_len
+        input_ids = np.zeros((B, L), np.int64)
+        lengths = np.zeros(B, np.int64)
+        per_teacher = [{"ids": [], "logprobs": [], "tail_mass": []} for _ in self.teachers]
+        for b, i in enumerate(indices):
+            sh, r = self._row(0, int(i))
+            lengths[b] = sh["length"][r]
+            input_ids[b] = sh["input_ids"][r]
+            if not self.with_targets:
+                continue
+            for t, (si, name) in enumerate(self.teachers):
+                tsh, tr = (sh, r) if si == 0 else self._row(si, int(i))
+                td = tsh["teachers"][name]
+                for key in per_teacher[t]:
+                    per_teacher[t][key].append(td[key][tr])
+        pos = np.arange(L)[None, :]
+        labels = np.full((B, L), -100, np.int64)
+        labels[:, :-1] = input_ids[:, 1:]
+        labels[pos + 1 >= lengths[:, None]] = -100  # no next token inside the window
+        labels[weights == 0] = -100  # filler rows contribute nothing
+        batch = {
+            "input_ids": torch.from_numpy(input_ids),
+            "attention_mask": torch.from_numpy((pos < lengths[:, None]).astype(np.int64)),
+            "labels": torch.from_numpy(labels),
+            "index": torch.from_numpy(np.asarray(indices, np.int64)),
+            "weight": torch.from_numpy(np.asarray(weights, np.float32)),
+        }
+        if self.with_targets:
+            cached = []
+            for t in per_teacher:
+                stacked = {k: np.stack(v) for k, v in t.items()}  # [B, L(, k)]
+                cached.append({k: v.reshape(B * L, *v.shape[2:]) for k, v in stacked.items()})
+            for k, v in build_targets(cached, self.vocab_size).items():
+                batch[k] = torch.from_numpy(v)
+        return batch

@@ -1,0 +1,353 @@
+"""``trainer fit``: distil a student from cached teacher targets.
+
+The loop, top to bottom: open the stores (``DistillDataset``), load the student, build AdamW with
+warm-up + cosine LR, hand model/optimizer/scheduler to ``accelerate`` (device placement, DDP under
+``torchrun``, autocast), optionally resume, then for every optimizer step: take ``grad_accum``
+batches, count their target positions across ranks, and back-propagate
+``alpha * KD + (1 - alpha) * CE`` normalised by that global count, so the loss is exactly the mean
+over all target positions of the step whatever the number of ranks or micro-batches. Metrics go to
+``RUN_DIR/metrics.jsonl`` (and TensorBoard), checkpoints to ``RUN_DIR/checkpoints/step-N`` (written
+under a temporary name and renamed), the final model to ``RUN_DIR/final`` (``save_pretrained``,
+safetensors) with its tokenizer, and the training curves to ``RUN_DIR/curves.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+
+import torch
+import yaml
+from torch.utils.data import DataLoader
+
+from logitstore.errors import ConfigError, LogitStoreError
+
+from .config import FitConfig
+from .data import DistillDataset
+from .fusion import normalize_weights
+from .schedules import lr_factor, temperature_at
+from .student import DistillModule, load_student, output_vocab
+
+STATE = "trainer_state.json"
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    epoch: int = 0
+    consumed: int = 0
+    tokens: int = 0
+    elapsed: float = 0.0
+    history: dict = field(default_factory=dict)
+
+
+def fit(config: FitConfig, *, model: torch.nn.Module | None = None, tokenizer=None) -> dict:
+    """Train ``config.student`` (or ``model``: any module mapping token ids to logits) from the
+    stores in ``config.logits``. Returns the final metrics and paths."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    cfg = config
+    cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {cfg.device}: CUDA is not available on this machine")
+    precision = cfg.precision if cfg.precision != "auto" else ("no" if cpu else "bf16")
+    acc = Accelerator(cpu=cpu, mixed_precision=precision)
+    rank, world = acc.process_index, acc.num_processes
+    out = Path(cfg.out)
+    set_seed(cfg.seed)
+
+    # ---------------------------------------------------------------- data
+    train = DistillDataset(list(cfg.logits), batch_size=cfg.batch_size, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer,
+                           rank=rank, world_size=world, num_workers=cfg.num_workers, verify_checksums=cfg.verify_checksums,
+                           with_targets=cfg.alpha > 0)
+    M = len(train.teachers)
+    try:
+        weights = normalize_weights(cfg.weights, M)
+    except ValueError as e:
+        raise ConfigError(f"{e} (teachers: {', '.join(train.teacher_names)})") from None
+    if cfg.teacher_temperatures is not None and len(cfg.teacher_temperatures) != M:
+        raise ConfigError(f"--teacher-temperatures: {len(cfg.teacher_temperatures)} value(s) for {M} teacher(s)")
+    evalset = None
+    if cfg.eval_logits:
+        evalset = DistillDataset([cfg.eval_logits], batch_size=cfg.batch_size, shuffle=False, rank=rank, world_size=world,
+                                 verify_checksums=cfg.verify_checksums)
+        if evalset.stores[0].manifest["tokenizer"]["fingerprint"] != train.stores[0].manifest["tokenizer"]["fingerprint"]:
+            raise ConfigError(f"--eval-logits {cfg.eval_logits}: tokenizer differs from the training stores'")
+
+    # ---------------------------------------------------------------- student
+    student = model if model is not None else load_student(cfg.student, trust_remote_code=cfg.trust_remote_code)
+    sv = output_vocab(student)
+    if sv is not None and sv < train.vocab_size:
+        raise ConfigError(f"--student {cfg.student}: output vocabulary {sv} is smaller than the store's {train.vocab_size}")
+    module = DistillModule(student)
+    decay = [p for p in module.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in module.parameters() if p.requires_grad and p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=cfg.lr)
+    steps_per_epoch = math.ceil(train.batches_per_epoch() / cfg.grad_accum)
+    total = cfg.max_steps or cfg.epochs * steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, cfg.warmup_steps, cfg.min_lr_ratio))
+    module, optimizer, scheduler = acc.prepare(module, optimizer, scheduler)
+
+    state = TrainState()
+    ckpt_dir = out / "checkpoints"
+    if cfg.resume:
+        latest = latest_checkpoint(ckpt_dir)
+        if latest is None:
+            raise ConfigError(f"--resume: no checkpoint under {ckpt_dir}")
+        acc.load_state(str(latest))
+        state = TrainState(**json.loads((latest / STATE).read_text()))
+        train.load_state_dict(state.history["dataset"])
+    elif rank == 0 and (out / "metrics.jsonl").exists():
+        raise ConfigError(f"--out {out}: already holds a run; pass --resume to continue it or choose another --out")
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    log = MetricsLog(out, rank == 0, keep_until=state.step if cfg.resume else None)
+
+    kd_args = dict(weights=weights, fuse_mode=cfg.fuse, loss=cfg.loss, tail=cfg.tail, beta=cfg.beta,
+                   chunk_positions=cfg.chunk_positions, vocab_size=train.vocab_size, with_kd=cfg.alpha > 0)
+    bar = _progress(total, state.step, enabled=cfg.progress and rank == 0)
+    t_start = time.perf_counter() - state.elapsed
+    done = state.step >= total
+    while not done:
+        if state.consumed == 0:
+            train.set_epoch(state.epoch)
+        it = iter(_loader(train, cfg.num_workers, not cpu))
+        while state.step < total:
+            t0 = time.perf_counter()
+            micro = list(islice(it, cfg.grad_accum))
+            t_data = time.perf_counter() - t0
+            if not micro:
+                break
+            train.consumed += len(micro)
+            state.consumed = train.consumed
+            T = temperature_at(state.step, total, cfg.temperature_schedule, cfg.temperature, cfg.temperature_final, cfg.temperature_gamma)
+            temps = list(cfg.teacher_temperatures) if cfg.teacher_temperatures else [T] * M
+            n_local = sum(int((mb["labels"] != -100).sum()) for mb in micro)
+            n_global = _all_sum(acc, n_local)
+            sums = torch.zeros(3, dtype=torch.float64)
+            module.train()
+            for i, mb in enumerate(micro):
+                mb = {k: v.to(acc.device, non_blocking=True) for k, v in mb.items()}
+                sync = nullcontext() if i == len(micro) - 1 else acc.no_sync(module)
+                with sync:
+                    ce, kd, _ = module(mb, temperature=T, teacher_temperatures=temps, **kd_args)
+                    loss = cfg.alpha * kd + (1 - cfg.alpha) * ce
+                    acc.backward(loss * world / max(n_global, 1))  # DDP averages over ranks
+                sums += torch.tensor([float(loss.detach()), float(kd.detach()), float(ce.detach())], dtype=torch.float64)
+            grad_norm = acc.clip_grad_norm_(module.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            totals = _all_sum(acc, sums) / max(n_global, 1)
+            tokens = _all_sum(acc, sum(int(mb["attention_mask"].sum()) for mb in micro))
+            state.step += 1
+            state.tokens += tokens
+            state.elapsed = time.perf_counter() - t_start
+            row = {"step": state.step, "epoch": state.epoch, "loss": float(totals[0]), "kd_loss": float(totals[1]),
+                   "ce_loss": float(totals[2]), "lr": scheduler.get_last_lr()[0], "temperature": T, "tokens": state.tokens,
+                   "grad_norm": float(grad_norm) if grad_norm is not None else None, "data_wait_s": t_data,
+                   "tokens_per_s": state.tokens / state.elapsed if state.elapsed else None}
+            if state.step % cfg.log_every == 0 or state.step == total:
+                log.write(row)
+            bar.update(1)
+            bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
+            if evalset is not None and cfg.eval_every and state.step % cfg.eval_every == 0:
+                log.write({"eval": True, "step": state.step, **evaluate(acc, module, evalset, cfg, weights)})
+            if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
+                state.history["dataset"] = train.state_dict()
+                save_checkpoint(acc, ckpt_dir, state, cfg.keep_checkpoints)
+        else:
+            done = True
+            continue
+        # the epoch's batches are exhausted
+        state.epoch += 1
+        state.consumed = train.consumed = 0
+        if cfg.max_steps is None and state.epoch >= cfg.epochs:
+            done = True
+    bar.close()
+    final_eval = evaluate(acc, module, evalset, cfg, weights) if evalset is not None else None
+    if final_eval is not None and not (cfg.eval_every and state.step % cfg.eval_every == 0):
+        log.write({"eval": True, "step": state.step, **final_eval})
+    state.history["dataset"] = train.state_dict()
+    save_checkpoint(acc, ckpt_dir, state, cfg.keep_checkpoints)
+    result = {"steps": state.step, "tokens": state.tokens, "seconds": state.elapsed, "eval": final_eval, "run_dir": str(out)}
+    if rank == 0:
+        final = out / "final"
+        save_final(acc.unwrap_model(module).student, final, tokenizer or find_tokenizer(cfg, train))
+        log.close()
+        from .plots import plot_curves
+
+        plot_curves(out / "metrics.jsonl", out / "curves.png")
+        result["final"] = str(final)
+        (out / "result.json").write_text(json.dumps(result, indent=1))
+    acc.wait_for_everyone()
+    acc.end_training()
+    return result
+
+
+def _loader(ds, workers: int, pin: bool) -> DataLoader:
+    return DataLoader(ds, batch_size=None, num_workers=workers, pin_memory=pin, prefetch_factor=4 if workers else None)
+
+
+def _all_sum(acc, x):
+    """Sum a number or a CPU tensor over all ranks (no-op on one process)."""
+    if acc.num_processes == 1:
+        return x
+    t = torch.as_tensor(x, dtype=torch.float64).to(acc.device)
+    t = acc.reduce(t, reduction="sum").cpu()
+    return t if isinstance(x, torch.Tensor) else (int(t) if isinstance(x, int) else float(t))
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="fit", unit="step", disable=not enabled, dynamic_ncols=True)
+
+
+@torch.no_grad()
+def evaluate(acc, module, evalset: DistillDataset, cfg: FitConfig, weights: list[float]) -> dict:
+    """Validation CE / perplexity, KL(fused teachers || student) at T = 1, and top-1 agreement of the
+    student with each teacher and with the fused target, over the whole held-out store."""
+    from .fusion import fuse
+
+    inner = acc.unwrap_model(module)
+    inner.eval()
+    M = len(evalset.teachers)
+    w = weights if len(weights) == M else [1.0 / M] * M
+    sums = torch.zeros(3 + M + 1, dtype=torch.float64)  # ce, kd, n, agree_m..., agree_fused
+    for i, batch in enumerate(_loader(evalset, 0, False)):
+        if cfg.eval_batches is not None and i >= cfg.eval_batches:
+            break
+        batch = {k: v.to(acc.device) for k, v in batch.items()}
+        with acc.autocast():
+            ce, kd, n = inner(batch, temperature=1.0, teacher_temperatures=[1.0] * M, weights=w, fuse_mode=cfg.fuse, loss="fkl",
+                              tail="bucket", beta=0.5, chunk_positions=cfg.chunk_positions, vocab_size=evalset.vocab_size)
+            pred = inner.logits(batch["input_ids"], batch["attention_mask"])[..., : evalset.vocab_size].argmax(-1).reshape(-1)
+        keep = batch["labels"].reshape(-1) != -100
+        sup = batch["support"]
+        agree = []
+        for m in range(M):
+            top = sup.gather(-1, batch["teacher_lp"][m].argmax(-1, keepdim=True))[:, 0]
+            agree.append(float(((top == pred) & keep).sum()))
+        target = fuse(batch["teacher_lp"], batch["rest_lp"], sup, batch["valid"], batch["n_out"], temperatures=[1.0] * M, weights=w,
+                      mode=cfg.fuse)
+        fused_top = sup.gather(-1, target.lp.argmax(-1, keepdim=True))[:, 0]
+        agree.append(float(((fused_top == pred) & keep).sum()))
+        sums += torch.tensor([float(ce), float(kd), float(n), *agree], dtype=torch.float64)
+    sums = _all_sum(acc, sums)
+    n = max(float(sums[2]), 1.0)
+    ce = float(sums[0]) / n
+    res = {"ce": ce, "ppl": math.exp(min(ce, 50.0)), "kl": float(sums[1]) / n, "positions": int(sums[2]),
+           "top1_agreement": {name: float(sums[3 + m]) / n for m, name in enumerate(evalset.teacher_names)}}
+    res["top1_agreement"]["fused"] = float(sums[3 + M]) / n
+    return res
+
+
+def latest_checkpoint(ckpt_dir: Path) -> Path | None:
+    done = sorted(p for p in ckpt_dir.glob("step-*") if (p / STATE).is_file())
+    return done[-1] if done else None
+
+
+def save_checkpoint(acc, ckpt_dir: Path, state: TrainState, keep: int) -> None:
+    """Model, optimizer, scheduler, RNG (accelerate) plus our state; complete only once renamed."""
+    final = ckpt_dir / f"step-{state.step:08d}"
+    tmp = ckpt_dir / f".tmp-step-{state.step:08d}"
+    if acc.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    acc.wait_for_everyone()
+    acc.save_state(str(tmp))
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        (tmp / STATE).write_text(json.dumps(state.__dict__))
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        for old in sorted(p for p in ckpt_dir.glob("step-*") if (p / STATE).is_file())[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    acc.wait_for_everyone()
+
+
+def find_tokenizer(cfg: FitConfig, train: DistillDataset):
+    """The student's own tokenizer if it has one, else the first teacher's (checked against the store)."""
+    from transformers import AutoTokenizer
+
+    from logitstore.hashing import tokenizer_fingerprint
+
+    want = train.stores[0].manifest["tokenizer"]["fingerprint"]
+    candidates = [cfg.student] + [t["source"] for s in train.stores for t in s.manifest["teachers"]]
+    for c in candidates:
+        if not Path(c).is_dir():
+            continue
+        try:
+            tok = AutoTokenizer.from_pretrained(c)
+        except (OSError, ValueError):
+            continue
+        if tokenizer_fingerprint(tok) == want:
+            return tok
+    return None
+
+
+def save_final(student, path: Path, tokenizer) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if hasattr(student, "save_pretrained"):
+        student.save_pretrained(tmp, safe_serialization=True)
+    else:
+        from safetensors.torch import save_file
+
+        tmp.mkdir(parents=True)
+        save_file({k: v.detach().contiguous().cpu() for k, v in student.state_dict().items()}, str(tmp / "model.safetensors"))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)
+
+
+class MetricsLog:
+    """``metrics.jsonl`` (one object per optimizer step, eval rows marked ``"eval": true``) and
+    TensorBoard scalars, written by rank 0. On resume, rows after the checkpoint are dropped."""
+
+    def __init__(self, out: Path, enabled: bool, keep_until: int | None):
+        self.enabled = enabled
+        self.tb = None
+        if not enabled:
+            return
+        path = out / "metrics.jsonl"
+        if keep_until is not None and path.exists():
+            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            path.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= keep_until))
+        self.f = open(path, "a")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out / "tb"))
+        except ImportError:  # tensorboard is optional; metrics.jsonl always exists
+            self.tb = None
+
+    def write(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        self.f.write(json.dumps(row) + "\n")
+        self.f.flush()
+        if self.tb is not None:
+            prefix = "eval/" if row.get("eval") else "train/"
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step":
+                    self.tb.add_scalar(prefix + k, v, row["step"])
+                elif isinstance(v, dict):
+                    for kk, vv in v.items():
+                        self.tb.add_scalar(f"{prefix}{k}/{kk}", vv, row["step"])
+
+    def close(self) -> None:
+        if self.enabled:
+            self.f.close()
+            if self.tb is not None:
+                self.tb.close()

@@ -1,0 +1,28 @@
+"""Learning-rate and temperature schedules (functions of the optimizer step)."""
+
+from __future__ import annotations
+
+import math
+
+
+def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
+    """Linear warm-up to 1, then cosine decay to ``min_ratio`` at ``total``."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def temperature_at(step: int, total: int, schedule: str, t0: float, t_final: float, gamma: float) -> float:
+    """``constant``: t0; ``linear``/``cosine``: from t0 to t_final over ``total`` steps;
+    ``exp``: ``t0 * gamma ** (step / total)`` (exponential decay)."""
+    frac = min(1.0, step / max(1, total))
+    if schedule == "constant":
+        return t0
+    if schedule == "linear":
+        return t0 + (t_final - t0) * frac
+    if schedule == "cosine":
+        return t_final + (t0 - t_final) * 0.5 * (1 + math.cos(math.pi * frac))
+    if schedule == "exp":
+        return t0 * gamma**frac
+    raise ValueError(f"unknown temperature schedule {schedule!r}")
