@@ -41,22 +41,25 @@ def _kl(p_lp: torch.Tensor, q_lp: torch.Tensor) -> torch.Tensor:
     return torch.where(p > 0, p * (p_lp - q_lp), torch.zeros_like(p)).sum(-1)
 
 
-def divergence(student_lp: torch.Tensor, target: SparseTarget, *, loss: str = "fkl", tail: str = "bucket",
-               beta: float = 0.5) -> torch.Tensor:
+def divergence(student_lp: torch.Tensor | None, target: SparseTarget, *, loss: str = "fkl", tail: str = "bucket",
+               beta: float = 0.5, gathered: torch.Tensor | None = None) -> torch.Tensor:
     """Per-position divergence [N] between the student's full log-probs ``student_lp`` [N, V] and a
-    sparse target over ``target.support`` [N, K]."""
+    sparse target over ``target.support`` [N, K]. ``gathered``: the student's log-probs at the
+    support ids [N, K], if already gathered (then ``student_lp`` is not used)."""
     if loss not in LOSSES:
         raise ValueError(f"--loss: expected one of {LOSSES}, got {loss!r}")
     if tail not in TAILS:
         raise ValueError(f"--tail: expected one of {TAILS}, got {tail!r}")
-    neg_inf = torch.tensor(float("-inf"), device=student_lp.device, dtype=student_lp.dtype)
+    if gathered is None:
+        gathered = student_lp.gather(-1, target.support)
+    neg_inf = torch.tensor(float("-inf"), device=gathered.device, dtype=gathered.dtype)
     valid = target.valid
-    s = torch.where(valid, student_lp.gather(-1, target.support), neg_inf)  # [N, K]
-    t = torch.where(valid, target.lp.to(student_lp.dtype), neg_inf)
+    s = torch.where(valid, gathered, neg_inf)  # [N, K]
+    t = torch.where(valid, target.lp.to(gathered.dtype), neg_inf)
     if tail == "bucket":
         has_out = target.n_out > 0
         s_out = torch.where(has_out, _log1mexp(torch.logsumexp(s, -1)), neg_inf)
-        t_out = torch.where(has_out, target.out_lp.to(student_lp.dtype), neg_inf)
+        t_out = torch.where(has_out, target.out_lp.to(gathered.dtype), neg_inf)
         s = torch.cat([s, s_out[:, None]], -1)
         t = torch.cat([t, t_out[:, None]], -1)
     else:
@@ -79,12 +82,19 @@ def _chunk_losses(x: torch.Tensor, head, labels: torch.Tensor, kd_mask: torch.Te
         logits = logits[:, :vocab_size]  # rows of a padded student vocabulary take no probability
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()  # [c, V] float32 exists only per chunk
-    ce = F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
     if not want_kd:
-        return ce, torch.zeros((), device=logits.device)
-    student_lp = F.log_softmax(logits / temperature, dim=-1)
+        return F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum"), torch.zeros((), device=logits.device)
+    log_p = F.log_softmax(logits, dim=-1)
     target = SparseTarget(support, valid, t_lp, t_out, n_out)
-    kd = divergence(student_lp, target, loss=loss, tail=tail, beta=beta)
+    if temperature == 1.0:
+        # one gather for the support and the label: backward fills one [c, V] gradient, not two,
+        # and the KD term reuses the CE log-softmax
+        g = log_p.gather(-1, torch.cat([support, labels.clamp(min=0)[:, None]], dim=-1))
+        ce = -torch.where(labels != -100, g[:, -1], torch.zeros_like(g[:, -1])).sum()
+        kd = divergence(None, target, loss=loss, tail=tail, beta=beta, gathered=g[:, :-1])
+    else:
+        ce = F.nll_loss(log_p, labels, ignore_index=-100, reduction="sum")
+        kd = divergence(F.log_softmax(logits / temperature, dim=-1), target, loss=loss, tail=tail, beta=beta)
     kd = torch.where(kd_mask, kd, torch.zeros_like(kd)).sum() * temperature**2
     return ce, kd
 
