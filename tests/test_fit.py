@@ -147,3 +147,27 @@ def test_existing_run_needs_resume(fit_setup):
     assert runner.invoke(app, args).exit_code == 0
     r = runner.invoke(app, args)
     assert r.exit_code == 2 and "--resume" in r.output
+
+
+def test_grad_accum_equals_larger_batch(fit_setup):
+    common = dict(logits=(str(fit_setup["both"]),), student=str(fit_setup["student"]), max_steps=3, num_workers=0, progress=False,
+                  seed=2, grad_clip=0.0)
+    big, acc = fit_setup["root"] / "big", fit_setup["root"] / "acc"
+    fit(FitConfig(out=str(big), batch_size=4, **common))
+    fit(FitConfig(out=str(acc), batch_size=2, grad_accum=2, **common))
+    a, b = rows(big), rows(acc)
+    assert [x["tokens"] for x in a] == [x["tokens"] for x in b]
+    for x, y in zip(a, b):  # the loss is normalised by the step's total positions either way
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5)
+
+
+def test_temperature_and_lr_schedules():
+    from trainer.schedules import lr_factor, temperature_at
+
+    assert temperature_at(0, 10, "constant", 2.0, 1.0, 0.5) == 2.0
+    assert temperature_at(5, 10, "linear", 3.0, 1.0, 0.5) == pytest.approx(2.0)
+    assert temperature_at(0, 10, "cosine", 3.0, 1.0, 0.5) == pytest.approx(3.0)
+    assert temperature_at(10, 10, "cosine", 3.0, 1.0, 0.5) == pytest.approx(1.0)
+    assert temperature_at(5, 10, "exp", 4.0, 1.0, 0.25) == pytest.approx(4.0 * 0.25**0.5)
+    assert lr_factor(0, 100, 10, 0.1) == pytest.approx(0.1) and lr_factor(9, 100, 10, 0.1) == pytest.approx(1.0)
+    assert lr_factor(100, 100, 10, 0.1) == pytest.approx(0.1)
