@@ -93,14 +93,19 @@ def test_other_store_at_output(tmp_path, llama_dir, corpus, small_store):
     assert_one_line_error(r, "different settings")
 
 
-def test_newer_format_version_refused(tmp_path, small_store):
+def tampered_copy(small_store, dest, edit):
+    """A copy of the store whose manifest went through ``edit(manifest_dict)``."""
     import shutil
 
-    s = tmp_path / "newer"
-    shutil.copytree(small_store, s)
-    m = json.loads((s / "manifest.json").read_text())
-    m["format_version"] = 2
-    (s / "manifest.json").write_text(json.dumps(m))
+    shutil.copytree(small_store, dest)
+    m = json.loads((dest / "manifest.json").read_text())
+    edit(m)
+    (dest / "manifest.json").write_text(json.dumps(m))
+    return dest
+
+
+def test_newer_format_version_refused(tmp_path, small_store):
+    s = tampered_copy(small_store, tmp_path / "newer", lambda m: m.update(format_version=2))
     with pytest.raises(FormatError, match="format_version: 2 is newer"):
         logitstore.open(str(s))
     assert_one_line_error(run_cli("info", s), "newer than this logitstore reads")
@@ -120,31 +125,20 @@ def test_truncated_manifest_refused(tmp_path, small_store):
 
 @pytest.mark.parametrize("path", ["../../etc/passwd", "/etc/passwd", "s3://elsewhere/x", "a/./b"])
 def test_paths_outside_store_refused(tmp_path, small_store, path):
-    import shutil
+    def add_path(m):
+        files = m["shards"][0]["parts"]["inputs"]["files"]
+        files[path] = next(iter(files.values()))
 
-    s = tmp_path / "evil"
-    shutil.copytree(small_store, s)
-    m = json.loads((s / "manifest.json").read_text())
-    files = m["shards"][0]["parts"]["inputs"]["files"]
-    files[path] = next(iter(files.values()))
-    (s / "manifest.json").write_text(json.dumps(m))
+    s = tampered_copy(small_store, tmp_path / "evil", add_path)
     with pytest.raises(FormatError, match="not a plain relative path"):
         logitstore.open(str(s))
 
 
 def test_huge_declared_sizes_refused_without_allocating(tmp_path, small_store):
-    import shutil
-
-    s = tmp_path / "huge"
-    shutil.copytree(small_store, s)
-    m = json.loads((s / "manifest.json").read_text())
-    m["shards"][0]["n_sequences"] = 10**12
-    (s / "manifest.json").write_text(json.dumps(m))
+    s = tampered_copy(small_store, tmp_path / "huge", lambda m: m["shards"][0].update(n_sequences=10**12))
     with pytest.raises(FormatError, match=r"n_sequences: expected an integer in"):
         logitstore.open(str(s))
-    m["shards"][0]["n_sequences"] = 4
-    m["seq_len"] = 10**9
-    (s / "manifest.json").write_text(json.dumps(m))
+    s = tampered_copy(small_store, tmp_path / "long", lambda m: m.update(seq_len=10**9))
     with pytest.raises(FormatError, match="seq_len"):
         logitstore.open(str(s))
 
