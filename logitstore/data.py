@@ -17,7 +17,7 @@ import numpy as np
 
 from .codec import id_dtype
 from .errors import ConfigError, LogitStoreError
-from .hashing import canonical_json_hash, sha256_hex
+from .hashing import canonical_json_hash, file_sha256, sha256_hex
 
 
 @dataclass
@@ -129,19 +129,6 @@ def pack(tokenizer, texts: list[str], seq_len: int, *, packed: bool = True, max_
         input_ids[i, : w.size] = w
         lengths[i] = w.size
     return Packed(input_ids=input_ids, lengths=lengths)
-
-
-def file_sha256(path: str) -> str | None:
-    p = Path(path)
-    if not p.is_file():
-        return None
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def describe_source(path: str, text_field: str) -> dict:

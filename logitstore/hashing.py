@@ -19,6 +19,18 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def file_sha256(path: str | os.PathLike) -> str | None:
+    """sha256 of a local file's contents, read in blocks (None if it is not a file)."""
+    p = Path(path)
+    if not p.is_file():
+        return None
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def canonical_json_hash(obj) -> str:
     return sha256_hex(json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode())
 

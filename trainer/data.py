@@ -92,7 +92,8 @@ class DistillDataset(IterableDataset):
         self.teachers: list[tuple[int, str]] = [(si, name) for si, s in enumerate(self.stores) for name in s.teachers]
         names = [n for _, n in self.teachers]
         self.teacher_names = [n if names.count(n) == 1 else f"{self.urls[si]}:{n}" for si, n in self.teachers]
-        hashes = [self._hashes(s) for s in self.stores]
+        inputs = [self._inputs(s) for s in self.stores]
+        hashes = [h for h, _ in inputs]
         self.n = len(hashes[0])
         self._maps: list[np.ndarray | None] = [None]
         for url, h in zip(self.urls[1:], hashes[1:]):
@@ -111,13 +112,16 @@ class DistillDataset(IterableDataset):
                     raise LogitStoreError(f"--logits {url}: does not contain sequence {i} of {self.urls[0]} (content hash {x.tobytes().hex()}); stores must cover the same sequences")
                 mapping[i] = lst.pop(0)
             self._maps.append(mapping)
-        self._lengths = np.concatenate([first.load_shard(j, [])["length"] for j in range(first.n_shards)]) if self.n else np.zeros(0)
+        self._lengths = inputs[0][1]
         self._starts = [[e["start"] for e in s.manifest["shards"]] for s in self.stores]
 
     @staticmethod
-    def _hashes(store) -> np.ndarray:
-        parts = [store.load_shard(j, [])["seq_hash"] for j in range(store.n_shards)]
-        return np.concatenate(parts) if parts else np.zeros((0, 16), np.uint8)
+    def _inputs(store) -> tuple[np.ndarray, np.ndarray]:
+        """All sequence hashes [n, 16] and lengths [n] of a store, reading each inputs part once."""
+        parts = [store.load_shard(j, []) for j in range(store.n_shards)]
+        if not parts:
+            return np.zeros((0, 16), np.uint8), np.zeros(0, np.uint32)
+        return np.concatenate([p["seq_hash"] for p in parts]), np.concatenate([p["length"] for p in parts])
 
     @property
     def n_tokens(self) -> int:

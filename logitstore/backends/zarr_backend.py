@@ -46,7 +46,7 @@ def _fast_decode(files: dict[str, bytes], name: str, spec, where: str):
     except (ValueError, KeyError, TypeError):
         return None
     check_array(name, dtype, shape, spec, where)
-    return decode_array(files, name, where)
+    return decode_array(files, name, where, meta)
 
 
 class ZarrBackend:

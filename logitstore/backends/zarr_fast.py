@@ -61,15 +61,17 @@ def _layout(meta: dict):
         return None
 
 
-def decode_array(files: dict[str, bytes], name: str, where: str):
-    """The array ``name`` of a part decoded directly, or ``None`` if its layout is not ours."""
-    meta_raw = files.get(f"{name}/zarr.json")
-    if meta_raw is None:
-        return None
-    try:
-        meta = json.loads(meta_raw)
-    except ValueError:
-        return None
+def decode_array(files: dict[str, bytes], name: str, where: str, meta: dict | None = None):
+    """The array ``name`` of a part decoded directly, or ``None`` if its layout is not ours.
+    ``meta``: the array's already parsed ``zarr.json``, if the caller has it."""
+    if meta is None:
+        meta_raw = files.get(f"{name}/zarr.json")
+        if meta_raw is None:
+            return None
+        try:
+            meta = json.loads(meta_raw)
+        except ValueError:
+            return None
     lay = _layout(meta) if isinstance(meta, dict) else None
     if lay is None:
         return None
