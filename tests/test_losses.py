@@ -119,3 +119,30 @@ def test_ce_only_path():
     ce, kd, n = kd_ce_loss(z, labels, None, chunk_positions=4)
     assert kd == 0 and n == N
     torch.testing.assert_close(ce / n, F.cross_entropy(z, labels))
+
+
+@pytest.mark.parametrize("loss", ["fkl", "rkl", "jsd"])
+@pytest.mark.parametrize("T", [1.0, 2.0])
+def test_online_teacher_logits_equal_dense_reference_and_sparse_at_k_equal_vocab(loss, T):
+    """Online KD (full teacher logits) equals the dense F.kl_div reference, and equals the cached
+    path when the cache holds the whole vocabulary."""
+    rng = np.random.default_rng(3)
+    t_logits = torch.from_numpy(rng.normal(size=(N, V)) * 2.5)
+    torch.manual_seed(1)
+    z = torch.randn(N, V, dtype=torch.float64) * 2
+    labels = torch.randint(0, V, (N,))
+    labels[:3] = -100
+    z1 = z.clone().requires_grad_(True)
+    ce, kd, n = kd_ce_loss(z1, labels, None, teacher_logits=t_logits, temperature=T, loss=loss, chunk_positions=5)
+    (kd / n).backward()
+    z2 = z.clone().requires_grad_(True)
+    ref = (dense_div(torch.log_softmax(z2 / T, -1), torch.log_softmax(t_logits / T, -1), loss) * T**2)[labels != -100].mean()
+    ref.backward()
+    torch.testing.assert_close(kd / n, ref, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(z1.grad, z2.grad, atol=1e-7, rtol=1e-6)
+    torch.testing.assert_close(ce / n, F.cross_entropy(z, labels, ignore_index=-100), atol=1e-6, rtol=1e-6)
+    lp = (t_logits - torch.logsumexp(t_logits, -1, keepdim=True)).numpy()
+    ids = np.argsort(-lp, axis=1)
+    cached = {"ids": ids, "logprobs": np.take_along_axis(lp, ids, 1).astype(np.float32), "tail_mass": np.zeros(N, np.float32)}
+    _, kd_sparse, _ = kd_ce_loss(z, labels, sparse_target([cached], T), temperature=T, loss=loss, chunk_positions=5)
+    torch.testing.assert_close(kd_sparse, kd.detach(), atol=1e-4, rtol=1e-5)

@@ -45,6 +45,8 @@ def fit(
     beta: Optional[float] = typer.Option(None, help="jsd mixture weight of the teacher"),
     tail: Optional[str] = typer.Option(None, help="bucket or renorm"),
     fuse: Optional[str] = typer.Option(None, help="mean-probs or mean-logits"),
+    online_teacher: Optional[str] = typer.Option(None, "--online-teacher",
+                                                 help="baseline: run this teacher on every batch (full-vocabulary KD) instead of the cached targets"),
     device: Optional[str] = typer.Option(None, help="auto, cpu or cuda"),
     precision: Optional[str] = typer.Option(None, help="auto, no, bf16 or fp16"),
     num_workers: Optional[int] = typer.Option(None, "--num-workers"),
@@ -61,7 +63,7 @@ def fit(
         overrides = dict(parse_override(a) for a in ctx.args)
         flags = dict(logits=logits or None, student=student, out=out, weights=weights, eval_logits=eval_logits, max_steps=max_steps,
                      epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, lr=lr, seed=seed, alpha=alpha, temperature=temperature,
-                     temperature_schedule=temperature_schedule, loss=loss, beta=beta, tail=tail, fuse=fuse, device=device,
+                     temperature_schedule=temperature_schedule, loss=loss, beta=beta, tail=tail, fuse=fuse, online_teacher=online_teacher, device=device,
                      precision=precision, num_workers=num_workers, eval_every=eval_every, checkpoint_every=checkpoint_every)
         if resume:
             flags["resume"] = True

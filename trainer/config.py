@@ -44,6 +44,9 @@ class FitConfig:
     beta: float = 0.5
     tail: str = "bucket"
     fuse: str = "mean-probs"
+    #: online KD baseline: this teacher (path, hub id or .gguf) runs on every batch and its full
+    #: distribution replaces the stores' targets (the stores then only supply the token windows)
+    online_teacher: str | None = None
     # runtime
     device: str = "auto"
     precision: str = "auto"

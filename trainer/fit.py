@@ -66,7 +66,7 @@ def fit(config: FitConfig, *, model: torch.nn.Module | None = None, tokenizer=No
     # ---------------------------------------------------------------- data
     train = DistillDataset(list(cfg.logits), batch_size=cfg.batch_size, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer,
                            rank=rank, world_size=world, num_workers=cfg.num_workers, verify_checksums=cfg.verify_checksums,
-                           with_targets=cfg.alpha > 0)
+                           with_targets=cfg.alpha > 0 and not cfg.online_teacher)
     M = len(train.teachers)
     try:
         weights = normalize_weights(cfg.weights, M)
@@ -86,6 +86,7 @@ def fit(config: FitConfig, *, model: torch.nn.Module | None = None, tokenizer=No
     sv = output_vocab(student)
     if sv is not None and sv < train.vocab_size:
         raise ConfigError(f"--student {cfg.student}: output vocabulary {sv} is smaller than the store's {train.vocab_size}")
+    online = _online_teacher(cfg, train, acc.device) if cfg.online_teacher and cfg.alpha > 0 else None
     module = DistillModule(student)
     decay = [p for p in module.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in module.parameters() if p.requires_grad and p.ndim < 2]
@@ -137,6 +138,9 @@ def fit(config: FitConfig, *, model: torch.nn.Module | None = None, tokenizer=No
             module.train()
             for i, mb in enumerate(micro):
                 mb = {k: v.to(acc.device, non_blocking=True) for k, v in mb.items()}
+                if online is not None:
+                    with torch.no_grad():  # not inference_mode: the logits feed the (student's) graph
+                        mb["teacher_logits"] = online(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits
                 sync = nullcontext() if i == len(micro) - 1 else acc.no_sync(module)
                 with sync:
                     ce, kd, _ = module(mb, temperature=T, teacher_temperatures=temps, **kd_args)
@@ -192,6 +196,20 @@ def fit(config: FitConfig, *, model: torch.nn.Module | None = None, tokenizer=No
     acc.wait_for_everyone()
     acc.end_training()
     return result
+
+
+def _online_teacher(cfg: FitConfig, train: DistillDataset, device: torch.device) -> torch.nn.Module:
+    """The ``--online-teacher`` model (float32 on CPU, bf16 on GPU), after checking its tokenizer
+    against the stores'."""
+    from logitstore.hashing import tokenizer_fingerprint
+    from logitstore.teacher import TeacherSpec
+
+    spec = TeacherSpec.parse(cfg.online_teacher, trust_remote_code=cfg.trust_remote_code)
+    if tokenizer_fingerprint(spec.load_tokenizer()) != train.stores[0].manifest["tokenizer"]["fingerprint"]:
+        raise ConfigError(f"--online-teacher {cfg.online_teacher}: its tokenizer differs from the stores'")
+    model = spec.load_model(device, torch.float32 if device.type == "cpu" else torch.bfloat16)
+    model.requires_grad_(False)
+    return model
 
 
 def _loader(ds, workers: int, pin: bool) -> DataLoader:

@@ -75,8 +75,22 @@ def divergence(student_lp: torch.Tensor | None, target: SparseTarget, *, loss: s
     return beta * _kl(t, m) + (1 - beta) * _kl(s, m)
 
 
+def dense_divergence(student_lp: torch.Tensor, teacher_lp: torch.Tensor, *, loss: str = "fkl", beta: float = 0.5) -> torch.Tensor:
+    """Per-position divergence [N] between full log-prob rows [N, V] (the online-KD reference)."""
+    if loss == "fkl":
+        return _kl(teacher_lp, student_lp)
+    if loss == "rkl":
+        return _kl(student_lp, teacher_lp)
+    if loss != "jsd":
+        raise ValueError(f"--loss: expected one of {LOSSES}, got {loss!r}")
+    if not 0.0 < beta < 1.0:
+        raise ValueError(f"--beta: expected 0 < beta < 1 for jsd, got {beta}")
+    m = torch.logaddexp(teacher_lp + math.log(beta), student_lp + math.log(1 - beta))
+    return beta * _kl(teacher_lp, m) + (1 - beta) * _kl(student_lp, m)
+
+
 def _chunk_losses(x: torch.Tensor, head, labels: torch.Tensor, kd_mask: torch.Tensor, support, valid, t_lp, t_out, n_out,
-                  temperature: float, loss: str, tail: str, beta: float, want_kd: bool, vocab_size: int | None):
+                  t_logits, temperature: float, loss: str, tail: str, beta: float, want_kd: bool, vocab_size: int | None):
     logits = head(x) if head is not None else x
     if vocab_size is not None:
         logits = logits[:, :vocab_size]  # rows of a padded student vocabulary take no probability
@@ -85,6 +99,12 @@ def _chunk_losses(x: torch.Tensor, head, labels: torch.Tensor, kd_mask: torch.Te
     if not want_kd:
         return F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum"), torch.zeros((), device=logits.device)
     log_p = F.log_softmax(logits, dim=-1)
+    if t_logits is not None:  # online KD: the teacher's full distribution
+        ce = F.nll_loss(log_p, labels, ignore_index=-100, reduction="sum")
+        s_lp = log_p if temperature == 1.0 else F.log_softmax(logits / temperature, dim=-1)
+        t_full = F.log_softmax(t_logits[:, : s_lp.shape[-1]].float() / temperature, dim=-1)
+        kd = dense_divergence(s_lp, t_full, loss=loss, beta=beta)
+        return ce, torch.where(kd_mask, kd, torch.zeros_like(kd)).sum() * temperature**2
     target = SparseTarget(support, valid, t_lp, t_out, n_out)
     if temperature == 1.0:
         # one gather for the support and the label: backward fills one [c, V] gradient, not two,
@@ -101,13 +121,15 @@ def _chunk_losses(x: torch.Tensor, head, labels: torch.Tensor, kd_mask: torch.Te
 
 def kd_ce_loss(x: torch.Tensor, labels: torch.Tensor, target: SparseTarget | None, *, head=None, temperature: float = 1.0,
                loss: str = "fkl", tail: str = "bucket", beta: float = 0.5, chunk_positions: int = 1024,
-               vocab_size: int | None = None):
+               vocab_size: int | None = None, teacher_logits: torch.Tensor | None = None):
     """Summed CE and KD over positions, computed ``chunk_positions`` at a time.
 
     ``x`` [N, V] logits, or [N, H] hidden states with ``head`` mapping them to logits (then the full
     logits never exist). ``labels`` [N] next-token ids, ``-100`` where there is none (KD is skipped
     there too). ``target`` (or None for CE only) as in :func:`divergence`. ``vocab_size``: the
-    store's vocabulary; logit columns beyond it (a padded student vocabulary) are dropped. Each chunk is
+    store's vocabulary; logit columns beyond it (a padded student vocabulary) are dropped.
+    ``teacher_logits`` [N, >= V] (no grad) instead of ``target``: online KD against the teacher's full
+    distribution (``tail`` does not apply; the divergence runs over the whole vocabulary). Each chunk is
     checkpointed, so backward recomputes its float32 logits instead of keeping them: peak float32
     memory is ``chunk_positions * V``, not ``N * V``. Returns ``(ce_sum, kd_sum, n_positions)``.
     """
@@ -119,10 +141,11 @@ def kd_ce_loss(x: torch.Tensor, labels: torch.Tensor, target: SparseTarget | Non
     for a in range(0, N, chunk_positions):
         sl = slice(a, a + chunk_positions)
         if target is None:
-            args = (None, None, None, None, None)
+            args = (None, None, None, None, None, None if teacher_logits is None else teacher_logits[sl])
         else:
-            args = (target.support[sl], target.valid[sl], target.lp[sl], target.out_lp[sl], target.n_out[sl])
-        fn = lambda xc, lab, km, *t: _chunk_losses(xc, head, lab, km, *t, temperature, loss, tail, beta, target is not None, vocab_size)  # noqa: E731
+            args = (target.support[sl], target.valid[sl], target.lp[sl], target.out_lp[sl], target.n_out[sl], None)
+        want_kd = target is not None or teacher_logits is not None
+        fn = lambda xc, lab, km, *t: _chunk_losses(xc, head, lab, km, *t, temperature, loss, tail, beta, want_kd, vocab_size)  # noqa: E731
         if torch.is_grad_enabled() and x.requires_grad:
             ce, kd = checkpoint(fn, x[sl], labels[sl], kd_mask[sl], *args, use_reentrant=False)
         else:

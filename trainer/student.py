@@ -48,8 +48,9 @@ def output_vocab(model: torch.nn.Module) -> int | None:
 class DistillModule(torch.nn.Module):
     """Wraps a student; ``forward(batch, ...)`` returns ``(ce_sum, kd_sum, n_positions)``.
 
-    ``batch`` holds ``input_ids``/``attention_mask``/``labels`` [B, L] and, for KD, the target fields
-    of :mod:`trainer.fusion` flattened over ``B * L`` positions.
+    ``batch`` holds ``input_ids``/``attention_mask``/``labels`` [B, L] and, for KD, either the target
+    fields of :mod:`trainer.fusion` flattened over ``B * L`` positions or (online KD)
+    ``teacher_logits`` [B, L, V].
     """
 
     def __init__(self, student: torch.nn.Module):
@@ -74,9 +75,11 @@ class DistillModule(torch.nn.Module):
         else:
             x = self.logits(ids, mask).reshape(B * L, -1)
             head = None
-        target = None
-        if with_kd:
+        target, t_logits = None, batch.get("teacher_logits")
+        if t_logits is not None:  # online KD: [B, L, V_teacher] from a teacher run on this batch
+            t_logits = t_logits.reshape(B * L, -1)[:, :vocab_size]
+        elif with_kd:
             target = fuse(batch["teacher_lp"], batch["rest_lp"], batch["support"], batch["valid"], batch["n_out"],
                           temperatures=teacher_temperatures, weights=weights, mode=fuse_mode)
         return kd_ce_loss(x, labels.reshape(-1), target, head=head, temperature=temperature, loss=loss, tail=tail, beta=beta,
-                          chunk_positions=chunk_positions, vocab_size=vocab_size)
+                          chunk_positions=chunk_positions, vocab_size=vocab_size, teacher_logits=t_logits)

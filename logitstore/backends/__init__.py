@@ -27,6 +27,8 @@ class Backend(Protocol):
 
 
 BACKENDS = ("zarr", "arrow")
+#: arrays that describe a whole part rather than one row per sequence
+PART_LEVEL = ("id_order",)
 
 
 def get_backend(name: str) -> Backend:

@@ -16,10 +16,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import FormatError
-from . import ArraySpecs, check_array
+from . import PART_LEVEL, ArraySpecs, check_array
 
 ROWS = "part.parquet"
-PART_LEVEL = ("id_order",)
 
 
 def _to_column(a: np.ndarray) -> pa.Array:

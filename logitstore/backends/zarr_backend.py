@@ -15,7 +15,7 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.storage import MemoryStore
 
 from ..errors import FormatError
-from . import ArraySpecs, check_array
+from . import PART_LEVEL, ArraySpecs, check_array
 from .zarr_fast import decode_array
 
 ALLOWED_CODECS = frozenset({"bytes", "blosc", "zstd", "gzip", "crc32c", "sharding_indexed", "transpose"})
@@ -57,7 +57,8 @@ class ZarrBackend:
         group = zarr.open_group(store, mode="w", zarr_format=3)
         for name, a in arrays.items():
             a = np.ascontiguousarray(a)
-            rows = max(1, min(chunk_rows, a.shape[0]))
+            # a part-level array is one chunk: many tiny chunks cost more to decode than they save
+            rows = max(1, a.shape[0] if name in PART_LEVEL else min(chunk_rows, a.shape[0]))
             chunks = (rows,) + a.shape[1:]
             # one shard holds the whole array: its length is the array's, rounded up to whole chunks
             shard = (-(-a.shape[0] // rows) * rows,) + a.shape[1:]
