@@ -18,3 +18,7 @@ class FormatError(LogitStoreError):
 
 class ConfigError(LogitStoreError):
     """Settings that cannot work together, or that disagree with an existing store."""
+
+
+class StorageError(LogitStoreError):
+    """Writing to the store's filesystem failed (disk full, permission denied, a remote error)."""

@@ -6,7 +6,7 @@ import uuid
 
 import fsspec
 
-from .errors import FormatError
+from .errors import FormatError, StorageError
 
 
 class StoreFS:
@@ -31,24 +31,37 @@ class StoreFS:
         except FileNotFoundError:
             raise FormatError(f"{rel}: missing") from None
 
+    def _failed(self, what: str, rel: str, e: OSError) -> StorageError:
+        reason = e.strerror or str(e) or type(e).__name__
+        return StorageError(f"{self.path(rel)}: {what} failed ({reason})")
+
     def write(self, rel: str, data: bytes) -> None:
         p = self.path(rel)
-        self.fs.makedirs(p.rsplit("/", 1)[0], exist_ok=True)
-        self.fs.pipe_file(p, data)
+        try:
+            self.fs.makedirs(p.rsplit("/", 1)[0], exist_ok=True)
+            self.fs.pipe_file(p, data)
+        except OSError as e:  # disk full, permission denied, a remote store's error...
+            raise self._failed("write", rel, e) from e
 
     def write_atomic(self, rel: str, data: bytes) -> None:
         """Write to a temporary name beside ``rel``, then rename: readers see all of it or nothing."""
         head, _, name = rel.rpartition("/")
         tmp = f"{head}/.tmp-{name}-{uuid.uuid4().hex[:8]}" if head else f".tmp-{name}-{uuid.uuid4().hex[:8]}"
         self.write(tmp, data)
-        self.fs.mv(self.path(tmp), self.path(rel))
+        self.mv(tmp, rel)
 
     def rm(self, rel: str) -> None:
-        if self.exists(rel):
-            self.fs.rm(self.path(rel), recursive=True)
+        try:
+            if self.exists(rel):
+                self.fs.rm(self.path(rel), recursive=True)
+        except OSError as e:
+            raise self._failed("remove", rel, e) from e
 
     def mv(self, src: str, dst: str) -> None:
-        self.fs.mv(self.path(src), self.path(dst), recursive=True)
+        try:
+            self.fs.mv(self.path(src), self.path(dst), recursive=True)
+        except OSError as e:
+            raise self._failed(f"rename to {dst}", src, e) from e
 
     def ls(self, rel: str) -> list[str]:
         """Names directly under ``rel`` (empty if it does not exist)."""

@@ -1,6 +1,6 @@
 """Teacher B: a small Llama trained from scratch on the bundled corpus with SmolLM2's tokenizer.
 
-    .venv/bin/python tools/train_teacher.py [--steps 60] [--force]
+    .venv/bin/python tools/train_teacher.py [--steps 40] [--force]
 
 A second teacher that shares teacher A's tokenizer (so both fit in one store and can be fused)
 but not its knowledge: it has seen only the bundled Python-docs training split. It is trained once
@@ -33,7 +33,7 @@ def _key(steps: int) -> str:
     return h.hexdigest()[:12]
 
 
-def teacher_b_dir(steps: int = 60, force: bool = False) -> Path:
+def teacher_b_dir(steps: int = 40, force: bool = False) -> Path:
     """The cached teacher B directory, training it first if this machine has none."""
     out = cache_dir() / f"teacher-b-{_key(steps)}"
     if (out / "config.json").is_file() and not force:
@@ -90,7 +90,7 @@ def teacher_b_dir(steps: int = 60, force: bool = False) -> Path:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--force", action="store_true", help="train again even if a cached teacher exists")
     args = ap.parse_args()
     print(teacher_b_dir(args.steps, args.force))

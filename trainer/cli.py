@@ -53,6 +53,8 @@ def fit(
     eval_every: Optional[int] = typer.Option(None, "--eval-every"),
     checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every"),
     resume: bool = typer.Option(False, "--resume", help="continue from the latest checkpoint in --out"),
+    skip_bad_shards: bool = typer.Option(False, "--skip-bad-shards",
+                                         help="leave out shards that fail their checksums (logged) instead of stopping"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Train a student from cached teacher targets."""
@@ -67,6 +69,8 @@ def fit(
                      precision=precision, num_workers=num_workers, eval_every=eval_every, checkpoint_every=checkpoint_every)
         if resume:
             flags["resume"] = True
+        if skip_bad_shards:
+            flags["skip_bad_shards"] = True
         if quiet:
             flags["progress"] = False
         cfg = load_config(config, {**{k: v for k, v in flags.items() if v is not None}, **overrides})

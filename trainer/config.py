@@ -60,6 +60,9 @@ class FitConfig:
     keep_checkpoints: int = 2
     resume: bool = False
     verify_checksums: bool = True
+    #: read every shard before training and leave out those that fail their checksums (logged to
+    #: RUN_DIR/skipped_shards.json) instead of stopping at the first damaged file
+    skip_bad_shards: bool = False
     trust_remote_code: bool = False
     progress: bool = True
     extra: dict = field(default_factory=dict)

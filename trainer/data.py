@@ -18,6 +18,9 @@ Order and partition of an epoch (all deterministic in ``seed`` and ``epoch``):
    reads every shard (a shard is decoded once per rank and worker that needs rows of it);
 4. batch ``i`` of a rank goes to worker ``(i - consumed) % num_workers``, which is exactly the order
    in which ``DataLoader`` returns them.
+With ``skip_bad_shards`` every shard is read once at construction, and the sequences of shards that
+fail their checksums or decoding (in any store) are left out of every epoch and listed in
+``skipped``; by default a damaged shard stops training with an error naming the file.
 Every rank yields the same number of full batches (DDP needs equal steps): the last global batch is
 filled with repeated sequences whose ``weight`` is 0 and whose labels are ignored, so each sequence
 counts exactly once per epoch. ``state_dict()`` records the epoch and how many batches the
@@ -43,7 +46,7 @@ from .targets import build_targets
 class DistillDataset(IterableDataset):
     def __init__(self, stores: list[str], *, batch_size: int, seed: int = 0, shuffle: bool = True, shuffle_buffer: int = 256,
                  rank: int = 0, world_size: int = 1, num_workers: int = 0, verify_checksums: bool = True,
-                 with_targets: bool = True, cache_shards: int = 4):
+                 with_targets: bool = True, cache_shards: int = 4, skip_bad_shards: bool = False):
         if batch_size < 1:
             raise LogitStoreError(f"--batch-size: expected a positive integer, got {batch_size}")
         self.urls = [str(s) for s in stores]
@@ -61,6 +64,8 @@ class DistillDataset(IterableDataset):
         self.epoch = 0
         self.consumed = 0  # batches of this epoch the training loop has taken (set by the loop)
         self._open()
+        #: shards left out because they failed their checksums or decoding (``skip_bad_shards``)
+        self.skipped: list[dict] = self._find_bad_shards() if skip_bad_shards else []
         self._check_and_join()
 
     # ------------------------------------------------------------------ stores
@@ -75,6 +80,29 @@ class DistillDataset(IterableDataset):
     def __setstate__(self, d):
         self.__dict__.update(d)
         self._open()
+
+    def _find_bad_shards(self) -> list[dict]:
+        """Read every shard of every store once (checksums on) and list those that fail."""
+        from logitstore.errors import FormatError
+
+        bad = []
+        for si, store in enumerate(self.stores):
+            for j in range(store.n_shards):
+                try:
+                    store.load_shard(j)
+                except FormatError as e:
+                    try:
+                        store.load_shard(j, [])
+                        inputs_ok = True
+                    except FormatError:
+                        inputs_ok = False
+                    if si > 0 and not inputs_ok:
+                        raise LogitStoreError(f"--skip-bad-shards: {self.urls[si]}: shard {j} has damaged inputs, so its sequences "
+                                              f"cannot be aligned with {self.urls[0]} ({e})") from None
+                    entry = store.manifest["shards"][j]
+                    bad.append({"store": self.urls[si], "shard": j, "path": entry["path"], "sequences": entry["n_sequences"],
+                                "inputs_ok": inputs_ok, "error": str(e)})
+        return bad
 
     def _check_and_join(self) -> None:
         first = self.stores[0]
@@ -92,7 +120,8 @@ class DistillDataset(IterableDataset):
         self.teachers: list[tuple[int, str]] = [(si, name) for si, s in enumerate(self.stores) for name in s.teachers]
         names = [n for _, n in self.teachers]
         self.teacher_names = [n if names.count(n) == 1 else f"{self.urls[si]}:{n}" for si, n in self.teachers]
-        inputs = [self._inputs(s) for s in self.stores]
+        unreadable = {b["shard"] for b in self.skipped if b["store"] == self.urls[0] and not b["inputs_ok"]}
+        inputs = [self._inputs(s, unreadable if si == 0 else set()) for si, s in enumerate(self.stores)]
         hashes = [h for h, _ in inputs]
         self.n = len(hashes[0])
         self._maps: list[np.ndarray | None] = [None]
@@ -105,8 +134,10 @@ class DistillDataset(IterableDataset):
             where: dict[bytes, list[int]] = {}
             for i, x in enumerate(h):
                 where.setdefault(x.tobytes(), []).append(i)
-            mapping = np.empty(self.n, dtype=np.int64)
+            mapping = np.full(self.n, -1, dtype=np.int64)
             for i, x in enumerate(hashes[0]):
+                if unreadable and self._shard_of(0, i) in unreadable:
+                    continue  # left out: its hash is unknown
                 lst = where.get(x.tobytes())
                 if not lst:
                     raise LogitStoreError(f"--logits {url}: does not contain sequence {i} of {self.urls[0]} (content hash {x.tobytes().hex()}); stores must cover the same sequences")
@@ -114,14 +145,44 @@ class DistillDataset(IterableDataset):
             self._maps.append(mapping)
         self._lengths = inputs[0][1]
         self._starts = [[e["start"] for e in s.manifest["shards"]] for s in self.stores]
+        self._excluded = self._excluded_indices()
+
+    def _shard_of(self, si: int, idx: int) -> int:
+        starts = [e["start"] for e in self.stores[si].manifest["shards"]]
+        return bisect.bisect_right(starts, idx) - 1
+
+    def _excluded_indices(self) -> np.ndarray:
+        """Primary-store indices of every sequence that lives in a skipped shard of any store."""
+        if not self.skipped:
+            return np.zeros(0, np.int64)
+        out = []
+        for b in self.skipped:
+            si = self.urls.index(b["store"])
+            e = self.stores[si].manifest["shards"][b["shard"]]
+            lo, hi = e["start"], e["start"] + e["n_sequences"]
+            if si == 0 or self._maps[si] is None:
+                out.append(np.arange(lo, hi))
+            else:
+                out.append(np.flatnonzero((self._maps[si] >= lo) & (self._maps[si] < hi)))
+        return np.unique(np.concatenate(out)).astype(np.int64)
 
     @staticmethod
-    def _inputs(store) -> tuple[np.ndarray, np.ndarray]:
-        """All sequence hashes [n, 16] and lengths [n] of a store, reading each inputs part once."""
-        parts = [store.load_shard(j, []) for j in range(store.n_shards)]
-        if not parts:
+    def _inputs(store, unreadable: set[int] = frozenset()) -> tuple[np.ndarray, np.ndarray]:
+        """All sequence hashes [n, 16] and lengths [n] of a store, reading each inputs part once
+        (zeros for the shards in ``unreadable``, which are skipped)."""
+        hashes, lengths = [], []
+        for j in range(store.n_shards):
+            if j in unreadable:
+                n = store.manifest["shards"][j]["n_sequences"]
+                hashes.append(np.zeros((n, 16), np.uint8))
+                lengths.append(np.zeros(n, np.uint32))
+                continue
+            p = store.load_shard(j, [])
+            hashes.append(p["seq_hash"])
+            lengths.append(p["length"])
+        if not hashes:
             return np.zeros((0, 16), np.uint8), np.zeros(0, np.uint32)
-        return np.concatenate([p["seq_hash"] for p in parts]), np.concatenate([p["length"] for p in parts])
+        return np.concatenate(hashes), np.concatenate(lengths)
 
     @property
     def n_tokens(self) -> int:
@@ -129,7 +190,11 @@ class DistillDataset(IterableDataset):
 
     # ------------------------------------------------------------------ plan
     def epoch_order(self, epoch: int) -> np.ndarray:
-        """Global sequence order of an epoch (same on every rank)."""
+        """Global sequence order of an epoch (same on every rank), without skipped shards."""
+        order = self._epoch_order(epoch)
+        return order[~np.isin(order, self._excluded)] if self._excluded.size else order
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
         s0 = self.stores[0]
         entries = s0.manifest["shards"]
         if not self.shuffle:

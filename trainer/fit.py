@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -66,7 +67,9 @@ def fit(config: FitConfig, *, model: torch.nn.Module | None = None, tokenizer=No
     # ---------------------------------------------------------------- data
     train = DistillDataset(list(cfg.logits), batch_size=cfg.batch_size, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer,
                            rank=rank, world_size=world, num_workers=cfg.num_workers, verify_checksums=cfg.verify_checksums,
-                           with_targets=cfg.alpha > 0 and not cfg.online_teacher)
+                           with_targets=cfg.alpha > 0 and not cfg.online_teacher, skip_bad_shards=cfg.skip_bad_shards)
+    for b in train.skipped:
+        print(f"warning: skipping {b['store']}/{b['path']} ({b['sequences']} sequences): {b['error']}", file=sys.stderr)
     M = len(train.teachers)
     try:
         weights = normalize_weights(cfg.weights, M)
@@ -111,6 +114,8 @@ def fit(config: FitConfig, *, model: torch.nn.Module | None = None, tokenizer=No
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        if train.skipped:
+            (out / "skipped_shards.json").write_text(json.dumps(train.skipped, indent=1))
     log = MetricsLog(out, rank == 0, keep_until=state.step if cfg.resume else None)
 
     kd_args = dict(weights=weights, fuse_mode=cfg.fuse, loss=cfg.loss, tail=cfg.tail, beta=cfg.beta,
@@ -124,7 +129,10 @@ def fit(config: FitConfig, *, model: torch.nn.Module | None = None, tokenizer=No
         it = iter(_loader(train, cfg.num_workers, not cpu))
         while state.step < total:
             t0 = time.perf_counter()
-            micro = list(islice(it, cfg.grad_accum))
+            try:
+                micro = list(islice(it, cfg.grad_accum))
+            except LogitStoreError as e:  # from a DataLoader worker: keep the original one-line message
+                raise type(e)(_worker_message(e) + " (or pass --skip-bad-shards to leave damaged shards out)") from None
             t_data = time.perf_counter() - t0
             if not micro:
                 break
@@ -210,6 +218,15 @@ def _online_teacher(cfg: FitConfig, train: DistillDataset, device: torch.device)
     model = spec.load_model(device, torch.float32 if device.type == "cpu" else torch.bfloat16)
     model.requires_grad_(False)
     return model
+
+
+def _worker_message(e: Exception) -> str:
+    """The original message of an error re-raised by a DataLoader worker (the last traceback line)."""
+    text = str(e)
+    if "Original Traceback" not in text:
+        return text
+    last = [ln for ln in text.strip().splitlines() if ln.strip()][-1]
+    return last.split(": ", 1)[1] if ": " in last and last.split(": ", 1)[0].endswith("Error") else last
 
 
 def _loader(ds, workers: int, pin: bool) -> DataLoader:
