@@ -2,6 +2,8 @@
 
 import json
 
+import numpy as np
+
 import pytest
 from typer.testing import CliRunner
 
@@ -157,3 +159,34 @@ def test_errors_are_logitstore_errors():
     assert issubclass(FormatError, LogitStoreError) and issubclass(ConfigError, LogitStoreError)
     with pytest.raises(ConfigError):
         DumpConfig(teachers=(), data="x", out="y")
+
+
+def test_document_longer_than_seq_len_is_split_without_losing_tokens(tokenizer):
+    """Not an error: a long document continues in the next window(s), packed or not (documented in
+    logitstore/data.py)."""
+    from logitstore.data import pack
+
+    long_doc = " ".join(f"word{i}" for i in range(200))
+    n_doc = len(tokenizer(long_doc, add_special_tokens=False)["input_ids"]) + 1
+    for packed in (True, False):
+        p = pack(tokenizer, [long_doc, "short one"], 16, packed=packed)
+        assert p.lengths.max() == 16 and int(p.lengths.sum()) >= n_doc
+        first = np.concatenate([p.input_ids[i, : p.lengths[i]] for i in range(-(-n_doc // 16))])[:n_doc]
+        want = tokenizer(long_doc, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        assert first.tolist() == want
+
+
+def test_fp16_overflow_in_the_teacher_is_one_clear_line(tmp_path, tokenizer, corpus):
+    """Logits beyond fp16 range become inf/NaN: refused with the position, nothing written as complete."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    teacher = save_llama(tmp_path / "hot", tokenizer, seed=4)
+    model = AutoModelForCausalLM.from_pretrained(teacher)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1e4)  # logits far beyond fp16's 65,504
+    model.save_pretrained(teacher)
+    out = tmp_path / "out"
+    r = run_cli(*dump_args(str(teacher), corpus, out, "--dtype", "fp16", "--device", "cpu", "--max-tokens", "64"))
+    assert_one_line_error(r, "non-finite logits", "fp16")
+    assert not (out / "manifest.json").exists()

@@ -68,8 +68,8 @@ def main() -> None:
                                    "num_key_value_heads": 4, "max_position_embeddings": args.seq_len, "tie_word_embeddings": True}))
     results = {}
     kd_name = "KD, A+B fused from the cache"
-    for name, extra in (("CE only (no teacher)", ["--alpha", "0"]),
-                        (kd_name, ["--alpha", "0.5", "--fuse", "mean-probs", "--weights", "0.7,0.3"])):
+    fusion = ["--fuse", "mean-probs", "--weights", "0.7,0.3"]  # both runs: the eval KL is then to the same target
+    for name, extra in (("CE only (no teacher)", ["--alpha", "0", *fusion]), (kd_name, ["--alpha", "0.5", *fusion])):
         run = out / ("run-ce" if name.startswith("CE") else "run-kd")
         shutil.rmtree(run, ignore_errors=True)
         t0 = time.perf_counter()
