@@ -190,3 +190,45 @@ def test_fp16_overflow_in_the_teacher_is_one_clear_line(tmp_path, tokenizer, cor
     r = run_cli(*dump_args(str(teacher), corpus, out, "--dtype", "fp16", "--device", "cpu", "--max-tokens", "64"))
     assert_one_line_error(r, "non-finite logits", "fp16")
     assert not (out / "manifest.json").exists()
+
+
+def _rewrite_array(store_dir, shard_path, part, array, mutate):
+    """Change one array of a part in place (through zarr) and re-sign the manifest, as a hostile
+    store would: every checksum matches, only the values are wrong."""
+    import hashlib
+
+    import zarr
+
+    part_dir = store_dir / shard_path / part
+    arr = zarr.open_array(str(part_dir / array), mode="r+")
+    data = arr[...]
+    mutate(data)
+    arr[...] = data
+    m = json.loads((store_dir / "manifest.json").read_text())
+    entry = next(s for s in m["shards"] if s["path"] == shard_path)
+    files = {}
+    for f in sorted(p for p in part_dir.rglob("*") if p.is_file()):
+        raw = f.read_bytes()
+        files[str(f.relative_to(part_dir))] = {"bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
+    entry["parts"][part]["files"] = files
+    (store_dir / "manifest.json").write_text(json.dumps(m))
+
+
+@pytest.mark.parametrize("part,array,mutate,needle", [
+    ("t0", "logprobs", lambda a: a.__setitem__((0, 0, 0), np.nan), "logprobs: non-finite"),
+    ("t0", "tail_mass", lambda a: a.__setitem__((0, 1), 1.5), "tail_mass: outside [0, 1]"),
+    ("t0", "ids", lambda a: a.__setitem__((0, 2, 0), 10**6 % 65536), ">= vocab_size"),
+    ("inputs", "length", lambda a: a.__setitem__(0, 0), "length: values must lie in"),
+])
+def test_well_signed_but_invalid_values_are_named(tmp_path, llama_dir, corpus, part, array, mutate, needle):
+    from logitstore.verify import verify
+
+    store = tmp_path / "s"
+    dump(DumpConfig(teachers=(str(llama_dir),), data=str(corpus), out=str(store), top_k=4, seq_len=16, max_tokens=200,
+                    shard_sequences=4, encoding="lossless", progress=False))
+    shard = logitstore.open(str(store)).manifest["shards"][0]["path"]
+    _rewrite_array(store, shard, part, array, mutate)
+    problems = verify(str(store))
+    assert any(needle in p and f"{shard}/{part}" in p for p in problems), problems
+    r = run_cli("verify", store)  # one line per problem, non-zero exit
+    assert r.exit_code != 0 and f"{shard}/{part}" in r.output and "Traceback" not in r.output

@@ -108,10 +108,13 @@ def decode_array(files: dict[str, bytes], name: str, where: str, meta: dict | No
         take = min(rows, shape[0] - first)
         if take <= 0:
             continue
-        if take == rows:
-            blosc.decompress(frame, flat[first : first + rows])
-        else:
-            buf = np.empty(rows * max(row_elems, 1), dtype=dtype)
-            blosc.decompress(frame, buf)
-            flat[first : first + take] = buf.reshape(rows, -1)[:take]
+        try:
+            if take == rows:
+                blosc.decompress(frame, flat[first : first + rows])
+            else:
+                buf = np.empty(rows * max(row_elems, 1), dtype=dtype)
+                blosc.decompress(frame, buf)
+                flat[first : first + take] = buf.reshape(rows, -1)[:take]
+        except RuntimeError as e:  # numcodecs reports a damaged frame this way
+            raise FormatError(f"{where}/{key}: chunk {c} does not decompress ({e})") from None
     return out
