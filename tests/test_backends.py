@@ -135,3 +135,17 @@ def test_zarr_fast_path_reports_damaged_compressed_bytes():
             continue
         assert got.shape == a.shape  # some damage still decodes (to wrong values): only sha256 catches that
     assert failures > 0
+
+
+@pytest.mark.parametrize("codec", [{"name": "numcodecs.delta", "configuration": {"dtype": "<u2"}},
+                                   {"name": "no-such-codec", "configuration": {}}])
+def test_zarr_codecs_outside_the_allowed_set_are_refused(codec):
+    import json
+
+    backend = get_backend("zarr")
+    files = backend.encode_part({"a": np.arange(40, dtype=np.uint16).reshape(4, 10)}, 2)
+    meta = json.loads(files["a/zarr.json"])
+    meta["codecs"][0]["configuration"]["codecs"][1] = codec  # in place of blosc
+    files["a/zarr.json"] = json.dumps(meta).encode()
+    with pytest.raises(FormatError, match="unsupported codecs|cannot decode zarr part"):
+        backend.decode_part(files, {"a": (np.dtype(np.uint16), (4, 10))}, "p")

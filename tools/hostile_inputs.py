@@ -42,7 +42,8 @@ ROWS = {
     "shard paths outside the store (.., absolute, URL)": [
         f"tests/test_errors.py::test_paths_outside_store_refused[{p}]" for p in ("../../etc/passwd", "/etc/passwd", "s3://elsewhere/x", "a/./b")],
     "declared sizes of 10^12 tokens (no allocation)": ["tests/test_errors.py::test_huge_declared_sizes_refused_without_allocating"],
-    "unknown encodings / codecs": ["tests/test_codec.py::test_unknown_encodings_are_refused"],
+    "unknown encodings / codecs": ["tests/test_codec.py::test_unknown_encodings_are_refused",
+                                   "tests/test_backends.py::test_zarr_codecs_outside_the_allowed_set_are_refused"],
     "ids >= vocab in a shard": ["tests/test_codec.py::test_compact_detects_ids_outside_vocab"],
     "correctly signed shards with NaN, tail > 1, ids >= vocab, length 0": [
         "tests/test_errors.py::test_well_signed_but_invalid_values_are_named"],
