@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .dump import summarize
+from .manifest import store_id
 from .reader import Store
 
 
@@ -12,6 +13,7 @@ def info(url: str) -> dict:
     s = summarize(m)
     return {
         "url": url,
+        "id": store_id(m),
         "format_version": m["format_version"],
         "backend": m["backend"],
         "encoding": m["encoding"],
@@ -34,6 +36,7 @@ def info(url: str) -> dict:
 def format_info(d: dict) -> str:
     lines = [
         f"store        {d['url']}",
+        f"id           {d['id']}",
         f"format       v{d['format_version']}, {d['backend']}, encoding {d['encoding']['name']}"
         + (f" ({d['encoding']['value_bits']}-bit values)" if "value_bits" in d["encoding"] else ""),
         f"tokenizer    {d['tokenizer']['fingerprint'][:16]}, vocab {d['tokenizer']['vocab_size']:,}",

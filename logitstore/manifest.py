@@ -12,6 +12,7 @@ import re
 
 from .codec import Encoding
 from .errors import FormatError
+from .hashing import canonical_json_hash
 
 FORMAT_NAME = "logitstore"
 FORMAT_VERSION = 1
@@ -133,3 +134,19 @@ def validate_manifest(d: object, where: str = MANIFEST) -> dict:
 
 def dumps(d: dict) -> bytes:
     return (json.dumps(d, indent=1, sort_keys=False) + "\n").encode()
+
+
+def store_id(manifest: dict) -> str:
+    """Content-derived id of a store (``ls-`` + 20 hex digits), computed from the manifest.
+
+    It hashes what determines the stored values: the tokenizer fingerprint, the data fingerprint,
+    ``seq_len``, packing, the token budget, the encoding, and per teacher (in order) its weights
+    (``weights_hash``, or source + revision for a hub id), ``config_hash``, dtype and ``k``. Paths,
+    teacher names, the backend, shard sizes and timings are left out, so two teams that dump the same
+    teacher over the same data with the same settings get the same id."""
+    teachers = [{"weights": t.get("weights_hash") or [t.get("source"), t.get("revision")], "config_hash": t.get("config_hash"),
+                 "dtype": t.get("dtype"), "k": t.get("k")} for t in manifest["teachers"]]
+    key = {"tokenizer": manifest["tokenizer"]["fingerprint"], "data": manifest["data"].get("fingerprint"),
+           "max_tokens": manifest["data"].get("max_tokens"), "seq_len": manifest["seq_len"], "packed": manifest["packed"],
+           "encoding": manifest["encoding"], "teachers": teachers}
+    return "ls-" + canonical_json_hash(key)[:20]

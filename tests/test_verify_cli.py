@@ -75,3 +75,25 @@ def test_reader_refuses_corrupt_data_by_default(tmp_path, cli_store):
     store = logitstore.open(str(s))
     with pytest.raises(FormatError, match="sha256 mismatch"):
         store[0]
+
+
+def test_store_id_depends_on_content_not_on_paths_names_or_layout(tmp_path, llama_dir, gpt2_dir, corpus):
+    import shutil
+
+    from logitstore.dump import DumpConfig, dump
+    from logitstore.info import info
+
+    data = tmp_path / "elsewhere.jsonl"  # the same corpus under another path
+    shutil.copy(corpus, data)
+    base = dict(top_k=4, seq_len=16, max_tokens=200, progress=False)
+    a = dump(DumpConfig(teachers=(f"teamA={llama_dir}",), data=str(corpus), out=str(tmp_path / "a"), shard_sequences=3, **base))
+    b = dump(DumpConfig(teachers=(f"teamB={llama_dir}",), data=str(data), out=str(tmp_path / "b"), shard_sequences=5,
+                        format="arrow", **base))
+    ids = {n: info(str(tmp_path / n))["id"] for n in ("a", "b")}
+    assert ids["a"] == ids["b"] and ids["a"].startswith("ls-")
+    for name, kw in (("k", dict(top_k=5)), ("enc", dict(encoding="lossless"))):
+        dump(DumpConfig(teachers=(f"x={llama_dir}",), data=str(corpus), out=str(tmp_path / name), **{**base, **kw}))
+        assert info(str(tmp_path / name))["id"] != ids["a"], name
+    dump(DumpConfig(teachers=(f"x={gpt2_dir}",), data=str(corpus), out=str(tmp_path / "other-teacher"), **base))
+    assert info(str(tmp_path / "other-teacher"))["id"] != ids["a"]
+    assert a.manifest["teachers"][0]["weights_hash"] == b.manifest["teachers"][0]["weights_hash"]
