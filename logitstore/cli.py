@@ -63,6 +63,19 @@ def info(store: str, as_json: bool = typer.Option(False, "--json", help="machine
     typer.echo(json.dumps(d, indent=1) if as_json else format_info(d))
 
 
+@app.command("ls")
+def ls(url: str, as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
+       max_depth: int = typer.Option(4, "--max-depth", help="directory levels to search below URL")) -> None:
+    """The stores under a directory or prefix: id, teachers, tokens, k and size, one line each."""
+    from .info import format_list, list_stores
+
+    try:
+        rows = list_stores(url, max_depth)
+    except LogitStoreError as e:
+        fail(e)
+    typer.echo(json.dumps(rows, indent=1) if as_json else format_list(rows))
+
+
 @app.command()
 def verify(store: str) -> None:
     """Check every checksum, shape, dtype and value range; exit 0 only if all hold."""

@@ -50,3 +50,40 @@ def format_info(d: dict) -> str:
         lines.append(f"  {t['name']:<20} k={t['k']:<4} {t['bytes_per_token']:6.1f} B/token  top-k mass {t['mean_topk_mass']:.3f}  "
                      f"entropy {t['mean_entropy']:.2f} nats  dtype {t['dtype']}  source {t['source']}")
     return "\n".join(lines)
+
+
+def list_stores(url: str, max_depth: int = 4) -> list[dict]:
+    """Every store under ``url`` (a directory or fsspec prefix, searched ``max_depth`` levels deep):
+    one row each with its id, teachers, tokens, k and size, or the error that keeps it from opening."""
+    from .errors import LogitStoreError
+    from .fsio import StoreFS
+
+    fs = StoreFS(url)
+    if not fs.exists():
+        raise LogitStoreError(f"{url}: no such directory or prefix")
+    base = fs.root.rstrip("/")
+    found = sorted(p for p in fs.fs.find(base, maxdepth=max_depth + 1) if p.rsplit("/", 1)[-1] == "manifest.json")
+    rows = []
+    for p in found:
+        rel = p[len(base):].strip("/").rsplit("/", 1)[0] if "/" in p[len(base):].strip("/") else ""
+        where = f"{url.rstrip('/')}/{rel}" if rel else url
+        try:
+            d = info(where)
+        except LogitStoreError as e:
+            rows.append({"url": where, "error": str(e)})
+            continue
+        rows.append({"url": where, "id": d["id"], "teachers": [t["name"] for t in d["teachers"]], "tokens": d["tokens"],
+                     "k": sorted({t["k"] for t in d["teachers"]}), "bytes": d["total_bytes"]})
+    return rows
+
+
+def format_list(rows: list[dict]) -> str:
+    lines = []
+    for r in rows:
+        if "error" in r:
+            lines.append(f"{r['url']}  UNREADABLE: {r['error']}")
+        else:
+            k = ",".join(str(x) for x in r["k"])
+            lines.append(f"{r['url']}  {r['id']}  teachers={','.join(r['teachers'])}  tokens={r['tokens']:,}  k={k}  "
+                         f"size={r['bytes'] / 1e6:.2f} MB")
+    return "\n".join(lines) if lines else "no stores found"

@@ -97,3 +97,23 @@ def test_store_id_depends_on_content_not_on_paths_names_or_layout(tmp_path, llam
     dump(DumpConfig(teachers=(f"x={gpt2_dir}",), data=str(corpus), out=str(tmp_path / "other-teacher"), **base))
     assert info(str(tmp_path / "other-teacher"))["id"] != ids["a"]
     assert a.manifest["teachers"][0]["weights_hash"] == b.manifest["teachers"][0]["weights_hash"]
+
+
+def test_ls_lists_every_store_under_a_prefix(tmp_path, cli_store):
+    root = tmp_path / "team"
+    shutil.copytree(cli_store, root / "a" / "store1")
+    shutil.copytree(cli_store, root / "b" / "nested" / "store2")
+    shutil.copytree(cli_store, root / "broken")
+    (root / "broken" / "manifest.json").write_text("{not json")
+    (root / "not-a-store").mkdir()
+    r = runner.invoke(app, ["ls", str(root), "--json"])
+    assert r.exit_code == 0, r.output
+    rows = {row["url"].removeprefix(str(root)).strip("/"): row for row in json.loads(r.output)}
+    assert set(rows) == {"a/store1", "b/nested/store2", "broken"}
+    assert rows["a/store1"]["id"] == rows["b/nested/store2"]["id"]  # same content, same id
+    assert rows["a/store1"]["teachers"] == ["llama", "gpt2"] and rows["a/store1"]["k"] == [8]
+    assert "manifest.json" in rows["broken"]["error"]
+    r = runner.invoke(app, ["ls", str(root)])
+    assert r.exit_code == 0 and r.output.count("ls-") == 2 and "UNREADABLE" in r.output
+    r = runner.invoke(app, ["ls", str(tmp_path / "missing")])
+    assert r.exit_code == 2 and "no such directory" in r.output
