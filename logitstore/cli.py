@@ -77,6 +77,21 @@ def ls(url: str, as_json: bool = typer.Option(False, "--json", help="machine-rea
 
 
 @app.command()
+def stats(store: str, plot: Optional[str] = typer.Option(None, "--plot", help="write a PNG of top-j mass and entropy"),
+          as_json: bool = typer.Option(False, "--json", help="machine-readable output")) -> None:
+    """Top-k mass coverage and teacher entropy per position (to choose k)."""
+    from .stats import format_stats, plot_stats, store_stats
+
+    try:
+        d = store_stats(store)
+    except LogitStoreError as e:
+        fail(e)
+    typer.echo(json.dumps(d) if as_json else format_stats(d))
+    if plot:
+        typer.echo(f"plot: {plot_stats(d, plot)}", err=as_json)
+
+
+@app.command()
 def verify(store: str) -> None:
     """Check every checksum, shape, dtype and value range; exit 0 only if all hold."""
     from .verify import verify as run_verify

@@ -117,3 +117,28 @@ def test_ls_lists_every_store_under_a_prefix(tmp_path, cli_store):
     assert r.exit_code == 0 and r.output.count("ls-") == 2 and "UNREADABLE" in r.output
     r = runner.invoke(app, ["ls", str(tmp_path / "missing")])
     assert r.exit_code == 2 and "no such directory" in r.output
+
+
+def test_stats_match_a_direct_computation_and_plot(tmp_path, cli_store):
+    import logitstore
+    from logitstore.stats import store_stats
+
+    d = store_stats(str(cli_store))
+    s = logitstore.open(str(cli_store))
+    for name, st in d["teachers"].items():
+        cum, gin = [], []
+        for i in range(len(s)):
+            seq = s[i]
+            t = seq["teachers"][name]
+            p = np.sort(np.exp(t["logprobs"].astype(np.float64)), axis=-1)[:, ::-1]
+            cum.append(np.cumsum(p, -1))
+            n = len(seq["input_ids"])
+            gin.append(t["gold_logprob"][: n - 1] >= t["logprobs"][: n - 1].min(-1) - 1e-3)
+        c = np.concatenate(cum)
+        assert st["positions"] == c.shape[0]
+        np.testing.assert_allclose(st["mass_at_j"]["mean"], c.mean(0), rtol=1e-9)
+        np.testing.assert_allclose(st["mass_at_j"]["p50"], np.percentile(c, 50, axis=0), rtol=1e-9)
+        assert st["next_token_in_top_k"] == pytest.approx(np.concatenate(gin).mean())
+        assert abs(st["mass_at_j"]["mean"][-1] + st["tail_mass"]["mean"] - 1) < 0.02
+    r = runner.invoke(app, ["stats", str(cli_store), "--plot", str(tmp_path / "s.png")])
+    assert r.exit_code == 0 and "top-j mass" in r.output and (tmp_path / "s.png").stat().st_size > 1000
