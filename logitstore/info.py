@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import posixpath
+
 from .dump import summarize
 from .manifest import store_id
 from .reader import Store
@@ -65,7 +67,7 @@ def list_stores(url: str, max_depth: int = 4) -> list[dict]:
     found = sorted(p for p in fs.fs.find(base, maxdepth=max_depth + 1) if p.rsplit("/", 1)[-1] == "manifest.json")
     rows = []
     for p in found:
-        rel = p[len(base):].strip("/").rsplit("/", 1)[0] if "/" in p[len(base):].strip("/") else ""
+        rel = posixpath.dirname(p[len(base):].strip("/"))  # the store's directory below ``url``
         where = f"{url.rstrip('/')}/{rel}" if rel else url
         try:
             d = info(where)

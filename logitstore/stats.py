@@ -46,13 +46,14 @@ def store_stats(url: str, *, max_positions: int | None = None) -> dict:
                 break
         c = np.concatenate(cum)
         tails, ents, gin = np.concatenate(tail), np.concatenate(ent), np.concatenate(gold_in)
+        counts, edges = np.histogram(ents, bins=20)
         out["teachers"][name] = {
             "k": k, "positions": int(c.shape[0]),
             "mass_at_j": {"mean": c.mean(0).tolist(), **{f"p{q}": np.percentile(c, q, axis=0).tolist() for q in PERCENTILES}},
             "share_with_mass_ge_0.9_at_j": (c >= 0.9).mean(0).tolist(),
             "tail_mass": {"mean": float(tails.mean()), **{f"p{q}": float(np.percentile(tails, q)) for q in PERCENTILES}},
             "entropy": {"mean": float(ents.mean()), **{f"p{q}": float(np.percentile(ents, q)) for q in PERCENTILES},
-                        "histogram": np.histogram(ents, bins=20)[0].tolist(), "bin_edges": np.histogram(ents, bins=20)[1].tolist()},
+                        "histogram": counts.tolist(), "bin_edges": edges.tolist()},
             "next_token_in_top_k": float(gin.mean()) if gin.size else None,
         }
     return out

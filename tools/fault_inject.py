@@ -57,6 +57,8 @@ def part_digests(store: Path) -> dict[str, str]:
 
 
 def kill_rounds(args, teacher: Path, out: Path, env: dict) -> dict:
+    from logitstore.verify import verify
+
     cmd = [sys.executable, "-m", "logitstore", "dump", "--teacher", f"tiny={teacher}", "--data", str(DATA_TRAIN),
            "--top-k", "16", "--seq-len", "64", "--batch-size", "2", "--shard-sequences", "2", "--max-tokens", str(args.tokens), "-q"]
     ref = out / "ref"
@@ -77,8 +79,6 @@ def kill_rounds(args, teacher: Path, out: Path, env: dict) -> dict:
         if not finished:
             os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
-        from logitstore.verify import verify
-
         committed = len(list(store.glob("shards/*/*.commit.json")))
         looked_complete = (store / "manifest.json").exists()
         # killed after the manifest was written (during teardown): the store must then really be complete

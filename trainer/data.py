@@ -124,6 +124,10 @@ class DistillDataset(IterableDataset):
         inputs = [self._inputs(s, unreadable if si == 0 else set()) for si, s in enumerate(self.stores)]
         hashes = [h for h, _ in inputs]
         self.n = len(hashes[0])
+        unknown = np.zeros(self.n, dtype=bool)
+        for j in unreadable:
+            e = m0["shards"][j]
+            unknown[e["start"] : e["start"] + e["n_sequences"]] = True
         self._maps: list[np.ndarray | None] = [None]
         for url, h in zip(self.urls[1:], hashes[1:]):
             if len(h) != self.n:
@@ -136,8 +140,8 @@ class DistillDataset(IterableDataset):
                 where.setdefault(x.tobytes(), []).append(i)
             mapping = np.full(self.n, -1, dtype=np.int64)
             for i, x in enumerate(hashes[0]):
-                if unreadable and self._shard_of(0, i) in unreadable:
-                    continue  # left out: its hash is unknown
+                if unknown[i]:
+                    continue  # in a skipped shard whose hashes could not be read
                 lst = where.get(x.tobytes())
                 if not lst:
                     raise LogitStoreError(f"--logits {url}: does not contain sequence {i} of {self.urls[0]} (content hash {x.tobytes().hex()}); stores must cover the same sequences")
@@ -146,10 +150,6 @@ class DistillDataset(IterableDataset):
         self._lengths = inputs[0][1]
         self._starts = [[e["start"] for e in s.manifest["shards"]] for s in self.stores]
         self._excluded = self._excluded_indices()
-
-    def _shard_of(self, si: int, idx: int) -> int:
-        starts = [e["start"] for e in self.stores[si].manifest["shards"]]
-        return bisect.bisect_right(starts, idx) - 1
 
     def _excluded_indices(self) -> np.ndarray:
         """Primary-store indices of every sequence that lives in a skipped shard of any store."""

@@ -65,18 +65,12 @@ def divergence(student_lp: torch.Tensor | None, target: SparseTarget, *, loss: s
     else:
         s = s - torch.logsumexp(s, -1, keepdim=True)
         t = t - torch.logsumexp(t, -1, keepdim=True)
-    if loss == "fkl":
-        return _kl(t, s)
-    if loss == "rkl":
-        return _kl(s, t)
-    if not 0.0 < beta < 1.0:
-        raise ValueError(f"--beta: expected 0 < beta < 1 for jsd, got {beta}")
-    m = torch.logsumexp(torch.stack([t + math.log(beta), s + math.log(1 - beta)]), 0)
-    return beta * _kl(t, m) + (1 - beta) * _kl(s, m)
+    return dense_divergence(s, t, loss=loss, beta=beta)
 
 
 def dense_divergence(student_lp: torch.Tensor, teacher_lp: torch.Tensor, *, loss: str = "fkl", beta: float = 0.5) -> torch.Tensor:
-    """Per-position divergence [N] between full log-prob rows [N, V] (the online-KD reference)."""
+    """Per-position divergence [N] between aligned log-prob rows [N, K] (``-inf`` allowed): the full
+    vocabulary for online KD, the support (+ bucket) for :func:`divergence`."""
     if loss == "fkl":
         return _kl(teacher_lp, student_lp)
     if loss == "rkl":
@@ -85,7 +79,7 @@ def dense_divergence(student_lp: torch.Tensor, teacher_lp: torch.Tensor, *, loss
         raise ValueError(f"--loss: expected one of {LOSSES}, got {loss!r}")
     if not 0.0 < beta < 1.0:
         raise ValueError(f"--beta: expected 0 < beta < 1 for jsd, got {beta}")
-    m = torch.logaddexp(teacher_lp + math.log(beta), student_lp + math.log(1 - beta))
+    m = torch.logsumexp(torch.stack([teacher_lp + math.log(beta), student_lp + math.log(1 - beta)]), 0)
     return beta * _kl(teacher_lp, m) + (1 - beta) * _kl(student_lp, m)
 
 
