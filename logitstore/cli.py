@@ -38,7 +38,7 @@ def dump(
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
-    """Run teachers over a corpus and write (or resume) a store."""
+    """Run teachers over a corpus and write (or resume) a store. Under torchrun each rank writes its own shards."""
     from .dump import DumpConfig, dump as run_dump
 
     try:

@@ -3,7 +3,10 @@
 Work is committed part by part (the shared ``inputs`` of a shard, then one part per teacher), so a
 re-run of the same command after a crash skips what was committed and ends with the same content
 as an uninterrupted run. Teachers run one at a time, so only one is ever resident on the device.
-With ``world_size > 1`` rank ``r`` writes shards ``r, r + W, ...`` and rank 0 writes the manifest.
+Under ``torchrun`` (``WORLD_SIZE`` = W > 1) rank ``r`` writes shards ``r, r + W, ...``; rank 0 writes
+the plan before the others start and the manifest after every rank has finished. A rank that
+crashed resumes its own shards when the command is run again (with any number of processes:
+what is committed is skipped, whoever owns it now).
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import gc
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import numpy as np
 import torch
@@ -20,6 +23,7 @@ import torch
 from . import __version__, layout
 from .codec import ENCODINGS, Encoding
 from .data import describe_source, load_texts, pack
+from .distributed import Ranks, barrier, process_group, rank_device, ranks_from_env
 from .errors import ConfigError, FormatError, LogitStoreError
 from .fsio import StoreFS
 from .hashing import sequence_hashes, tokenizer_fingerprint
@@ -103,8 +107,21 @@ def _log(cfg: DumpConfig, msg: str) -> None:
         print(msg, flush=True)
 
 
-def dump(cfg: DumpConfig, *, rank: int = 0, world_size: int = 1) -> DumpResult:
-    """Run the dump described by ``cfg``; return the manifest and timings. Idempotent."""
+def dump(cfg: DumpConfig, ranks: Ranks | None = None) -> DumpResult:
+    """Run the dump described by ``cfg``; return the manifest and timings. Idempotent.
+
+    ``ranks``: this process's place among several (default: from ``torchrun``'s environment). With
+    more than one, a gloo process group is set up for the barriers unless one exists already. Only
+    rank 0's result holds the manifest."""
+    ranks = ranks or ranks_from_env()
+    if ranks.distributed and not ranks.is_main:
+        cfg = replace(cfg, progress=False)  # one progress bar and summary, from rank 0
+    with process_group(ranks):
+        return _dump(cfg, ranks)
+
+
+def _dump(cfg: DumpConfig, ranks: Ranks) -> DumpResult:
+    rank, world_size = ranks.rank, ranks.world_size
     t_start = time.perf_counter()
     specs = [TeacherSpec.parse(t, trust_remote_code=cfg.trust_remote_code) for t in cfg.teachers]
     names = [s.name for s in specs]
@@ -121,7 +138,7 @@ def dump(cfg: DumpConfig, *, rank: int = 0, world_size: int = 1) -> DumpResult:
     vocab = len(tok)
     if cfg.top_k > vocab:
         raise ConfigError(f"--top-k: {cfg.top_k} is larger than the vocabulary ({vocab} tokens)")
-    device = resolve_device(cfg.device)
+    device = resolve_device(rank_device(cfg.device, ranks))
     dtype_name = cfg.dtype if cfg.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     dtype = DTYPES[dtype_name]
 
@@ -146,7 +163,11 @@ def dump(cfg: DumpConfig, *, rank: int = 0, world_size: int = 1) -> DumpResult:
         "teachers": teacher_ids,
     }
     fs = StoreFS(cfg.out)
-    resumed = _check_or_write_plan(fs, plan, cfg.out, rank)
+    if rank == 0:
+        resumed = _check_or_write_plan(fs, plan, cfg.out)
+    barrier(ranks)  # the other ranks check the plan rank 0 wrote (or found)
+    if rank != 0:
+        resumed = _check_or_write_plan(fs, plan, cfg.out)
     if fs.exists(MANIFEST):
         manifest = parse_manifest(fs.read(MANIFEST), f"{cfg.out}/{MANIFEST}")
         _log(cfg, f"{cfg.out}: already complete ({manifest['n_tokens']:,} tokens); nothing to do")
@@ -206,10 +227,7 @@ def dump(cfg: DumpConfig, *, rank: int = 0, world_size: int = 1) -> DumpResult:
     except BaseException:
         bg.abort()
         raise
-    if world_size > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
+    barrier(ranks)  # every rank's parts are committed before rank 0 collects them
     if rank != 0:
         return DumpResult({}, time.perf_counter() - t_start, forward_total, tokens_run, skipped,
                           pipeline_seconds=time.perf_counter() - t_pipeline - load_seconds)
@@ -224,7 +242,7 @@ def dump(cfg: DumpConfig, *, rank: int = 0, world_size: int = 1) -> DumpResult:
     return result
 
 
-def _check_or_write_plan(fs: StoreFS, plan: dict, out: str, rank: int) -> bool:
+def _check_or_write_plan(fs: StoreFS, plan: dict, out: str) -> bool:
     """Refuse to mix settings in one store; return True if the store was already started."""
     if fs.exists(PLAN):
         try:
@@ -237,8 +255,7 @@ def _check_or_write_plan(fs: StoreFS, plan: dict, out: str, rank: int) -> bool:
         return True
     if fs.exists() and fs.ls(""):
         raise ConfigError(f"--out {out}: exists, is not empty and is not a logitstore store; choose another --out")
-    if rank == 0:
-        fs.write_atomic(PLAN, dumps(plan))
+    fs.write_atomic(PLAN, dumps(plan))
     return False
 
 

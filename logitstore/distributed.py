@@ -1,0 +1,83 @@
+"""Running under ``torchrun``: the rank layout from its environment and a process group for it.
+
+``torchrun --nproc-per-node N [--nnodes M ...] -m logitstore dump ...`` starts ``N * M`` processes
+with ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` set. Each process of a dump works on its own
+shards (``rank, rank + W, ...``); the process group is used only for barriers, so gloo is enough
+and no tensor ever crosses it. On CUDA machines each process takes device ``cuda:LOCAL_RANK``.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Ranks:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigError(f"environment variable {name}: expected an integer, got {raw!r}") from None
+
+
+def ranks_from_env() -> Ranks:
+    """The layout ``torchrun`` describes in the environment (one process when it is absent)."""
+    r = Ranks(_env_int("RANK", 0), _env_int("WORLD_SIZE", 1), _env_int("LOCAL_RANK", 0))
+    if r.world_size < 1 or not 0 <= r.rank < r.world_size:
+        raise ConfigError(f"environment: RANK={r.rank} is not in [0, WORLD_SIZE={r.world_size})")
+    return r
+
+
+def rank_device(device: str, ranks: Ranks) -> str:
+    """``auto``/``cuda`` become ``cuda:LOCAL_RANK`` when several processes share a node's GPUs."""
+    if ranks.distributed and device in ("auto", "cuda") and torch.cuda.is_available():
+        return f"cuda:{ranks.local_rank}"
+    return device
+
+
+@contextmanager
+def process_group(ranks: Ranks, timeout_minutes: float = 120.0):
+    """Initialise the default process group for ``ranks`` (if not already) and tear it down after.
+
+    The timeout bounds how long a rank waits at a barrier for a slower one; a dump's ranks can
+    finish their shards far apart, so it is long."""
+    import torch.distributed as dist
+
+    owned = ranks.distributed and dist.is_available() and not dist.is_initialized()
+    if owned:
+        dist.init_process_group("gloo", timeout=timedelta(minutes=timeout_minutes))
+    try:
+        yield
+    finally:
+        if owned:
+            dist.destroy_process_group()
+
+
+def barrier(ranks: Ranks) -> None:
+    if ranks.distributed:
+        import torch.distributed as dist
+
+        dist.barrier()
