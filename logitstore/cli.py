@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from .errors import LogitStoreError
+from .errors import ConfigError, LogitStoreError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Run teachers once; store their top-k distributions for offline distillation.")
@@ -103,6 +103,78 @@ def verify(store: str) -> None:
         typer.echo(f"{store}: {len(problems)} problem(s)", err=True)
         raise typer.Exit(1)
     typer.echo(f"{store}: OK")
+
+
+@app.command()
+def merge(stores: list[str] = typer.Argument(..., help="stores to concatenate, in order"),
+          out: str = typer.Option(..., "--out", help="new store directory (or fsspec URL)"),
+          quiet: bool = typer.Option(False, "--quiet", "-q")) -> None:
+    """Concatenate stores dumped with the same teachers and settings on different data."""
+    from .merge import merge as run_merge
+
+    try:
+        m = run_merge(stores, out, progress=not quiet)
+    except LogitStoreError as e:
+        fail(e)
+    typer.echo(f"{out}: {m['n_sequences']:,} sequences, {m['n_tokens']:,} tokens from {len(stores)} stores")
+
+
+@app.command()
+def fuse(stores: list[str] = typer.Argument(..., help="one store with several teachers, or stores of the same data"),
+         out: str = typer.Option(..., "--out", help="new single-teacher store"),
+         teacher: Optional[list[str]] = typer.Option(None, "--teacher", help="teachers to fuse, in order (default: all)"),
+         weights: Optional[str] = typer.Option(None, "--weights", help="comma-separated, one per teacher (default: equal)"),
+         temperature: Optional[str] = typer.Option(None, "--temperature", help="comma-separated, one per teacher (default: 1)"),
+         mode: str = typer.Option("mean-probs", "--mode", help="mean-probs or mean-logits"),
+         top_k: Optional[int] = typer.Option(None, "--top-k", help="ids kept per position (default: the largest teacher k)"),
+         name: str = typer.Option("fused", "--name", help="the fused teacher's name"),
+         quiet: bool = typer.Option(False, "--quiet", "-q")) -> None:
+    """Write the fused targets of several teachers as a new single-teacher store."""
+    from .fuse import fuse_store
+
+    try:
+        m = fuse_store(stores, out, teachers=teacher or None, weights=_floats(weights, "--weights"),
+                       temperatures=_floats(temperature, "--temperature"), mode=mode, top_k=top_k, name=name, progress=not quiet)
+    except LogitStoreError as e:
+        fail(e)
+    t = m["teachers"][0]
+    typer.echo(f"{out}: {t['name']} = {t['fusion']['mode']} of {', '.join(x['name'] for x in t['fusion']['teachers'])}, "
+               f"k={t['k']}, top-k mass {t['stats']['mean_topk_mass']:.3f}")
+
+
+@app.command()
+def export(store: str, out: str = typer.Option(..., "--out"), to: str = typer.Option("parquet", "--to", help="parquet or hf"),
+           quiet: bool = typer.Option(False, "--quiet", "-q")) -> None:
+    """A Parquet (or saved datasets) view of a store, one decoded row per sequence."""
+    from .export import export as run_export
+
+    try:
+        s = run_export(store, out, to, progress=not quiet)
+    except LogitStoreError as e:
+        fail(e)
+    typer.echo(f"{out}: {s['rows']:,} rows ({s['format']})")
+
+
+@app.command()
+def convert(store: str, out: str = typer.Option(..., "--out"), to: str = typer.Option(..., "--to", help="zarr or arrow"),
+            quiet: bool = typer.Option(False, "--quiet", "-q")) -> None:
+    """The same store in the other backend (zarr <-> arrow); values and store id unchanged."""
+    from .convert import convert as run_convert
+
+    try:
+        m = run_convert(store, out, to, progress=not quiet)
+    except LogitStoreError as e:
+        fail(e)
+    typer.echo(f"{out}: {m['backend']}, {m['total_bytes'] / 1e6:.2f} MB")
+
+
+def _floats(raw: Optional[str], flag: str) -> Optional[list[float]]:
+    if raw is None:
+        return None
+    try:
+        return [float(x) for x in raw.split(",")]
+    except ValueError:
+        raise ConfigError(f"{flag}: expected comma-separated numbers, got {raw!r}") from None
 
 
 def main() -> None:

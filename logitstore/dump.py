@@ -274,11 +274,16 @@ def _run_shard(runner: TeacherRunner, input_ids: np.ndarray, lengths: np.ndarray
 
 
 def _write_teacher_part(pw: PartWriter, encoding: Encoding, vocab: int, j: int, part: str, res: dict, stats: dict) -> None:
+    pw.write(j, part, encode_teacher_part(encoding, vocab, res), {"stats": stats})
+
+
+def encode_teacher_part(encoding: Encoding, vocab: int, res: dict) -> dict[str, np.ndarray]:
+    """The arrays of a teacher part from ``ids``/``logprobs`` [n, L, k] (log-probs descending) and
+    ``tail_mass``, ``gold_logprob``, ``entropy`` [n, L]."""
     n, L, k = res["ids"].shape
     scal = {s: res[s].reshape(-1) for s in ("tail_mass", "gold_logprob", "entropy")}
     enc = encoding.encode(res["ids"].reshape(n * L, k), res["logprobs"].reshape(n * L, k), scal, vocab)
-    arrays = {name: (v if name == "id_order" else v.reshape(n, L, *v.shape[1:])) for name, v in enc.items()}
-    pw.write(j, part, arrays, {"stats": stats})
+    return {name: (v if name == "id_order" else v.reshape(n, L, *v.shape[1:])) for name, v in enc.items()}
 
 
 def build_manifest(fs: StoreFS, plan: dict, n_shards: int, cfg: DumpConfig | None = None) -> dict:

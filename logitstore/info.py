@@ -24,12 +24,13 @@ def info(url: str) -> dict:
         "tokenizer": m["tokenizer"],
         "data": m["data"],
         "shards": len(m["shards"]),
+        "derived": m.get("derived"),
         **{k: s[k] for k in ("sequences", "tokens", "total_bytes", "bytes_per_token", "inputs_bytes_per_token")},
         "teachers": [
             {"name": t["name"], "source": t["source"], "k": t["k"], "dtype": t["dtype"],
              "bytes_per_token": s["teachers"][t["name"]]["bytes_per_token"],
              "mean_topk_mass": t["stats"]["mean_topk_mass"], "mean_entropy": t["stats"]["mean_entropy"],
-             "forward_seconds": t["timings"]["forward_seconds"]}
+             "forward_seconds": t.get("timings", {}).get("forward_seconds")}
             for t in m["teachers"]
         ],
     }
@@ -46,8 +47,12 @@ def format_info(d: dict) -> str:
         f"{d['tokens']:,} tokens, {d['shards']} shard(s)",
         f"size         {d['total_bytes'] / 1e6:.2f} MB, {d['bytes_per_token']:.1f} B/token "
         f"(inputs {d['inputs_bytes_per_token']:.1f})",
-        "teachers",
     ]
+    if d.get("derived"):
+        srcs = d["derived"]["sources"]
+        names = ", ".join(f"{r['id']} ({r['url']})" for r in srcs)
+        lines.append(f"derived      {d['derived']['op']} of {names}")
+    lines.append("teachers")
     for t in d["teachers"]:
         lines.append(f"  {t['name']:<20} k={t['k']:<4} {t['bytes_per_token']:6.1f} B/token  top-k mass {t['mean_topk_mass']:.3f}  "
                      f"entropy {t['mean_entropy']:.2f} nats  dtype {t['dtype']}  source {t['source']}")

@@ -141,12 +141,18 @@ def store_id(manifest: dict) -> str:
 
     It hashes what determines the stored values: the tokenizer fingerprint, the data fingerprint,
     ``seq_len``, packing, the token budget, the encoding, and per teacher (in order) its weights
-    (``weights_hash``, or source + revision for a hub id), ``config_hash``, dtype and ``k``. Paths,
+    (``weights_hash``; the ``fusion`` record for a fused store; source + revision for a hub id),
+    ``config_hash``, dtype and ``k``. Paths,
     teacher names, the backend, shard sizes and timings are left out, so two teams that dump the same
     teacher over the same data with the same settings get the same id."""
-    teachers = [{"weights": t.get("weights_hash") or [t.get("source"), t.get("revision")], "config_hash": t.get("config_hash"),
-                 "dtype": t.get("dtype"), "k": t.get("k")} for t in manifest["teachers"]]
+    teachers = [teacher_identity(t) for t in manifest["teachers"]]
     key = {"tokenizer": manifest["tokenizer"]["fingerprint"], "data": manifest["data"].get("fingerprint"),
            "max_tokens": manifest["data"].get("max_tokens"), "seq_len": manifest["seq_len"], "packed": manifest["packed"],
            "encoding": manifest["encoding"], "teachers": teachers}
     return "ls-" + canonical_json_hash(key)[:20]
+
+
+def teacher_identity(t: dict) -> dict:
+    """The fields of a teacher entry that determine its values (not its name, path, stats or timings)."""
+    return {"weights": t.get("weights_hash") or t.get("fusion") or [t.get("source"), t.get("revision")],
+            "config_hash": t.get("config_hash"), "dtype": t.get("dtype"), "k": t.get("k")}

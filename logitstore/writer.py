@@ -49,7 +49,11 @@ class PartWriter:
         return rec
 
     def write(self, shard: int, part: str, arrays: dict[str, np.ndarray], extra: dict) -> dict:
-        files = self.backend.encode_part(arrays, self.chunk_rows)
+        """Encode ``arrays`` with this writer's backend and commit them as ``part`` of ``shard``."""
+        return self.write_files(shard, part, self.backend.encode_part(arrays, self.chunk_rows), extra)
+
+    def write_files(self, shard: int, part: str, files: dict[str, bytes], extra: dict) -> dict:
+        """Commit already-encoded files as ``part`` of ``shard``; ``extra`` goes into the commit record."""
         tmp = f"{layout.shard_dir(shard)}/.tmp-{part}-{uuid.uuid4().hex[:8]}"
         for rel, data in files.items():
             self.fs.write(f"{tmp}/{rel}", data)

@@ -1,0 +1,26 @@
+"""``logitstore convert``: the same store in the other backend (zarr <-> arrow).
+
+Every part is read (checked against the manifest's checksums), its encoded arrays are stored with
+the other backend, and nothing else changes: the encoding, the values and the store id stay the same.
+"""
+
+from __future__ import annotations
+
+from .backends import BACKENDS
+from .derive import ShardJob, check_out, header_of, source_ref, write_derived
+from .errors import ConfigError
+from .reader import Store
+
+
+def convert(src: str, out: str, to: str, *, progress: bool = True) -> dict:
+    """Write ``src`` with backend ``to`` into ``out``; return the new manifest."""
+    if to not in BACKENDS:
+        raise ConfigError(f"--to: expected one of {', '.join(BACKENDS)}, got {to!r}")
+    store = Store(src)
+    if store.manifest["backend"] == to:
+        raise ConfigError(f"--to {to}: {src} is already a {to} store")
+    check_out(out, [src])
+    header = {**header_of(store.manifest), "backend": to, "derived": {"op": "convert", "sources": [source_ref(src, store.manifest)]}}
+    jobs = [ShardJob(s["start"], s["n_sequences"], s["n_tokens"], lambda part, j=j: ("arrays", store.read_part(j, part), None))
+            for j, s in enumerate(store.manifest["shards"])]
+    return write_derived(out, header, jobs, progress=progress, desc="convert")

@@ -1,0 +1,139 @@
+"""Writing a store made from other stores (``merge``, ``fuse``, ``convert``).
+
+The same commit protocol as ``dump``: a ``plan.json`` first (the new manifest's header plus what
+was derived from what), every part written under a temporary name and committed, the manifest
+last. A crashed run re-run with the same arguments skips committed parts; different arguments
+into the same ``--out`` are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from . import __version__, layout
+from .dump import CHUNK_TOKENS
+from .errors import ConfigError, FormatError, LogitStoreError
+from .fsio import StoreFS
+from .manifest import MANIFEST, PLAN, dumps, store_id, validate_manifest
+from .progress import progress_bar
+from .writer import BackgroundWriter, PartWriter
+
+#: fields of a manifest that describe how and when it was made, not what it holds
+VOLATILE = ("created_by", "created_at", "total_bytes", "shards", "dump")
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """One shard of the new store: where its sequences start and how to produce its parts.
+
+    ``produce(part)`` returns ``(kind, payload, stats)``: ``kind`` ``"arrays"`` with ``{name: array}``
+    to encode with the new store's backend, or ``"files"`` with ``{rel: bytes}`` already encoded (and
+    checked); ``stats`` (or None) are a teacher part's sums ``n_positions``, ``sum_tail_mass`` and
+    ``sum_entropy``, kept in its commit record and turned into the teacher's ``stats``."""
+
+    start: int
+    n_sequences: int
+    n_tokens: int
+    produce: Callable[[str], tuple[str, dict, dict | None]]
+
+
+def check_out(out: str, sources: list[str]) -> StoreFS:
+    fs = StoreFS(out)
+    norm = out.rstrip("/")
+    if any(s.rstrip("/") == norm for s in sources):
+        raise ConfigError(f"--out {out}: is also an input store; choose another --out")
+    if fs.exists(MANIFEST) and not fs.exists(PLAN):
+        raise ConfigError(f"--out {out}: holds a complete store already; choose another --out or remove it")
+    return fs
+
+
+def write_derived(out: str, header: dict, jobs: list[ShardJob], *, progress: bool = True, desc: str = "write") -> dict:
+    """Write the store whose manifest is ``header`` + shards produced by ``jobs``; return the manifest.
+
+    ``header`` holds every manifest field except ``shards``, ``total_bytes`` and ``created_*``; its
+    ``teachers`` entries name the parts to produce."""
+    fs = StoreFS(out)
+    plan = {k: v for k, v in header.items() if k not in VOLATILE}
+    plan["teachers"] = [{k: v for k, v in t.items() if k not in ("stats", "timings")} for t in header["teachers"]]
+    if fs.exists(PLAN):
+        try:
+            old = json.loads(fs.read(PLAN))
+        except ValueError:
+            raise FormatError(f"{out}/{PLAN}: not valid JSON; remove {out} or choose another --out") from None
+        if old != plan:
+            diff = sorted(k for k in set(old) | set(plan) if old.get(k) != plan.get(k))
+            raise ConfigError(f"--out {out}: holds a store made from different inputs or settings ({', '.join(diff)}); choose another --out or remove it")
+        if fs.exists(MANIFEST):
+            return json.loads(fs.read(MANIFEST))
+    elif fs.exists() and fs.ls(""):
+        raise ConfigError(f"--out {out}: exists, is not empty and is not a logitstore store; choose another --out")
+    else:
+        fs.write_atomic(PLAN, dumps(plan))
+    parts = [layout.INPUTS] + [t["part"] for t in header["teachers"]]
+    pw = PartWriter(fs, header["backend"], chunk_rows=max(1, CHUNK_TOKENS // header["seq_len"]))
+    bg = BackgroundWriter(depth=2)
+    records: dict[tuple[int, str], dict] = {}
+    try:
+        with progress_bar(sum(j.n_tokens for j in jobs), desc, enabled=progress) as bar:
+            for i, job in enumerate(jobs):
+                pw.clean_debris(i)
+                for part in parts:
+                    rec = pw.committed(i, part)
+                    if rec is None:
+                        kind, payload, stats = job.produce(part)
+                        extra = {"stats": stats} if stats else {}
+                        bg.submit(lambda i=i, part=part, kind=kind, payload=payload, extra=extra: _write(pw, i, part, kind, payload, extra))
+                bar.update(job.n_tokens)
+        bg.close()
+    except BaseException:
+        bg.abort()
+        raise
+    shards = []
+    sums: dict[str, list[float]] = {}
+    for i, job in enumerate(jobs):
+        files = {}
+        for part in parts:
+            rec = pw.committed(i, part)
+            if rec is None:
+                raise LogitStoreError(f"{out}: part {layout.part_dir(i, part)} was not committed")
+            files[part] = {"files": rec["files"]}
+            if "stats" in rec:
+                acc = sums.setdefault(part, [0.0, 0.0, 0.0])
+                for n, key in enumerate(("n_positions", "sum_tail_mass", "sum_entropy")):
+                    acc[n] += rec["stats"][key]
+        shards.append({"index": i, "path": layout.shard_dir(i), "start": job.start, "n_sequences": job.n_sequences,
+                       "n_tokens": job.n_tokens, "parts": files})
+    teachers = []
+    for t in header["teachers"]:
+        if t["part"] in sums:
+            npos, tail, ent = sums[t["part"]]
+            t = {**t, "stats": {"mean_topk_mass": 1.0 - tail / max(npos, 1), "mean_entropy": ent / max(npos, 1)}}
+        teachers.append(t)
+    manifest = {**header, "teachers": teachers, "created_by": f"logitstore {__version__}", "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "total_bytes": sum(m["bytes"] for s in shards for p in s["parts"].values() for m in p["files"].values()),
+                "shards": shards}
+    validate_manifest(manifest, f"{out}/{MANIFEST}")
+    fs.write_atomic(MANIFEST, dumps(manifest))
+    return manifest
+
+
+def _write(pw: PartWriter, shard: int, part: str, kind: str, payload: dict, extra: dict) -> None:
+    if kind == "files":
+        pw.write_files(shard, part, payload, extra)
+    else:
+        pw.write(shard, part, payload, extra)
+
+
+def header_of(manifest: dict) -> dict:
+    """A manifest without the fields that ``write_derived`` fills in."""
+    return {k: v for k, v in manifest.items() if k not in VOLATILE}
+
+
+def source_ref(url: str, manifest: dict) -> dict:
+    """How a derived store names one of its inputs."""
+    return {"url": url, "id": store_id(manifest), "n_tokens": manifest["n_tokens"]}
+
+

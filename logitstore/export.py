@@ -1,0 +1,115 @@
+"""``logitstore export``: a Parquet or Hugging Face ``datasets`` view of a store.
+
+One row per sequence, decoded (the view holds the values a reader of the store gets, not the
+compact encoding). Columns, with ``n`` the sequence's length and per teacher ``T``:
+
+- ``input_ids`` list<int32> [n], ``length`` int32, ``seq_hash`` binary(16);
+- ``T.ids`` list<fixed_size_list<int32, k>> [n, k] and ``T.logprobs`` (float32, the same shape);
+- ``T.tail_mass``, ``T.gold_logprob``, ``T.entropy`` list<float32> [n].
+
+``--to parquet`` writes ``OUT/data/train-SSSSS-of-NNNNN.parquet`` (one file per shard), readable by
+``datasets.load_dataset("parquet", data_dir=OUT)`` or any Parquet reader; the manifest's header
+is in each file's schema metadata under ``logitstore`` and in ``OUT/logitstore_export.json``,
+written last with every file's sha256. Files are staged under ``OUT/.partial`` and moved into
+``data/`` only when all are written, so a crash never leaves a directory that reads as complete.
+``--to hf`` writes ``datasets.Dataset.save_to_disk(OUT)`` (read with ``datasets.load_from_disk``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .derive import header_of, source_ref
+from .errors import ConfigError, StorageError
+from .fsio import StoreFS
+from .hashing import sha256_hex
+from .progress import progress_bar
+from .reader import Store
+
+TARGETS = ("parquet", "hf")
+SCALARS = ("tail_mass", "gold_logprob", "entropy")
+
+
+def shard_table(store: Store, j: int) -> pa.Table:
+    """Shard ``j`` of ``store`` as an Arrow table, one row per sequence (columns in the module docstring)."""
+    sh = store.load_shard(j)
+    lengths = sh["length"].astype(np.int64)
+    n, L = sh["input_ids"].shape
+    valid = (np.arange(L)[None, :] < lengths[:, None]).ravel()
+    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+
+    def ragged(a: np.ndarray, dtype) -> pa.Array:
+        flat = a.reshape(n * L, *a.shape[2:])[valid]
+        values = pa.array(flat.reshape(-1).astype(dtype))
+        if flat.ndim == 2:
+            values = pa.FixedSizeListArray.from_arrays(values, flat.shape[1])
+        return pa.ListArray.from_arrays(offsets, values)
+
+    cols = {"input_ids": ragged(sh["input_ids"], np.int32), "length": pa.array(lengths.astype(np.int32)),
+            "seq_hash": pa.array([bytes(h) for h in sh["seq_hash"]], pa.binary(16))}
+    for name, td in sh["teachers"].items():
+        cols[f"{name}.ids"] = ragged(td["ids"], np.int32)
+        cols[f"{name}.logprobs"] = ragged(td["logprobs"], np.float32)
+        for s in SCALARS:
+            cols[f"{name}.{s}"] = ragged(td[s], np.float32)
+    header = {**header_of(store.manifest), "exported_from": source_ref(store.url, store.manifest)}
+    return pa.table(cols).replace_schema_metadata({"logitstore": json.dumps(header)})
+
+
+def export(src: str, out: str, to: str = "parquet", *, progress: bool = True) -> dict:
+    """Write the view of ``src`` at ``out``; return a summary (files, rows, bytes)."""
+    if to not in TARGETS:
+        raise ConfigError(f"--to: expected one of {', '.join(TARGETS)}, got {to!r}")
+    store = Store(src)
+    fs = StoreFS(out)
+    if fs.exists() and [n for n in fs.ls("") if n != ".partial"]:
+        raise ConfigError(f"--out {out}: exists and is not empty; choose another --out")
+    n = store.n_shards
+    if to == "hf":
+        return _export_hf(store, out, progress)
+    fs.rm(".partial")  # debris of a crashed export
+    files = {}
+    with progress_bar(store.manifest["n_tokens"], "export", enabled=progress) as bar:
+        for j in range(n):
+            buf = pa.BufferOutputStream()
+            pq.write_table(shard_table(store, j), buf, compression="zstd")
+            data = buf.getvalue().to_pybytes()
+            name = f"train-{j:05d}-of-{n:05d}.parquet"
+            fs.write(f".partial/{name}", data)
+            files[f"data/{name}"] = {"bytes": len(data), "sha256": sha256_hex(data)}
+            bar.update(store.manifest["shards"][j]["n_tokens"])
+    fs.mv(".partial", "data")
+    summary = {"format": "parquet", "source": source_ref(src, store.manifest), "rows": len(store), "files": files}
+    fs.write_atomic("logitstore_export.json", json.dumps(summary, indent=1).encode())
+    return summary
+
+
+def _export_hf(store: Store, out: str, progress: bool) -> dict:
+    import datasets
+
+    with tempfile.TemporaryDirectory(prefix="logitstore-export-") as tmp:
+        paths = []
+        with progress_bar(store.manifest["n_tokens"], "export", enabled=progress) as bar:
+            for j in range(store.n_shards):
+                p = os.path.join(tmp, f"{j:05d}.parquet")
+                pq.write_table(shard_table(store, j), p)
+                paths.append(p)
+                bar.update(store.manifest["shards"][j]["n_tokens"])
+        datasets.disable_progress_bars()
+        ds = datasets.Dataset.from_parquet(paths, cache_dir=os.path.join(tmp, "cache"), keep_in_memory=False)
+        staging = out.rstrip("/") + ".partial"
+        try:
+            ds.save_to_disk(staging)
+        except OSError as e:
+            raise StorageError(f"{staging}: write failed ({e.strerror or e})") from e
+        del ds
+    dest = StoreFS(out)
+    dest.rm("")  # empty (checked above); the staged directory takes its place
+    dest.fs.mv(StoreFS(staging).root, dest.root, recursive=True)
+    return {"format": "hf", "source": source_ref(store.url, store.manifest), "rows": len(store), "path": out}

@@ -1,0 +1,91 @@
+"""``logitstore merge``: concatenate stores dumped with the same teachers and settings on different
+parts of a corpus (by different machines or teams) into one store.
+
+Compatible means: the same format version, tokenizer (fingerprint, vocabulary, EOS and pad ids),
+``seq_len``, packing, encoding, and the same teachers in the same order (same name and part, and the
+same weights, config, dtype and ``k``). Stores holding the same data (equal data fingerprints) are
+refused, since their sequences would be counted twice. Sequences keep their order: all of the
+first store's, then the second's, and so on. Shards are copied byte for byte after their checksums
+are checked (re-encoded if a store has the other backend; the first store's backend is kept).
+
+The merged store's ``data.fingerprint`` is ``canonical_json_hash({"concat": [fingerprints...]})``
+and ``data.sources`` lists each input's ``data`` record; see FORMAT.md.
+"""
+
+from __future__ import annotations
+
+from .derive import ShardJob, check_out, header_of, source_ref, write_derived
+from .errors import ConfigError
+from .hashing import canonical_json_hash
+from .manifest import teacher_identity
+from .reader import Store
+
+_SAME = ("encoding", "seq_len", "packed", "tokenizer")
+
+
+def check_compatible(stores: list[Store]) -> None:
+    """Raise :class:`ConfigError` with the reason if ``stores`` cannot be merged."""
+    first = stores[0]
+    m0 = first.manifest
+    seen = {m0["data"]["fingerprint"]: first.url}
+    for s in stores[1:]:
+        m = s.manifest
+        for key in _SAME:
+            if m[key] != m0[key]:
+                raise ConfigError(f"{s.url}: {key} differs from {first.url}'s ({m[key]!r} vs {m0[key]!r}); only stores dumped with the same settings can be merged")
+        t0 = [(t["name"], t["part"]) for t in m0["teachers"]]
+        t1 = [(t["name"], t["part"]) for t in m["teachers"]]
+        if t1 != t0:
+            raise ConfigError(f"{s.url}: teachers {[n for n, _ in t1]} differ from {first.url}'s {[n for n, _ in t0]}")
+        for a, b in zip(m0["teachers"], m["teachers"]):
+            ia, ib = teacher_identity(a), teacher_identity(b)
+            if ia != ib:
+                what = ", ".join(k for k in ia if ia[k] != ib[k])
+                raise ConfigError(f"{s.url}: teacher {b['name']!r} is not the same model or settings as in {first.url} (differs in {what})")
+        fp = m["data"]["fingerprint"]
+        if fp in seen:
+            raise ConfigError(f"{s.url}: holds the same data as {seen[fp]} (data fingerprint {fp[:12]}); merging would repeat it")
+        seen[fp] = s.url
+
+
+def _merged_teachers(manifests: list[dict]) -> list[dict]:
+    out = []
+    for i, t in enumerate(manifests[0]["teachers"]):
+        entries = [m["teachers"][i] for m in manifests]
+        w = [m["n_tokens"] for m in manifests]
+        total = max(sum(w), 1)
+        stats = {key: sum(e["stats"][key] * n for e, n in zip(entries, w)) / total for key in ("mean_topk_mass", "mean_entropy")}
+        fwd = sum(e.get("timings", {}).get("forward_seconds") or 0.0 for e in entries)
+        wall = sum(e.get("timings", {}).get("wall_seconds") or 0.0 for e in entries)
+        out.append({**t, "stats": stats,
+                    "timings": {"forward_seconds": fwd, "wall_seconds": wall, "tokens_per_second": sum(w) / wall if wall else None}})
+    return out
+
+
+def merge(sources: list[str], out: str, *, progress: bool = True) -> dict:
+    """Concatenate the stores ``sources`` (in order) into ``out``; return the new manifest."""
+    if len(sources) < 2:
+        raise ConfigError("merge: give at least two stores")
+    stores = [Store(u) for u in sources]
+    check_compatible(stores)
+    check_out(out, sources)
+    ms = [s.manifest for s in stores]
+    head = header_of(ms[0])
+    backend = head["backend"]
+    header = {**head,
+              "shard_sequences": max(m.get("shard_sequences", 0) for m in ms),  # nominal: shards may be smaller
+              "n_sequences": sum(m["n_sequences"] for m in ms), "n_tokens": sum(m["n_tokens"] for m in ms),
+              "data": {"fingerprint": canonical_json_hash({"concat": [m["data"]["fingerprint"] for m in ms]}),
+                       "max_tokens": None, "sources": [m["data"] for m in ms]},
+              "teachers": _merged_teachers(ms),
+              "derived": {"op": "merge", "sources": [source_ref(u, m) for u, m in zip(sources, ms)]}}
+    jobs, start = [], 0
+    for store in stores:
+        same = store.manifest["backend"] == backend
+        for j, s in enumerate(store.manifest["shards"]):
+            def produce(part, store=store, j=j, same=same):
+                return ("files", store.part_files(j, part), None) if same else ("arrays", store.read_part(j, part), None)
+
+            jobs.append(ShardJob(start, s["n_sequences"], s["n_tokens"], produce))
+            start += s["n_sequences"]
+    return write_derived(out, header, jobs, progress=progress, desc="merge")
