@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 
 from .errors import FormatError, StorageError
 
@@ -14,7 +16,20 @@ class StoreFS:
 
     def __init__(self, url: str):
         self.url = str(url)
-        self.fs, self.root = fsspec.core.url_to_fs(self.url)
+        self._fs, self.root = fsspec.core.url_to_fs(self.url)
+        self._pid = os.getpid()
+        #: a local filesystem renames atomically; an object store has no rename, but each object
+        #: PUT is atomic (all or nothing), so there files are written in place
+        self.renames = isinstance(self.fs, LocalFileSystem)
+
+    @property
+    def fs(self) -> fsspec.AbstractFileSystem:
+        """The filesystem, made afresh in a forked child (data-loader workers): async filesystems
+        such as s3fs hold an event loop that does not survive a fork."""
+        if self._pid != os.getpid():
+            self._fs, _ = fsspec.core.url_to_fs(self.url)
+            self._pid = os.getpid()
+        return self._fs
 
     def path(self, rel: str) -> str:
         return f"{self.root.rstrip('/')}/{rel}" if rel else self.root
@@ -44,7 +59,11 @@ class StoreFS:
             raise self._failed("write", rel, e) from e
 
     def write_atomic(self, rel: str, data: bytes) -> None:
-        """Write to a temporary name beside ``rel``, then rename: readers see all of it or nothing."""
+        """Readers see all of ``rel`` or nothing: written under a temporary name beside it and renamed
+        on a local filesystem; a single PUT on an object store."""
+        if not self.renames:
+            self.write(rel, data)
+            return
         head, _, name = rel.rpartition("/")
         tmp = f"{head}/.tmp-{name}-{uuid.uuid4().hex[:8]}" if head else f".tmp-{name}-{uuid.uuid4().hex[:8]}"
         self.write(tmp, data)
@@ -58,8 +77,16 @@ class StoreFS:
             raise self._failed("remove", rel, e) from e
 
     def mv(self, src: str, dst: str) -> None:
+        """Rename a file or directory (on an object store: copy each object, then delete the source)."""
         try:
-            self.fs.mv(self.path(src), self.path(dst), recursive=True)
+            if self.renames:
+                self.fs.mv(self.path(src), self.path(dst), recursive=True)
+                return
+            base = self.path(src).rstrip("/")
+            files = self.fs.find(base) if self.fs.isdir(base) else [base]
+            for f in files:
+                self.fs.copy(f, self.path(dst).rstrip("/") + f[len(base):])
+            self.fs.rm(base, recursive=True)
         except OSError as e:
             raise self._failed(f"rename to {dst}", src, e) from e
 

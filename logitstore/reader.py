@@ -15,17 +15,20 @@ import numpy as np
 
 from . import layout
 from .backends import get_backend
+from .cache import FileCache
 from .codec import SCALARS, Encoding, id_dtype
 from .errors import FormatError
 from .fsio import StoreFS
 from .hashing import SEQ_HASH_BYTES, sha256_hex
 from .manifest import MANIFEST, MAX_MANIFEST_BYTES, parse_manifest
+from .prefetch import Prefetcher
 
 
 class Store:
     """A complete store. ``store[i]`` is sequence ``i``; see :meth:`__getitem__`."""
 
-    def __init__(self, url: str, *, verify_checksums: bool = True, cache_shards: int = 2):
+    def __init__(self, url: str, *, verify_checksums: bool = True, cache_shards: int = 2, cache_dir: str | None = None):
+        """``cache_dir``: keep fetched files in a local read-through cache (see :mod:`logitstore.cache`)."""
         self.fs = StoreFS(url)
         self.url = url
         if not self.fs.exists(MANIFEST):
@@ -41,6 +44,8 @@ class Store:
         self._starts = [s["start"] for s in m["shards"]]
         self._cache: OrderedDict[tuple, dict] = OrderedDict()
         self._cache_size = cache_shards
+        self.file_cache = FileCache(cache_dir) if cache_dir else None
+        self._prefetcher: Prefetcher | None = None
 
     # ------------------------------------------------------------------ metadata
     @property
@@ -66,18 +71,48 @@ class Store:
     # ------------------------------------------------------------------ raw parts
     def part_files(self, shard: int, part: str) -> dict[str, bytes]:
         """Fetch a part's files; raise :class:`FormatError` naming the file on a size or checksum mismatch."""
+        if self._prefetcher is not None:
+            got = self._prefetcher.take((shard, part))
+            if got is not None:
+                return got
+        return self._fetch_part((shard, part))
+
+    def _fetch_part(self, key: tuple[int, str]) -> dict[str, bytes]:
+        shard, part = key
         entry = self.manifest["shards"][shard]
         files = entry["parts"][part]["files"]
         out = {}
         for rel, meta in files.items():
             where = f"{entry['path']}/{part}/{rel}"
-            data = self.fs.read(f"{entry['path']}/{part}/{rel}", max_bytes=meta["bytes"])
+            if self.file_cache is not None:
+                data = self.file_cache.get(meta["sha256"], meta["bytes"], verify=self.verify_checksums)
+                if data is not None:
+                    out[rel] = data
+                    continue
+            data = self.fs.read(where, max_bytes=meta["bytes"])
             if len(data) != meta["bytes"]:
                 raise FormatError(f"{where}: {len(data)} bytes, manifest says {meta['bytes']}")
-            if self.verify_checksums and sha256_hex(data) != meta["sha256"]:
+            if (self.verify_checksums or self.file_cache is not None) and sha256_hex(data) != meta["sha256"]:
                 raise FormatError(f"{where}: sha256 mismatch (file is corrupt)")
+            if self.file_cache is not None:
+                self.file_cache.put(meta["sha256"], data)
             out[rel] = data
         return out
+
+    def prefetch(self, shards: list[int], teachers: list[str] | None = None, depth: int = 4) -> None:
+        """Fetch the parts of ``shards`` (in that order) ahead of :meth:`load_shard`, ``depth`` parts
+        in flight on as many threads. Replaces any earlier plan; ``depth=0`` stops prefetching."""
+        self.close()
+        if depth <= 0:
+            return
+        parts = [layout.INPUTS] + [self.teacher(n)["part"] for n in (self.teachers if teachers is None else teachers)]
+        self._prefetcher = Prefetcher(self._fetch_part, [(j, p) for j in shards for p in parts], depth)
+
+    def close(self) -> None:
+        """Stop prefetching (threads end; nothing else is held open)."""
+        if self._prefetcher is not None:
+            self._prefetcher.close()
+            self._prefetcher = None
 
     def part_specs(self, shard: int, part: str) -> dict:
         n = self.manifest["shards"][shard]["n_sequences"]

@@ -55,6 +55,9 @@ def fit(
     resume: bool = typer.Option(False, "--resume", help="continue from the latest checkpoint in --out"),
     skip_bad_shards: bool = typer.Option(False, "--skip-bad-shards",
                                          help="leave out shards that fail their checksums (logged) instead of stopping"),
+    cache_dir: Optional[str] = typer.Option(None, "--cache-dir", help="local read-through cache of remote stores' files"),
+    prefetch: Optional[int] = typer.Option(None, "--prefetch", help="store parts fetched ahead per data worker (0: off)"),
+    fsdp: bool = typer.Option(False, "--fsdp", help="shard the student across ranks (FSDP) instead of replicating it (DDP)"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Train a student from cached teacher targets."""
@@ -66,11 +69,14 @@ def fit(
         flags = dict(logits=logits or None, student=student, out=out, weights=weights, eval_logits=eval_logits, max_steps=max_steps,
                      epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, lr=lr, seed=seed, alpha=alpha, temperature=temperature,
                      temperature_schedule=temperature_schedule, loss=loss, beta=beta, tail=tail, fuse=fuse, online_teacher=online_teacher, device=device,
-                     precision=precision, num_workers=num_workers, eval_every=eval_every, checkpoint_every=checkpoint_every)
+                     precision=precision, num_workers=num_workers, eval_every=eval_every, checkpoint_every=checkpoint_every,
+                     cache_dir=cache_dir, prefetch=prefetch)
         if resume:
             flags["resume"] = True
         if skip_bad_shards:
             flags["skip_bad_shards"] = True
+        if fsdp:
+            flags["fsdp"] = True
         if quiet:
             flags["progress"] = False
         cfg = load_config(config, {**{k: v for k, v in flags.items() if v is not None}, **overrides})

@@ -63,6 +63,13 @@ class FitConfig:
     #: read every shard before training and leave out those that fail their checksums (logged to
     #: RUN_DIR/skipped_shards.json) instead of stopping at the first damaged file
     skip_bad_shards: bool = False
+    #: local read-through cache of the stores' files (for remote stores), checked against their checksums
+    cache_dir: str | None = None
+    #: parts fetched ahead of decoding per data worker (0: off)
+    prefetch: int = 4
+    #: shard the student's parameters, gradients and optimizer state across ranks (FSDP2 via
+    #: accelerate) instead of replicating them (DDP); for students that do not fit one device
+    fsdp: bool = False
     trust_remote_code: bool = False
     progress: bool = True
     extra: dict = field(default_factory=dict)
@@ -93,6 +100,7 @@ class FitConfig:
         _check(self.epochs > 0, f"--epochs: expected a positive integer, got {self.epochs}")
         _check(self.max_steps is None or self.max_steps > 0, f"--max-steps: expected a positive integer, got {self.max_steps}")
         _check(self.num_workers >= 0, "--num-workers: expected >= 0")
+        _check(self.prefetch >= 0, f"--prefetch: expected >= 0, got {self.prefetch}")
         _check(self.precision in ("auto", "no", "bf16", "fp16"), f"--precision: expected auto, no, bf16 or fp16, got {self.precision!r}")
         if self.teacher_temperatures is not None:
             _check(all(t > 0 for t in self.teacher_temperatures), "--teacher-temperatures: must all be > 0")

@@ -26,6 +26,9 @@ filled with repeated sequences whose ``weight`` is 0 and whose labels are ignore
 counts exactly once per epoch. ``state_dict()`` records the epoch and how many batches the
 training loop has consumed; after ``load_state_dict`` each worker skips exactly its consumed batches
 (computed without decoding them), so a resumed epoch continues with the very next batch.
+Each worker knows its batches in advance, so it fetches the files of the shards they need ``prefetch``
+parts ahead of decoding (useful on object storage); ``cache_dir`` keeps fetched files in a local
+read-through cache checked against the manifest's checksums (see :mod:`logitstore.cache`).
 """
 
 from __future__ import annotations
@@ -46,7 +49,8 @@ from .targets import build_targets
 class DistillDataset(IterableDataset):
     def __init__(self, stores: list[str], *, batch_size: int, seed: int = 0, shuffle: bool = True, shuffle_buffer: int = 256,
                  rank: int = 0, world_size: int = 1, num_workers: int = 0, verify_checksums: bool = True,
-                 with_targets: bool = True, cache_shards: int = 4, skip_bad_shards: bool = False):
+                 with_targets: bool = True, cache_shards: int = 4, skip_bad_shards: bool = False,
+                 cache_dir: str | None = None, prefetch: int = 4):
         if batch_size < 1:
             raise LogitStoreError(f"--batch-size: expected a positive integer, got {batch_size}")
         self.urls = [str(s) for s in stores]
@@ -61,6 +65,8 @@ class DistillDataset(IterableDataset):
         self.verify_checksums = verify_checksums
         self.with_targets = with_targets
         self.cache_shards = cache_shards
+        self.cache_dir = cache_dir
+        self.prefetch = prefetch
         self.epoch = 0
         self.consumed = 0  # batches of this epoch the training loop has taken (set by the loop)
         self._open()
@@ -70,7 +76,8 @@ class DistillDataset(IterableDataset):
 
     # ------------------------------------------------------------------ stores
     def _open(self) -> None:
-        self.stores = [logitstore.open(u, verify_checksums=self.verify_checksums, cache_shards=self.cache_shards) for u in self.urls]
+        self.stores = [logitstore.open(u, verify_checksums=self.verify_checksums, cache_shards=self.cache_shards,
+                                       cache_dir=self.cache_dir) for u in self.urls]
 
     def __getstate__(self):  # workers reopen the stores; open file handles and caches do not travel
         d = dict(self.__dict__)
@@ -261,8 +268,28 @@ class DistillDataset(IterableDataset):
         batches, wts = self.rank_batches(self.epoch)
         # DataLoader takes batches from workers round-robin starting at worker 0, so the batches still
         # to come (from ``consumed`` on, after a resume) are dealt out from worker 0 as well
-        for i in range(self.consumed + wid, len(batches), W):
-            yield self.make_batch(batches[i], wts[i])
+        mine = range(self.consumed + wid, len(batches), W)
+        self._start_prefetch([batches[i] for i in mine])
+        try:
+            for i in mine:
+                yield self.make_batch(batches[i], wts[i])
+        finally:
+            for store in self.stores:
+                store.close()
+
+    def _start_prefetch(self, batches: list[np.ndarray]) -> None:
+        """Have each store fetch, ahead of decoding, the parts of the shards these batches will read,
+        in the order they are first needed."""
+        if self.prefetch <= 0 or not batches:
+            return
+        flat = np.concatenate(batches)
+        for si, store in enumerate(self.stores):
+            idx = flat if self._maps[si] is None else self._maps[si][flat]
+            shards = np.searchsorted(np.asarray(self._starts[si]), idx, side="right") - 1
+            _, first = np.unique(shards, return_index=True)
+            order = shards[np.sort(first)].tolist()
+            names = [n for s2, n in self.teachers if s2 == si] if self.with_targets else []
+            store.prefetch(order, names, depth=self.prefetch)
 
     def _row(self, si: int, i: int):
         idx = int(self._maps[si][i]) if self._maps[si] is not None else i

@@ -67,7 +67,8 @@ def fit(config: FitConfig, *, model: torch.nn.Module | None = None, tokenizer=No
     # ---------------------------------------------------------------- data
     train = DistillDataset(list(cfg.logits), batch_size=cfg.batch_size, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer,
                            rank=rank, world_size=world, num_workers=cfg.num_workers, verify_checksums=cfg.verify_checksums,
-                           with_targets=cfg.alpha > 0 and not cfg.online_teacher, skip_bad_shards=cfg.skip_bad_shards)
+                           with_targets=cfg.alpha > 0 and not cfg.online_teacher, skip_bad_shards=cfg.skip_bad_shards,
+                           cache_dir=cfg.cache_dir, prefetch=cfg.prefetch)
     for b in train.skipped:
         print(f"warning: skipping {b['store']}/{b['path']} ({b['sequences']} sequences): {b['error']}", file=sys.stderr)
     M = len(train.teachers)
@@ -80,7 +81,7 @@ def fit(config: FitConfig, *, model: torch.nn.Module | None = None, tokenizer=No
     evalset = None
     if cfg.eval_logits:
         evalset = DistillDataset([cfg.eval_logits], batch_size=cfg.batch_size, shuffle=False, rank=rank, world_size=world,
-                                 verify_checksums=cfg.verify_checksums)
+                                 verify_checksums=cfg.verify_checksums, cache_dir=cfg.cache_dir, prefetch=cfg.prefetch)
         if evalset.stores[0].manifest["tokenizer"]["fingerprint"] != train.stores[0].manifest["tokenizer"]["fingerprint"]:
             raise ConfigError(f"--eval-logits {cfg.eval_logits}: tokenizer differs from the training stores'")
 
@@ -91,6 +92,12 @@ def fit(config: FitConfig, *, model: torch.nn.Module | None = None, tokenizer=No
         raise ConfigError(f"--student {cfg.student}: output vocabulary {sv} is smaller than the store's {train.vocab_size}")
     online = _online_teacher(cfg, train, acc.device) if cfg.online_teacher and cfg.alpha > 0 else None
     module = DistillModule(student)
+    if cfg.fsdp:
+        if world < 2:
+            raise ConfigError("--fsdp: shards the student across processes; launch with torchrun --nproc-per-node N (N >= 2)")
+        from .sharding import shard_module
+
+        module = shard_module(module, acc.device)  # before the optimizer: it must see the sharded parameters
     decay = [p for p in module.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in module.parameters() if p.requires_grad and p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
@@ -98,7 +105,8 @@ def fit(config: FitConfig, *, model: torch.nn.Module | None = None, tokenizer=No
     steps_per_epoch = math.ceil(train.batches_per_epoch() / cfg.grad_accum)
     total = cfg.max_steps or cfg.epochs * steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, cfg.warmup_steps, cfg.min_lr_ratio))
-    module, optimizer, scheduler = acc.prepare(module, optimizer, scheduler)
+    if not cfg.fsdp:  # DDP (under torchrun), device placement
+        module, optimizer, scheduler = acc.prepare(module, optimizer, scheduler)
 
     state = TrainState()
     ckpt_dir = out / "checkpoints"
@@ -106,7 +114,13 @@ def fit(config: FitConfig, *, model: torch.nn.Module | None = None, tokenizer=No
         latest = latest_checkpoint(ckpt_dir)
         if latest is None:
             raise ConfigError(f"--resume: no checkpoint under {ckpt_dir}")
-        acc.load_state(str(latest))
+        if cfg.fsdp:
+            from .sharding import load_sharded
+
+            load_sharded(latest, module, optimizer)
+            scheduler.load_state_dict(torch.load(latest / "scheduler.pt"))
+        else:
+            acc.load_state(str(latest))
         state = TrainState(**json.loads((latest / STATE).read_text()))
         train.load_state_dict(state.history["dataset"])
     elif rank == 0 and (out / "metrics.jsonl").exists():
@@ -149,13 +163,19 @@ def fit(config: FitConfig, *, model: torch.nn.Module | None = None, tokenizer=No
                 if online is not None:
                     with torch.no_grad():  # not inference_mode: the logits feed the (student's) graph
                         mb["teacher_logits"] = online(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits
-                sync = nullcontext() if i == len(micro) - 1 else acc.no_sync(module)
+                last = i == len(micro) - 1
+                if cfg.fsdp:
+                    from .sharding import gradient_sync
+
+                    sync = gradient_sync(module, last)
+                else:
+                    sync = nullcontext() if last else acc.no_sync(module)
                 with sync:
                     ce, kd, _ = module(mb, temperature=T, teacher_temperatures=temps, **kd_args)
                     loss = cfg.alpha * kd + (1 - cfg.alpha) * ce
-                    acc.backward(loss * world / max(n_global, 1))  # DDP averages over ranks
+                    acc.backward(loss * world / max(n_global, 1))  # DDP and FSDP average over ranks
                 sums += torch.tensor([float(loss.detach()), float(kd.detach()), float(ce.detach())], dtype=torch.float64)
-            grad_norm = acc.clip_grad_norm_(module.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
+            grad_norm = _clip(acc, module, cfg) if cfg.grad_clip > 0 else None
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -176,7 +196,7 @@ def fit(config: FitConfig, *, model: torch.nn.Module | None = None, tokenizer=No
                 log.write({"eval": True, "step": state.step, **evaluate(acc, module, evalset, cfg, weights)})
             if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
                 state.history["dataset"] = train.state_dict()
-                save_checkpoint(acc, ckpt_dir, state, cfg.keep_checkpoints)
+                save_checkpoint(acc, ckpt_dir, state, cfg.keep_checkpoints, (module, optimizer, scheduler) if cfg.fsdp else None)
         else:
             done = True
             continue
@@ -190,11 +210,18 @@ def fit(config: FitConfig, *, model: torch.nn.Module | None = None, tokenizer=No
     if final_eval is not None and not (cfg.eval_every and state.step % cfg.eval_every == 0):
         log.write({"eval": True, "step": state.step, **final_eval})
     state.history["dataset"] = train.state_dict()
-    save_checkpoint(acc, ckpt_dir, state, cfg.keep_checkpoints)
+    save_checkpoint(acc, ckpt_dir, state, cfg.keep_checkpoints, (module, optimizer, scheduler) if cfg.fsdp else None)
+    if cfg.fsdp:
+        from .sharding import full_state_dict
+
+        weights_sd = full_state_dict(module)  # collective: every rank gathers, rank 0 saves
+        weights_sd = {k.removeprefix("student."): v for k, v in weights_sd.items()}
+    else:
+        weights_sd = None
     result = {"steps": state.step, "tokens": state.tokens, "seconds": state.elapsed, "eval": final_eval, "run_dir": str(out)}
     if rank == 0:
         final = out / "final"
-        save_final(acc.unwrap_model(module).student, final, tokenizer or find_tokenizer(cfg, train))
+        save_final(acc.unwrap_model(module).student, final, tokenizer or find_tokenizer(cfg, train), weights_sd)
         log.close()
         from .plots import plot_curves
 
@@ -231,6 +258,14 @@ def _worker_message(e: Exception) -> str:
 
 def _loader(ds, workers: int, pin: bool) -> DataLoader:
     return DataLoader(ds, batch_size=None, num_workers=workers, pin_memory=pin, prefetch_factor=4 if workers else None)
+
+
+def _clip(acc, module, cfg: FitConfig) -> float:
+    """Clip the global gradient norm; return it (before clipping)."""
+    if not cfg.fsdp:
+        return float(acc.clip_grad_norm_(module.parameters(), cfg.grad_clip))
+    norm = torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.grad_clip)  # a DTensor over the shards
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
 
 def _all_sum(acc, x):
@@ -292,14 +327,22 @@ def latest_checkpoint(ckpt_dir: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def save_checkpoint(acc, ckpt_dir: Path, state: TrainState, keep: int) -> None:
-    """Model, optimizer, scheduler, RNG (accelerate) plus our state; complete only once renamed."""
+def save_checkpoint(acc, ckpt_dir: Path, state: TrainState, keep: int, sharded: tuple | None = None) -> None:
+    """Model, optimizer, scheduler, RNG (accelerate) plus our state; complete only once renamed.
+    ``sharded`` = (module, optimizer, scheduler) of an FSDP run: every rank writes its shards."""
     final = ckpt_dir / f"step-{state.step:08d}"
     tmp = ckpt_dir / f".tmp-step-{state.step:08d}"
     if acc.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     acc.wait_for_everyone()
-    acc.save_state(str(tmp))
+    if sharded is not None:
+        from .sharding import save_sharded
+
+        save_sharded(tmp, sharded[0], sharded[1])
+        if acc.is_main_process:
+            torch.save(sharded[2].state_dict(), tmp / "scheduler.pt")
+    else:
+        acc.save_state(str(tmp))
     acc.wait_for_everyone()
     if acc.is_main_process:
         (tmp / STATE).write_text(json.dumps(state.__dict__))
@@ -330,16 +373,18 @@ def find_tokenizer(cfg: FitConfig, train: DistillDataset):
     return None
 
 
-def save_final(student, path: Path, tokenizer) -> None:
+def save_final(student, path: Path, tokenizer, state_dict: dict | None = None) -> None:
+    """``state_dict``: the full weights, when ``student``'s own parameters are shards (FSDP)."""
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     if hasattr(student, "save_pretrained"):
-        student.save_pretrained(tmp, safe_serialization=True)
+        student.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
     else:
         from safetensors.torch import save_file
 
+        sd = state_dict if state_dict is not None else student.state_dict()
         tmp.mkdir(parents=True)
-        save_file({k: v.detach().contiguous().cpu() for k, v in student.state_dict().items()}, str(tmp / "model.safetensors"))
+        save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()}, str(tmp / "model.safetensors"))
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     shutil.rmtree(path, ignore_errors=True)
