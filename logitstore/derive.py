@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 from . import __version__, layout
-from .dump import CHUNK_TOKENS
-from .errors import ConfigError, FormatError, LogitStoreError
+from .dump import CHUNK_TOKENS, check_or_write_plan
+from .errors import ConfigError, LogitStoreError
 from .fsio import StoreFS
 from .manifest import MANIFEST, PLAN, dumps, store_id, validate_manifest
 from .progress import progress_bar
@@ -58,20 +58,8 @@ def write_derived(out: str, header: dict, jobs: list[ShardJob], *, progress: boo
     fs = StoreFS(out)
     plan = {k: v for k, v in header.items() if k not in VOLATILE}
     plan["teachers"] = [{k: v for k, v in t.items() if k not in ("stats", "timings")} for t in header["teachers"]]
-    if fs.exists(PLAN):
-        try:
-            old = json.loads(fs.read(PLAN))
-        except ValueError:
-            raise FormatError(f"{out}/{PLAN}: not valid JSON; remove {out} or choose another --out") from None
-        if old != plan:
-            diff = sorted(k for k in set(old) | set(plan) if old.get(k) != plan.get(k))
-            raise ConfigError(f"--out {out}: holds a store made from different inputs or settings ({', '.join(diff)}); choose another --out or remove it")
-        if fs.exists(MANIFEST):
-            return json.loads(fs.read(MANIFEST))
-    elif fs.exists() and fs.ls(""):
-        raise ConfigError(f"--out {out}: exists, is not empty and is not a logitstore store; choose another --out")
-    else:
-        fs.write_atomic(PLAN, dumps(plan))
+    if check_or_write_plan(fs, plan, out) and fs.exists(MANIFEST):
+        return json.loads(fs.read(MANIFEST))  # already complete
     parts = [layout.INPUTS] + [t["part"] for t in header["teachers"]]
     pw = PartWriter(fs, header["backend"], chunk_rows=max(1, CHUNK_TOKENS // header["seq_len"]))
     bg = BackgroundWriter(depth=2)

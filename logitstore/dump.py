@@ -164,10 +164,10 @@ def _dump(cfg: DumpConfig, ranks: Ranks) -> DumpResult:
     }
     fs = StoreFS(cfg.out)
     if rank == 0:
-        resumed = _check_or_write_plan(fs, plan, cfg.out)
+        resumed = check_or_write_plan(fs, plan, cfg.out)
     barrier(ranks)  # the other ranks check the plan rank 0 wrote (or found)
     if rank != 0:
-        resumed = _check_or_write_plan(fs, plan, cfg.out)
+        resumed = check_or_write_plan(fs, plan, cfg.out)
     if fs.exists(MANIFEST):
         manifest = parse_manifest(fs.read(MANIFEST), f"{cfg.out}/{MANIFEST}")
         _log(cfg, f"{cfg.out}: already complete ({manifest['n_tokens']:,} tokens); nothing to do")
@@ -242,7 +242,7 @@ def _dump(cfg: DumpConfig, ranks: Ranks) -> DumpResult:
     return result
 
 
-def _check_or_write_plan(fs: StoreFS, plan: dict, out: str) -> bool:
+def check_or_write_plan(fs: StoreFS, plan: dict, out: str) -> bool:
     """Refuse to mix settings in one store; return True if the store was already started."""
     if fs.exists(PLAN):
         try:

@@ -201,3 +201,27 @@ def test_export_round_trip(tmp_path, halves, to):
                 np.testing.assert_array_equal(np.asarray(row[f"{t}.{f}"]), seq["teachers"][t][f], err_msg=f"{t}.{f}")
     again = runner.invoke(app, ["export", str(halves["whole"]), "--out", str(out), "--to", to])
     assert again.exit_code == 2 and "not empty" in again.output
+
+
+def test_interrupted_merge_resumes_to_the_same_store(tmp_path, halves, monkeypatch):
+    from logitstore.writer import PartWriter
+
+    ref = merge([str(halves["first"]), str(halves["second"])], str(tmp_path / "ref"), progress=False)
+    real, calls = PartWriter.write_files, []
+
+    def flaky(self, *a, **kw):
+        calls.append(1)
+        if len(calls) == 7:
+            raise OSError("disk went away")
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(PartWriter, "write_files", flaky)
+    out = tmp_path / "merged"
+    with pytest.raises(OSError):
+        merge([str(halves["first"]), str(halves["second"])], str(out), progress=False)
+    assert not (out / "manifest.json").exists()
+    monkeypatch.setattr(PartWriter, "write_files", real)
+    m = merge([str(halves["first"]), str(halves["second"])], str(out), progress=False)
+    assert [s["parts"] for s in m["shards"]] == [s["parts"] for s in ref["shards"]]
+    with pytest.raises(ConfigError, match="different settings"):
+        merge([str(halves["second"]), str(halves["first"])], str(out), progress=False)
