@@ -295,7 +295,7 @@ class DistillDataset(IterableDataset):
         idx = int(self._maps[si][i]) if self._maps[si] is not None else i
         starts = self._starts[si]
         j = bisect.bisect_right(starts, idx) - 1
-        return self.stores[si].load_shard(j), idx - starts[j]
+        return self.stores[si].load_shard(j, None if self.with_targets else []), idx - starts[j]
 
     def make_batch(self, indices: np.ndarray, weights: np.ndarray) -> dict:
         B, L = len(indices), self.seq_len
