@@ -63,7 +63,6 @@ def write_derived(out: str, header: dict, jobs: list[ShardJob], *, progress: boo
     parts = [layout.INPUTS] + [t["part"] for t in header["teachers"]]
     pw = PartWriter(fs, header["backend"], chunk_rows=max(1, CHUNK_TOKENS // header["seq_len"]))
     bg = BackgroundWriter(depth=2)
-    records: dict[tuple[int, str], dict] = {}
     try:
         with progress_bar(sum(j.n_tokens for j in jobs), desc, enabled=progress) as bar:
             for i, job in enumerate(jobs):

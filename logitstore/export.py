@@ -25,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .codec import SCALARS
 from .derive import header_of, source_ref
 from .errors import ConfigError, StorageError
 from .fsio import StoreFS
@@ -33,7 +34,6 @@ from .progress import progress_bar
 from .reader import Store
 
 TARGETS = ("parquet", "hf")
-SCALARS = ("tail_mass", "gold_logprob", "entropy")
 
 
 def shard_table(store: Store, j: int) -> pa.Table:

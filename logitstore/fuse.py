@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from . import layout
-from .codec import Encoding
+from .codec import SCALARS, Encoding
 from .derive import ShardJob, check_out, header_of, source_ref, write_derived
 from .dump import encode_teacher_part
 from .errors import ConfigError, FormatError
@@ -155,7 +155,7 @@ def _fuse_rows(base: dict, tds: list[dict], vocab: int, k: int, w, temps, mode, 
     nxt[~np.concatenate([valid[:, 1:], np.zeros((n, 1), bool)], axis=1)] = -1  # no next token at a window's end
     flat_idx = np.flatnonzero(valid.ravel())
     res = {"ids": np.zeros((n * L, k), np.int64), "logprobs": np.zeros((n * L, k), np.float32)}
-    for s in ("tail_mass", "gold_logprob", "entropy"):
+    for s in SCALARS:
         res[s] = np.zeros(n * L, np.float32)
     for s0 in range(0, flat_idx.size, BLOCK_POSITIONS):
         at = flat_idx[s0:s0 + BLOCK_POSITIONS]
