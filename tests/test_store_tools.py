@@ -225,3 +225,12 @@ def test_interrupted_merge_resumes_to_the_same_store(tmp_path, halves, monkeypat
     assert [s["parts"] for s in m["shards"]] == [s["parts"] for s in ref["shards"]]
     with pytest.raises(ConfigError, match="different settings"):
         merge([str(halves["second"]), str(halves["first"])], str(out), progress=False)
+
+
+def test_tools_on_memory_urls(halves):
+    """Any fsspec URL works for reading and writing (memory://: no rename, like an object store)."""
+    m = merge([str(halves["first"]), str(halves["second"])], "memory://tools/merged", progress=False)
+    convert("memory://tools/merged", "memory://tools/arrow", "arrow", progress=False)
+    assert verify("memory://tools/arrow") == []
+    assert store_id(logitstore.open("memory://tools/arrow").manifest) == store_id(m)
+    assert_same_sequences(logitstore.open("memory://tools/arrow"), logitstore.open(str(halves["whole"])), ["a", "b"])
