@@ -116,6 +116,8 @@ def test_ddp_two_processes_match_one(fit_setup):
     (["--loss", "mse"], "--loss"),
     (["--alpha", "1.5"], "--alpha"),
     (["nonsense_key=3"], "unknown keys"),
+    (["--fsdp"], "--fsdp: shards the student across processes; launch with torchrun"),
+    (["--prefetch", "-1"], "--prefetch: expected >= 0"),
 ])
 def test_bad_fit_inputs(fit_setup, extra, needle):
     run = fit_setup["root"] / "bad"
