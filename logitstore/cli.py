@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Optional
+from typing import Callable, Optional, TypeVar
 
 import typer
 
 from .errors import ConfigError, LogitStoreError
 
+T = TypeVar("T")
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Run teachers once; store their top-k distributions for offline distillation.")
 
@@ -17,6 +18,15 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 def fail(e: Exception) -> None:
     typer.echo(f"error: {e}", err=True)
     raise typer.Exit(2)
+
+
+def call(fn: Callable[[], T]) -> T:
+    """Run ``fn`` (a call into the Python API); a :class:`LogitStoreError` becomes one line on
+    stderr and exit code 2."""
+    try:
+        return fn()
+    except LogitStoreError as e:
+        fail(e)
 
 
 @app.command()
@@ -41,14 +51,10 @@ def dump(
     """Run teachers over a corpus and write (or resume) a store. Under torchrun each rank writes its own shards."""
     from .dump import DumpConfig, dump as run_dump
 
-    try:
-        cfg = DumpConfig(teachers=tuple(teacher), data=data, out=out, top_k=top_k, seq_len=seq_len, batch_size=batch_size,
-                         device=device, dtype=dtype, format=format, encoding=encoding, max_tokens=max_tokens,
-                         text_field=text_field, pack=pack, shard_sequences=shard_sequences,
-                         trust_remote_code=trust_remote_code, progress=not quiet)
-        run_dump(cfg)
-    except LogitStoreError as e:
-        fail(e)
+    call(lambda: run_dump(DumpConfig(
+        teachers=tuple(teacher), data=data, out=out, top_k=top_k, seq_len=seq_len, batch_size=batch_size, device=device,
+        dtype=dtype, format=format, encoding=encoding, max_tokens=max_tokens, text_field=text_field, pack=pack,
+        shard_sequences=shard_sequences, trust_remote_code=trust_remote_code, progress=not quiet)))
 
 
 @app.command()
@@ -56,10 +62,7 @@ def info(store: str, as_json: bool = typer.Option(False, "--json", help="machine
     """Teachers, tokenizer, sizes, bytes/token, mean top-k mass and entropy."""
     from .info import format_info, info as get_info
 
-    try:
-        d = get_info(store)
-    except LogitStoreError as e:
-        fail(e)
+    d = call(lambda: get_info(store))
     typer.echo(json.dumps(d, indent=1) if as_json else format_info(d))
 
 
@@ -69,10 +72,7 @@ def ls(url: str, as_json: bool = typer.Option(False, "--json", help="machine-rea
     """The stores under a directory or prefix: id, teachers, tokens, k and size, one line each."""
     from .info import format_list, list_stores
 
-    try:
-        rows = list_stores(url, max_depth)
-    except LogitStoreError as e:
-        fail(e)
+    rows = call(lambda: list_stores(url, max_depth))
     typer.echo(json.dumps(rows, indent=1) if as_json else format_list(rows))
 
 
@@ -82,10 +82,7 @@ def stats(store: str, plot: Optional[str] = typer.Option(None, "--plot", help="w
     """Top-k mass coverage and teacher entropy per position (to choose k)."""
     from .stats import format_stats, plot_stats, store_stats
 
-    try:
-        d = store_stats(store)
-    except LogitStoreError as e:
-        fail(e)
+    d = call(lambda: store_stats(store))
     typer.echo(json.dumps(d) if as_json else format_stats(d))
     if plot:
         typer.echo(f"plot: {plot_stats(d, plot)}", err=as_json)
@@ -112,10 +109,7 @@ def merge(stores: list[str] = typer.Argument(..., help="stores to concatenate, i
     """Concatenate stores dumped with the same teachers and settings on different data."""
     from .merge import merge as run_merge
 
-    try:
-        m = run_merge(stores, out, progress=not quiet)
-    except LogitStoreError as e:
-        fail(e)
+    m = call(lambda: run_merge(stores, out, progress=not quiet))
     typer.echo(f"{out}: {m['n_sequences']:,} sequences, {m['n_tokens']:,} tokens from {len(stores)} stores")
 
 
@@ -132,11 +126,9 @@ def fuse(stores: list[str] = typer.Argument(..., help="one store with several te
     """Write the fused targets of several teachers as a new single-teacher store."""
     from .fuse import fuse_store
 
-    try:
-        m = fuse_store(stores, out, teachers=teacher or None, weights=_floats(weights, "--weights"),
-                       temperatures=_floats(temperature, "--temperature"), mode=mode, top_k=top_k, name=name, progress=not quiet)
-    except LogitStoreError as e:
-        fail(e)
+    m = call(lambda: fuse_store(stores, out, teachers=teacher or None, weights=_floats(weights, "--weights"),
+                                temperatures=_floats(temperature, "--temperature"), mode=mode, top_k=top_k, name=name,
+                                progress=not quiet))
     t = m["teachers"][0]
     typer.echo(f"{out}: {t['name']} = {t['fusion']['mode']} of {', '.join(x['name'] for x in t['fusion']['teachers'])}, "
                f"k={t['k']}, top-k mass {t['stats']['mean_topk_mass']:.3f}")
@@ -148,10 +140,7 @@ def export(store: str, out: str = typer.Option(..., "--out"), to: str = typer.Op
     """A Parquet (or saved datasets) view of a store, one decoded row per sequence."""
     from .export import export as run_export
 
-    try:
-        s = run_export(store, out, to, progress=not quiet)
-    except LogitStoreError as e:
-        fail(e)
+    s = call(lambda: run_export(store, out, to, progress=not quiet))
     typer.echo(f"{out}: {s['rows']:,} rows ({s['format']})")
 
 
@@ -161,10 +150,7 @@ def convert(store: str, out: str = typer.Option(..., "--out"), to: str = typer.O
     """The same store in the other backend (zarr <-> arrow); values and store id unchanged."""
     from .convert import convert as run_convert
 
-    try:
-        m = run_convert(store, out, to, progress=not quiet)
-    except LogitStoreError as e:
-        fail(e)
+    m = call(lambda: run_convert(store, out, to, progress=not quiet))
     typer.echo(f"{out}: {m['backend']}, {m['total_bytes'] / 1e6:.2f} MB")
 
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from . import __version__, layout
-from .codec import ENCODINGS, Encoding
+from .codec import ENCODINGS, SCALARS, Encoding
 from .data import describe_source, load_texts, pack
 from .distributed import Ranks, barrier, process_group, rank_device, ranks_from_env
 from .errors import ConfigError, FormatError, LogitStoreError
@@ -263,7 +263,7 @@ def _run_shard(runner: TeacherRunner, input_ids: np.ndarray, lengths: np.ndarray
     n, L = input_ids.shape
     k = runner.k
     out = {"ids": np.zeros((n, L, k), np.int64), "logprobs": np.zeros((n, L, k), np.float32)}
-    for s in ("tail_mass", "gold_logprob", "entropy"):
+    for s in SCALARS:
         out[s] = np.zeros((n, L), np.float32)
     for s in range(0, n, batch_size):
         r = runner.run(input_ids[s:s + batch_size], lengths[s:s + batch_size])
@@ -281,7 +281,7 @@ def encode_teacher_part(encoding: Encoding, vocab: int, res: dict) -> dict[str, 
     """The arrays of a teacher part from ``ids``/``logprobs`` [n, L, k] (log-probs descending) and
     ``tail_mass``, ``gold_logprob``, ``entropy`` [n, L]."""
     n, L, k = res["ids"].shape
-    scal = {s: res[s].reshape(-1) for s in ("tail_mass", "gold_logprob", "entropy")}
+    scal = {s: res[s].reshape(-1) for s in SCALARS}
     enc = encoding.encode(res["ids"].reshape(n * L, k), res["logprobs"].reshape(n * L, k), scal, vocab)
     return {name: (v if name == "id_order" else v.reshape(n, L, *v.shape[1:])) for name, v in enc.items()}
 

@@ -55,17 +55,15 @@ class PartWriter:
     def write_files(self, shard: int, part: str, files: dict[str, bytes], extra: dict) -> dict:
         """Commit already-encoded files as ``part`` of ``shard``; ``extra`` goes into the commit record."""
         final = layout.part_dir(shard, part)
-        self.fs.rm(layout.commit_path(shard, part))
-        if self.fs.renames:
-            tmp = f"{layout.shard_dir(shard)}/.tmp-{part}-{uuid.uuid4().hex[:8]}"
-            for rel, data in files.items():
-                self.fs.write(f"{tmp}/{rel}", data)
-            self.fs.rm(final)
-            self.fs.mv(tmp, final)
-        else:  # object store: no rename; the commit record written after the files is what counts
-            self.fs.rm(final)
-            for rel, data in files.items():
-                self.fs.write(f"{final}/{rel}", data)
+        self.fs.rm(layout.commit_path(shard, part))  # from here on an older copy is not committed
+        self.fs.rm(final)
+        # an object store has no rename: files go to their final names, and the commit record
+        # written after them is what makes them count
+        dest = f"{layout.shard_dir(shard)}/.tmp-{part}-{uuid.uuid4().hex[:8]}" if self.fs.renames else final
+        for rel, data in files.items():
+            self.fs.write(f"{dest}/{rel}", data)
+        if dest != final:
+            self.fs.mv(dest, final)
         record = {"shard": shard, "part": part, **extra,
                   "files": {rel: {"bytes": len(data), "sha256": sha256_hex(data)} for rel, data in sorted(files.items())}}
         self.fs.write_atomic(layout.commit_path(shard, part), json.dumps(record).encode())
