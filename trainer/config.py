@@ -67,8 +67,8 @@ class FitConfig:
     cache_dir: str | None = None
     #: parts fetched ahead of decoding per data worker (0: off)
     prefetch: int = 4
-    #: shard the student's parameters, gradients and optimizer state across ranks (FSDP2 via
-    #: accelerate) instead of replicating them (DDP); for students that do not fit one device
+    #: shard the student's parameters, gradients and optimizer state across ranks (PyTorch FSDP2,
+    #: see trainer/sharding.py) instead of replicating them (DDP); for students that do not fit one device
     fsdp: bool = False
     trust_remote_code: bool = False
     progress: bool = True

@@ -33,6 +33,7 @@ from .config import FitConfig
 from .data import DistillDataset
 from .fusion import normalize_weights
 from .schedules import lr_factor, temperature_at
+from .sharding import full_state_dict, gradient_sync, load_sharded, save_sharded, shard_module
 from .student import DistillModule, load_student, output_vocab
 
 STATE = "trainer_state.json"
@@ -95,8 +96,6 @@ def fit(config: FitConfig, *, model: torch.nn.Module | None = None, tokenizer=No
     if cfg.fsdp:
         if world < 2:
             raise ConfigError("--fsdp: shards the student across processes; launch with torchrun --nproc-per-node N (N >= 2)")
-        from .sharding import shard_module
-
         module = shard_module(module, acc.device)  # before the optimizer: it must see the sharded parameters
     decay = [p for p in module.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in module.parameters() if p.requires_grad and p.ndim < 2]
@@ -115,8 +114,6 @@ def fit(config: FitConfig, *, model: torch.nn.Module | None = None, tokenizer=No
         if latest is None:
             raise ConfigError(f"--resume: no checkpoint under {ckpt_dir}")
         if cfg.fsdp:
-            from .sharding import load_sharded
-
             load_sharded(latest, module, optimizer)
             scheduler.load_state_dict(torch.load(latest / "scheduler.pt"))
         else:
@@ -164,13 +161,11 @@ def fit(config: FitConfig, *, model: torch.nn.Module | None = None, tokenizer=No
                     with torch.no_grad():  # not inference_mode: the logits feed the (student's) graph
                         mb["teacher_logits"] = online(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits
                 last = i == len(micro) - 1
-                if cfg.fsdp:
-                    from .sharding import gradient_sync
-
-                    sync = gradient_sync(module, last)
+                if cfg.fsdp:  # not wrapped by accelerate, so its autocast is applied here
+                    sync, cast = gradient_sync(module, last), acc.autocast()
                 else:
-                    sync = nullcontext() if last else acc.no_sync(module)
-                with sync:
+                    sync, cast = (nullcontext() if last else acc.no_sync(module)), nullcontext()
+                with sync, cast:
                     ce, kd, _ = module(mb, temperature=T, teacher_temperatures=temps, **kd_args)
                     loss = cfg.alpha * kd + (1 - cfg.alpha) * ce
                     acc.backward(loss * world / max(n_global, 1))  # DDP and FSDP average over ranks
@@ -212,8 +207,6 @@ def fit(config: FitConfig, *, model: torch.nn.Module | None = None, tokenizer=No
     state.history["dataset"] = train.state_dict()
     save_checkpoint(acc, ckpt_dir, state, cfg.keep_checkpoints, (module, optimizer, scheduler) if cfg.fsdp else None)
     if cfg.fsdp:
-        from .sharding import full_state_dict
-
         weights_sd = full_state_dict(module)  # collective: every rank gathers, rank 0 saves
         weights_sd = {k.removeprefix("student."): v for k, v in weights_sd.items()}
     else:
@@ -336,8 +329,6 @@ def save_checkpoint(acc, ckpt_dir: Path, state: TrainState, keep: int, sharded: 
         shutil.rmtree(tmp, ignore_errors=True)
     acc.wait_for_everyone()
     if sharded is not None:
-        from .sharding import save_sharded
-
         save_sharded(tmp, sharded[0], sharded[1])
         if acc.is_main_process:
             torch.save(sharded[2].state_dict(), tmp / "scheduler.pt")

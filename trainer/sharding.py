@@ -4,10 +4,10 @@ PyTorch's FSDP2 (``torch.distributed.fsdp.fully_shard``) shards every transforme
 classes a ``transformers`` model lists in ``_no_split_modules``) and then the whole
 ``DistillModule``, so each rank holds ``1/N`` of the parameters, gradients and AdamW state, and a
 block's full weights exist only while it runs (``reshard_after_forward``). It runs on CUDA (NCCL)
-and on CPU (gloo), so it is tested here on 2 CPU processes. ``accelerate`` keeps autocast, RNG
-and reductions; it does not wrap the model (its FSDP plugin is CUDA-only), and checkpoints of a
-sharded run are written with ``torch.distributed.checkpoint`` (one file per rank, any rank count
-can load them) instead of ``accelerate.save_state``.
+and on CPU (gloo), so it is tested here on 2 CPU processes. ``accelerate`` still provides the
+process group, autocast (applied around the forward by the loop) and reductions; it does not wrap
+the model (it turns its FSDP plugin into DDP on CPU), and checkpoints of a sharded run are written
+with ``torch.distributed.checkpoint`` (one file per rank) instead of ``accelerate.save_state``.
 """
 
 from __future__ import annotations
