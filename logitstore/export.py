@@ -12,7 +12,8 @@ compact encoding). Columns, with ``n`` the sequence's length and per teacher ``T
 is in each file's schema metadata under ``logitstore`` and in ``OUT/logitstore_export.json``,
 written last with every file's sha256. Files are staged under ``OUT/.partial`` and moved into
 ``data/`` only when all are written, so a crash never leaves a directory that reads as complete.
-``--to hf`` writes ``datasets.Dataset.save_to_disk(OUT)`` (read with ``datasets.load_from_disk``).
+``--to hf`` writes ``datasets.Dataset.save_to_disk`` into ``OUT/.partial`` and moves its files up
+into ``OUT``, ``state.json`` last (read with ``datasets.load_from_disk(OUT)``).
 """
 
 from __future__ import annotations
@@ -71,9 +72,9 @@ def export(src: str, out: str, to: str = "parquet", *, progress: bool = True) ->
     if fs.exists() and [n for n in fs.ls("") if n != ".partial"]:
         raise ConfigError(f"--out {out}: exists and is not empty; choose another --out")
     n = store.n_shards
-    if to == "hf":
-        return _export_hf(store, out, progress)
     fs.rm(".partial")  # debris of a crashed export
+    if to == "hf":
+        return _export_hf(store, fs, progress)
     files = {}
     with progress_bar(store.manifest["n_tokens"], "export", enabled=progress) as bar:
         for j in range(n):
@@ -90,7 +91,9 @@ def export(src: str, out: str, to: str = "parquet", *, progress: bool = True) ->
     return summary
 
 
-def _export_hf(store: Store, out: str, progress: bool) -> dict:
+def _export_hf(store: Store, fs: StoreFS, progress: bool) -> dict:
+    """``save_to_disk`` into ``OUT/.partial``, then move its entries up, ``state.json`` (without
+    which ``load_from_disk`` refuses the directory) last."""
     import datasets
 
     with tempfile.TemporaryDirectory(prefix="logitstore-export-") as tmp:
@@ -103,13 +106,13 @@ def _export_hf(store: Store, out: str, progress: bool) -> dict:
                 bar.update(store.manifest["shards"][j]["n_tokens"])
         datasets.disable_progress_bars()
         ds = datasets.Dataset.from_parquet(paths, cache_dir=os.path.join(tmp, "cache"), keep_in_memory=False)
-        staging = out.rstrip("/") + ".partial"
+        staging = fs.url.rstrip("/") + "/.partial"
         try:
             ds.save_to_disk(staging)
         except OSError as e:
             raise StorageError(f"{staging}: write failed ({e.strerror or e})") from e
         del ds
-    dest = StoreFS(out)
-    dest.rm("")  # empty (checked above); the staged directory takes its place
-    dest.fs.mv(StoreFS(staging).root, dest.root, recursive=True)
-    return {"format": "hf", "source": source_ref(store.url, store.manifest), "rows": len(store), "path": out}
+    for name in sorted(fs.ls(".partial"), key=lambda n: n == "state.json"):
+        fs.mv(f".partial/{name}", name)
+    fs.rm(".partial")
+    return {"format": "hf", "source": source_ref(store.url, store.manifest), "rows": len(store), "path": fs.url}

@@ -154,3 +154,24 @@ def test_fit_config_takes_cache_and_prefetch():
     assert cfg.cache_dir == "/tmp/c" and cfg.prefetch == 0
     with pytest.raises(Exception, match="--prefetch"):
         FitConfig(logits=("s3://b/x",), student="s", out="o", prefetch=-1)
+
+
+@pytest.mark.parametrize("to", ["parquet", "hf"])
+def test_export_to_s3(tmp_path, s3_store, s3_bucket, to):
+    """Written to S3, then copied down and read (datasets refuses remote paths in offline mode)."""
+    import datasets
+
+    out = f"{s3_bucket}/exports/{to}"
+    r = runner.invoke(app, ["export", s3_store, "--out", out, "--to", to, "-q"])
+    assert r.exit_code == 0, r.output
+    fs, root = fsspec.core.url_to_fs(out)
+    assert not fs.exists(root + "/.partial")
+    local = tmp_path / "copy"
+    fs.get(root, str(local), recursive=True)
+    if to == "parquet":
+        ds = datasets.load_dataset("parquet", data_dir=str(local), split="train")
+    else:
+        ds = datasets.load_from_disk(str(local))
+    store = logitstore.open(s3_store)
+    assert len(ds) == len(store)
+    np.testing.assert_array_equal(np.asarray(ds[3]["a.logprobs"]), store[3]["teachers"]["a"]["logprobs"])
