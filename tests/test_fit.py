@@ -91,10 +91,21 @@ def test_resume_after_crash_reproduces_the_trajectory(fit_setup, monkeypatch):
         assert x["loss"] == y["loss"] and x["lr"] == y["lr"], (x["step"], x["loss"], y["loss"])
 
 
+# warm-up, cosine decay and a temperature schedule: the logged lr and temperature of every step must
+# not depend on the number of processes (accelerate's scheduler wrapper steps once per process)
+SCHEDULED = ["--temperature", "2.0", "--temperature-schedule", "linear", "temperature_final=1.0", "warmup_steps=2"]
+
+
+def assert_same_schedule(a, b):
+    assert [x["lr"] for x in a] == [x["lr"] for x in b]
+    assert [x["temperature"] for x in a] == [x["temperature"] for x in b]
+    assert a[0]["lr"] < a[1]["lr"] > a[-1]["lr"] and a[0]["temperature"] > a[-1]["temperature"]
+
+
 def test_ddp_two_processes_match_one(fit_setup):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     common = ["--logits", str(fit_setup["both"]), "--student", str(fit_setup["student"]), "--max-steps", "4", "--num-workers", "0",
-              "--device", "cpu", "-q", "--weights", "0.6,0.4"]
+              "--device", "cpu", "-q", "--weights", "0.6,0.4", *SCHEDULED]
     one, two = fit_setup["root"] / "one", fit_setup["root"] / "two"
     subprocess.run([sys.executable, "-m", "trainer", "fit", *common, "--out", str(one), "--batch-size", "4"], check=True, env=env,
                    capture_output=True)
@@ -103,6 +114,7 @@ def test_ddp_two_processes_match_one(fit_setup):
     assert p.returncode == 0, p.stderr[-2000:]
     a, b = rows(one), rows(two)
     assert [x["tokens"] for x in a] == [x["tokens"] for x in b]  # the same sequences in every step
+    assert_same_schedule(a, b)
     assert a[0]["loss"] == pytest.approx(b[0]["loss"], rel=1e-6)  # same init, same global batch
     assert a[1]["loss"] == pytest.approx(b[1]["loss"], rel=1e-5)  # one synchronised update later
     for x, y in zip(a, b):  # Adam's first steps amplify all-reduce rounding a little
@@ -184,7 +196,7 @@ def test_fsdp_two_processes_match_one_and_resume(fit_setup):
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     common = ["--logits", str(fit_setup["both"]), "--student", str(fit_setup["student"]), "--max-steps", "4", "--num-workers", "0",
-              "--device", "cpu", "-q", "--weights", "0.6,0.4"]
+              "--device", "cpu", "-q", "--weights", "0.6,0.4", *SCHEDULED]
     one, two, resumed = (fit_setup["root"] / n for n in ("fsdp-ref", "fsdp", "fsdp-resumed"))
     subprocess.run([sys.executable, "-m", "trainer", "fit", *common, "--out", str(one), "--batch-size", "4"], check=True, env=env,
                    capture_output=True)
@@ -194,6 +206,7 @@ def test_fsdp_two_processes_match_one_and_resume(fit_setup):
     assert p.returncode == 0, p.stderr[-3000:]
     a, b = rows(one), rows(two)
     assert [x["tokens"] for x in a] == [x["tokens"] for x in b]
+    assert_same_schedule(a, b)
     assert a[0]["loss"] == pytest.approx(b[0]["loss"], rel=1e-6)
     for x, y in zip(a, b):
         assert x["loss"] == pytest.approx(y["loss"], rel=5e-3)

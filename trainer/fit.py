@@ -60,7 +60,11 @@ def fit(config: FitConfig, *, model: torch.nn.Module | None = None, tokenizer=No
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"--device {cfg.device}: CUDA is not available on this machine")
     precision = cfg.precision if cfg.precision != "auto" else ("no" if cpu else "bf16")
-    acc = Accelerator(cpu=cpu, mixed_precision=precision)
+    # The LR schedule is a function of the optimizer step, stepped once per step on every rank. By
+    # default accelerate's scheduler wrapper steps it once per *process* per step (it assumes the
+    # schedule was written for a single process's batch size), which would run warm-up and decay
+    # world_size times too fast here, where --batch-size is per rank and the schedule counts steps.
+    acc = Accelerator(cpu=cpu, mixed_precision=precision, step_scheduler_with_optimizer=False)
     rank, world = acc.process_index, acc.num_processes
     out = Path(cfg.out)
     set_seed(cfg.seed)
@@ -171,6 +175,7 @@ def fit(config: FitConfig, *, model: torch.nn.Module | None = None, tokenizer=No
                     acc.backward(loss * world / max(n_global, 1))  # DDP and FSDP average over ranks
                 sums += torch.tensor([float(loss.detach()), float(kd.detach()), float(ce.detach())], dtype=torch.float64)
             grad_norm = _clip(acc, module, cfg) if cfg.grad_clip > 0 else None
+            lr = optimizer.param_groups[0]["lr"]  # the rate this step uses (get_last_lr after step() is the next one's)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -180,7 +185,7 @@ def fit(config: FitConfig, *, model: torch.nn.Module | None = None, tokenizer=No
             state.tokens += tokens
             state.elapsed = time.perf_counter() - t_start
             row = {"step": state.step, "epoch": state.epoch, "loss": float(totals[0]), "kd_loss": float(totals[1]),
-                   "ce_loss": float(totals[2]), "lr": scheduler.get_last_lr()[0], "temperature": T, "tokens": state.tokens,
+                   "ce_loss": float(totals[2]), "lr": lr, "temperature": T, "tokens": state.tokens,
                    "grad_norm": float(grad_norm) if grad_norm is not None else None, "data_wait_s": t_data,
                    "tokens_per_s": state.tokens / state.elapsed if state.elapsed else None}
             if state.step % cfg.log_every == 0 or state.step == total:

@@ -30,35 +30,67 @@ TAILS = ("bucket", "renorm")
 
 
 def _log1mexp(x: torch.Tensor) -> torch.Tensor:
-    """``log(1 - exp(x))`` for ``x <= 0``, stable at both ends."""
+    """``log(1 - exp(x))`` for ``x <= 0``, stable at both ends, with finite gradients everywhere.
+
+    ``torch.where`` evaluates and differentiates both branches at every element, so each branch's
+    input is clamped into the range where it is used (the "safe where"): otherwise, for ``x`` within
+    ~3e-8 of 0 (a student whose float32 support mass rounds to 1), ``log1p(-exp(x))`` is ``-inf``
+    there, its derivative ``inf``, and ``0 * inf`` puts a NaN into the gradient of the whole step.
+    ``x`` is capped just below 0 (``-1e-12`` in float32), so the off-support log-mass is at least
+    ``log(1e-12) = -27.6``: float32 log-probs cannot resolve smaller masses anyway.
+    """
     x = x.clamp(max=-1e-30) if x.dtype == torch.float64 else x.clamp(max=-1e-12)
-    return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+    near0 = x > -math.log(2)
+    a = torch.log(-torch.expm1(torch.where(near0, x, -math.log(2))))  # used where x > -log 2
+    b = torch.log1p(-torch.exp(torch.where(near0, -math.log(2), x)))  # used where x <= -log 2
+    return torch.where(near0, a, b)
+
+
+def _kl_terms(p_lp: torch.Tensor, q_lp: torch.Tensor) -> torch.Tensor:
+    """Per-outcome ``p * (log p - log q)``, 0 where ``p = 0``, with finite gradients there: the
+    difference is replaced before the product (``-inf - -inf`` would back-propagate ``0 * nan``)."""
+    p = p_lp.exp()
+    return p * torch.where(p > 0, p_lp - q_lp, torch.zeros_like(p))
 
 
 def _kl(p_lp: torch.Tensor, q_lp: torch.Tensor) -> torch.Tensor:
     """sum over the last axis of p * (log p - log q), with 0 * anything = 0."""
-    p = p_lp.exp()
-    return torch.where(p > 0, p * (p_lp - q_lp), torch.zeros_like(p)).sum(-1)
+    return _kl_terms(p_lp, q_lp).sum(-1)
+
+
+def off_support_logmass(student_lp: torch.Tensor, support: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``log`` of the student's total probability off the support [N], summed directly over the
+    other ``V - K`` tokens of ``student_lp`` [N, V] rather than as ``log(1 - mass on the support)``:
+    float32 resolves the latter only down to ~6e-8, and a confident student lives below that (its
+    gradient would be lost or wrong there). Costs one masked copy of ``student_lp`` (per chunk)."""
+    idx = torch.where(valid, support, support[:, :1])  # padding repeats a real id: same mask
+    return torch.logsumexp(student_lp.scatter(-1, idx, float("-inf")), -1)
 
 
 def divergence(student_lp: torch.Tensor | None, target: SparseTarget, *, loss: str = "fkl", tail: str = "bucket",
-               beta: float = 0.5, gathered: torch.Tensor | None = None) -> torch.Tensor:
+               beta: float = 0.5, gathered: torch.Tensor | None = None, student_out_lp: torch.Tensor | None = None) -> torch.Tensor:
     """Per-position divergence [N] between the student's full log-probs ``student_lp`` [N, V] and a
     sparse target over ``target.support`` [N, K]. ``gathered``: the student's log-probs at the
-    support ids [N, K], if already gathered (then ``student_lp`` is not used)."""
+    support ids [N, K], if already gathered (then ``student_lp`` is not used). ``student_out_lp``
+    [N]: the student's log-mass off the support (:func:`off_support_logmass`), if known; otherwise
+    it is computed from ``student_lp`` when given, else as ``log(1 - exp(logsumexp(gathered)))``."""
     if loss not in LOSSES:
         raise ValueError(f"--loss: expected one of {LOSSES}, got {loss!r}")
     if tail not in TAILS:
         raise ValueError(f"--tail: expected one of {TAILS}, got {tail!r}")
     if gathered is None:
         gathered = student_lp.gather(-1, target.support)
+        if tail == "bucket" and student_out_lp is None:
+            student_out_lp = off_support_logmass(student_lp, target.support, target.valid)
     neg_inf = torch.tensor(float("-inf"), device=gathered.device, dtype=gathered.dtype)
     valid = target.valid
     s = torch.where(valid, gathered, neg_inf)  # [N, K]
     t = torch.where(valid, target.lp.to(gathered.dtype), neg_inf)
     if tail == "bucket":
         has_out = target.n_out > 0
-        s_out = torch.where(has_out, _log1mexp(torch.logsumexp(s, -1)), neg_inf)
+        if student_out_lp is None:
+            student_out_lp = _log1mexp(torch.logsumexp(s, -1))
+        s_out = torch.where(has_out, student_out_lp.to(s.dtype), neg_inf)
         t_out = torch.where(has_out, target.out_lp.to(gathered.dtype), neg_inf)
         s = torch.cat([s, s_out[:, None]], -1)
         t = torch.cat([t, t_out[:, None]], -1)
@@ -79,8 +111,14 @@ def dense_divergence(student_lp: torch.Tensor, teacher_lp: torch.Tensor, *, loss
         raise ValueError(f"--loss: expected one of {LOSSES}, got {loss!r}")
     if not 0.0 < beta < 1.0:
         raise ValueError(f"--beta: expected 0 < beta < 1 for jsd, got {beta}")
-    m = torch.logsumexp(torch.stack([teacher_lp + math.log(beta), student_lp + math.log(1 - beta)]), 0)
-    return beta * _kl(teacher_lp, m) + (1 - beta) * _kl(student_lp, m)
+    # outcomes impossible under both (padding, a bucket that does not exist) are left out: the
+    # mixture's log-sum-exp of two -inf would back-propagate nan into the student's row
+    dead = torch.isneginf(teacher_lp) & torch.isneginf(student_lp)
+    t = torch.where(dead, torch.zeros_like(teacher_lp), teacher_lp)
+    s = torch.where(dead, torch.zeros_like(student_lp), student_lp)
+    m = torch.logsumexp(torch.stack([t + math.log(beta), s + math.log(1 - beta)]), 0)
+    terms = beta * _kl_terms(t, m) + (1 - beta) * _kl_terms(s, m)
+    return torch.where(dead, torch.zeros_like(terms), terms).sum(-1)
 
 
 def _chunk_losses(x: torch.Tensor, head, labels: torch.Tensor, kd_mask: torch.Tensor, support, valid, t_lp, t_out, n_out,
@@ -105,7 +143,8 @@ def _chunk_losses(x: torch.Tensor, head, labels: torch.Tensor, kd_mask: torch.Te
         # and the KD term reuses the CE log-softmax
         g = log_p.gather(-1, torch.cat([support, labels.clamp(min=0)[:, None]], dim=-1))
         ce = -torch.where(labels != -100, g[:, -1], torch.zeros_like(g[:, -1])).sum()
-        kd = divergence(None, target, loss=loss, tail=tail, beta=beta, gathered=g[:, :-1])
+        out = off_support_logmass(log_p, support, valid) if tail == "bucket" else None
+        kd = divergence(None, target, loss=loss, tail=tail, beta=beta, gathered=g[:, :-1], student_out_lp=out)
     else:
         ce = F.nll_loss(log_p, labels, ignore_index=-100, reduction="sum")
         kd = divergence(F.log_softmax(logits / temperature, dim=-1), target, loss=loss, tail=tail, beta=beta)

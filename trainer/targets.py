@@ -9,16 +9,24 @@ from __future__ import annotations
 
 import numpy as np
 
+#: Smallest tail mass a teacher is read with when ``k < V`` (FORMAT.md, "Reading the tail"). A
+#: stored tail of 0 does not mean the teacher gives those ``V - k`` tokens no probability: it was
+#: below what the encoding represents (float16 rounds tails under 3e-8 to 0; float32 softmax
+#: underflows). Read as exactly 0 it makes reverse KL and mean-logits fusion infinite (``log 0``),
+#: so every tail is read as ``max(tail, TAIL_FLOOR)``. Below 1e-10 the tail carries nothing a
+#: float32 student can learn from (forward KL weighs it by itself), and ``log(1e-10) = -23`` keeps
+#: reverse KL finite while still pushing the student's off-support mass down.
+TAIL_FLOOR = 1e-10
+
 
 def rest_logprob(tail_mass: np.ndarray, vocab_size: int, k: int) -> np.ndarray:
-    """log-prob of one token outside a teacher's top-k: ``log(tail / (V - k))``, ``-inf`` if none."""
+    """log-prob of one token outside a teacher's top-k: ``log(max(tail, TAIL_FLOOR) / (V - k))``;
+    ``-inf`` when ``k = V`` (there is no such token)."""
     n = vocab_size - k
-    with np.errstate(divide="ignore"):
-        out = np.log(np.maximum(tail_mass.astype(np.float64), 0.0)) - (np.log(n) if n > 0 else 0.0)
     if n <= 0:
-        out[:] = -np.inf
-    out[~(tail_mass > 0)] = -np.inf
-    return out.astype(np.float32)
+        return np.full(tail_mass.shape, -np.inf, dtype=np.float32)
+    tail = np.maximum(np.nan_to_num(tail_mass.astype(np.float64), nan=0.0), TAIL_FLOOR)
+    return (np.log(tail) - np.log(n)).astype(np.float32)
 
 
 def build_targets(teachers: list[dict], vocab_size: int) -> dict[str, np.ndarray]:
