@@ -44,6 +44,7 @@ def dump(
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="stop after this many corpus tokens"),
     text_field: str = typer.Option("text", "--text-field"),
     pack: bool = typer.Option(True, "--pack/--no-pack", help="pack documents into full windows, or one document per window"),
+    bos: str = typer.Option("auto", "--bos", help="start each document with BOS: auto (the tokenizer's own convention), always or never"),
     shard_sequences: Optional[int] = typer.Option(None, "--shard-sequences", help="sequences per shard (default: ~262k tokens)"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
@@ -53,7 +54,7 @@ def dump(
 
     call(lambda: run_dump(DumpConfig(
         teachers=tuple(teacher), data=data, out=out, top_k=top_k, seq_len=seq_len, batch_size=batch_size, device=device,
-        dtype=dtype, format=format, encoding=encoding, max_tokens=max_tokens, text_field=text_field, pack=pack,
+        dtype=dtype, format=format, encoding=encoding, max_tokens=max_tokens, text_field=text_field, pack=pack, bos=bos,
         shard_sequences=shard_sequences, trust_remote_code=trust_remote_code, progress=not quiet)))
 
 

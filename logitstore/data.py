@@ -1,7 +1,8 @@
 """Corpus loading (through ``datasets``), tokenisation and packing into fixed-length windows.
 
-Packing (default): documents are tokenised without special tokens, each followed by the
-tokenizer's EOS, concatenated, and cut into consecutive windows of ``seq_len`` tokens; the last
+Packing (default): documents are tokenised without special tokens, each preceded by the
+tokenizer's BOS if the tokenizer adds one itself (:func:`adds_bos`; ``--bos`` overrides) and
+followed by its EOS, concatenated, and cut into consecutive windows of ``seq_len`` tokens; the last
 window may be shorter. ``pack=False``: each document (plus EOS) is split into windows on its own,
 so no window spans two documents; short windows are right-padded with the pad id (EOS if the
 tokenizer has none) and their ``length`` records the real tokens.
@@ -90,13 +91,45 @@ def _check_utf8(p: Path) -> None:
             offset += len(block)
 
 
-def pack(tokenizer, texts: list[str], seq_len: int, *, packed: bool = True, max_tokens: int | None = None) -> Packed:
-    """Tokenise ``texts`` and cut them into windows (see the module docstring)."""
+BOS_MODES = ("auto", "always", "never")
+
+
+def adds_bos(tokenizer) -> bool:
+    """Whether ``tokenizer(text)`` starts with its BOS token (its ``add_bos_token`` or post-processor
+    convention, as Llama 3 and Gemma tokenizers do), i.e. whether its models saw a BOS first."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    with_special = list(tokenizer("a")["input_ids"])
+    plain = list(tokenizer("a", add_special_tokens=False)["input_ids"])
+    return len(with_special) > len(plain) and with_special[0] == bos and with_special[1 : 1 + len(plain)] == plain
+
+
+def resolve_bos(tokenizer, mode: str = "auto") -> bool:
+    """``--bos``: ``auto`` follows :func:`adds_bos`; ``always``/``never`` force it."""
+    if mode not in BOS_MODES:
+        raise ConfigError(f"--bos: expected one of {', '.join(BOS_MODES)}, got {mode!r}")
+    if mode == "never":
+        return False
+    if mode == "always":
+        if tokenizer.bos_token_id is None:
+            raise ConfigError("--bos always: the tokenizer has no BOS token")
+        return True
+    return adds_bos(tokenizer)
+
+
+def pack(tokenizer, texts: list[str], seq_len: int, *, packed: bool = True, max_tokens: int | None = None,
+         bos: bool = False) -> Packed:
+    """Tokenise ``texts`` and cut them into windows (see the module docstring). ``bos``: start each
+    document with the tokenizer's BOS token."""
     if seq_len <= 0:
         raise ConfigError(f"--seq-len: expected a positive integer, got {seq_len}")
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ConfigError("tokenizer: has no EOS token to separate documents")
+    head = [tokenizer.bos_token_id] if bos else []
+    if bos and tokenizer.bos_token_id is None:
+        raise ConfigError("tokenizer: has no BOS token to start documents with")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     dtype = id_dtype(len(tokenizer))
     docs: list[np.ndarray] = []
@@ -104,7 +137,7 @@ def pack(tokenizer, texts: list[str], seq_len: int, *, packed: bool = True, max_
     for start in range(0, len(texts), 512):
         enc = tokenizer(texts[start : start + 512], add_special_tokens=False)["input_ids"]
         for ids in enc:
-            arr = np.asarray(ids + [eos], dtype=dtype)
+            arr = np.asarray(head + ids + [eos], dtype=dtype)
             if max_tokens is not None and total + arr.size > max_tokens:
                 arr = arr[: max_tokens - total]
             if arr.size:

@@ -22,7 +22,7 @@ import torch
 
 from . import __version__, layout
 from .codec import ENCODINGS, SCALARS, Encoding
-from .data import describe_source, load_texts, pack
+from .data import BOS_MODES, adds_bos, describe_source, load_texts, pack, resolve_bos
 from .distributed import Ranks, barrier, process_group, rank_device, ranks_from_env
 from .errors import ConfigError, FormatError, LogitStoreError
 from .fsio import StoreFS
@@ -56,6 +56,8 @@ class DumpConfig:
     shard_sequences: int | None = None
     trust_remote_code: bool = False
     progress: bool = True
+    #: start each document with BOS: ``auto`` (if the tokenizer adds one itself), ``always``, ``never``
+    bos: str = "auto"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "teachers", tuple(self.teachers))
@@ -77,6 +79,8 @@ class DumpConfig:
             raise ConfigError(f"--max-tokens: expected a positive integer, got {self.max_tokens}")
         if self.shard_sequences is not None and self.shard_sequences <= 0:
             raise ConfigError(f"--shard-sequences: expected a positive integer, got {self.shard_sequences}")
+        if self.bos not in BOS_MODES:
+            raise ConfigError(f"--bos: expected one of {', '.join(BOS_MODES)}, got {self.bos!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -135,6 +139,13 @@ def _dump(cfg: DumpConfig, ranks: Ranks) -> DumpResult:
         if fp != fps[0]:
             raise ConfigError(f"--teacher {s.source}: tokenizer differs from {specs[0].source}'s (fingerprints {fp[:12]} vs {fps[0][:12]}); all teachers in one store must share a tokenizer")
     tok = tokenizers[0]
+    if cfg.bos == "auto":
+        conventions = [adds_bos(t) for t in tokenizers]
+        for s, c in zip(specs[1:], conventions[1:]):
+            if c != conventions[0]:
+                raise ConfigError(f"--teacher {s.source}: its tokenizer {'adds' if c else 'does not add'} a BOS token and "
+                                  f"{specs[0].source}'s {'does' if conventions[0] else 'does not'}; choose with --bos always|never")
+    bos = resolve_bos(tok, cfg.bos)
     vocab = len(tok)
     if cfg.top_k > vocab:
         raise ConfigError(f"--top-k: {cfg.top_k} is larger than the vocabulary ({vocab} tokens)")
@@ -143,7 +154,7 @@ def _dump(cfg: DumpConfig, ranks: Ranks) -> DumpResult:
     dtype = DTYPES[dtype_name]
 
     texts = load_texts(cfg.data, cfg.text_field)
-    packed = pack(tok, texts, cfg.seq_len, packed=cfg.pack, max_tokens=cfg.max_tokens)
+    packed = pack(tok, texts, cfg.seq_len, packed=cfg.pack, max_tokens=cfg.max_tokens, bos=bos)
     del texts
     n_seq = len(packed.lengths)
     S = cfg.shard_sequences or max(1, math.ceil(SHARD_TOKENS / cfg.seq_len))
@@ -154,7 +165,7 @@ def _dump(cfg: DumpConfig, ranks: Ranks) -> DumpResult:
     plan = {
         "format": FORMAT_NAME, "format_version": FORMAT_VERSION,
         "backend": cfg.format, "encoding": encoding.to_dict(),
-        "seq_len": cfg.seq_len, "packed": cfg.pack, "shard_sequences": S,
+        "seq_len": cfg.seq_len, "packed": cfg.pack, "bos": bos, "shard_sequences": S,
         "n_sequences": n_seq, "n_tokens": packed.n_tokens,
         "tokenizer": {"fingerprint": fps[0], "vocab_size": vocab, "eos_token_id": tok.eos_token_id,
                       "pad_token_id": tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id},
@@ -249,6 +260,8 @@ def check_or_write_plan(fs: StoreFS, plan: dict, out: str) -> bool:
             old = json.loads(fs.read(PLAN))
         except ValueError:
             raise FormatError(f"{out}/{PLAN}: not valid JSON; remove the store or choose another --out") from None
+        if isinstance(old, dict):  # a plan written before "bos" existed holds no BOS
+            old, plan = {"bos": False, **old}, {"bos": False, **plan}
         if old != plan:
             diff = sorted(k for k in set(old) | set(plan) if old.get(k) != plan.get(k))
             raise ConfigError(f"--out {out}: holds a store made with different settings ({', '.join(diff)}); choose another --out or remove it")

@@ -10,6 +10,15 @@ over the tokens outside its top-k; see :mod:`trainer.fusion`).
 
 Teachers may come from one store or from several stores of the same data (equal tokenizer and data
 fingerprints, ``seq_len`` and packing; sequences are checked to match by ``seq_hash``).
+
+Temperature: a fused store holds, like any store, log-probs at T = 1 (FORMAT.md), and a trainer
+applies its own temperature to whatever it reads. Fusing tempered teachers would store tempered
+values that a trainer then tempers a second time, so ``temperatures`` other than 1 are refused.
+Tempered fusion is what ``trainer fit`` does on the fly from the teachers' own store(s)
+(``--temperature``, or ``teacher_temperatures=[...]`` per teacher); for ``mean-logits`` with one
+common temperature, fusing at T = 1 and training at T is the same thing. ``fusion.temperatures`` in
+the manifest stays (all 1) for the store id; a store written by an older version with other values
+holds the fusion of the tempered teachers.
 """
 
 from __future__ import annotations
@@ -116,6 +125,10 @@ def fuse_store(sources: list[str], out: str, *, teachers: list[str] | None = Non
     temps = [1.0] * len(chosen) if temperatures is None else [float(x) for x in temperatures]
     if len(temps) != len(chosen) or any(not x > 0 for x in temps):
         raise ConfigError(f"--temperature: expected {len(chosen)} positive value(s), got {temps}")
+    if any(x != 1.0 for x in temps):
+        raise ConfigError(f"--temperature {','.join(f'{x:g}' for x in temps)}: a store holds T = 1 log-probs and the trainer applies "
+                          "its own temperature, so fuse writes untempered targets only; train from the teachers' store with "
+                          "trainer fit --temperature (or teacher_temperatures=[...]) for tempered fusion")
     k = top_k or max(t["k"] for _, t in chosen)
     vocab = first.vocab_size
     if not 1 <= k <= max(t["k"] for _, t in chosen):

@@ -87,6 +87,8 @@ def validate_manifest(d: object, where: str = MANIFEST) -> dict:
     Encoding.from_dict(_get(d, "encoding", dict, where))
     seq_len = _int(d, "seq_len", where, 1, MAX_SEQ_LEN)
     _get(d, "packed", bool, where)
+    if "bos" in d:  # optional: absent (stores written before it existed) means no BOS
+        _get(d, "bos", bool, where)
     n_seq = _int(d, "n_sequences", where, 0, MAX_SEQUENCES)
     n_tok = _int(d, "n_tokens", where, 0, MAX_SEQUENCES * seq_len)
     tok = _get(d, "tokenizer", dict, where)

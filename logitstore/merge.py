@@ -20,7 +20,9 @@ from .hashing import canonical_json_hash
 from .manifest import teacher_identity
 from .reader import Store
 
-_SAME = ("encoding", "seq_len", "packed", "tokenizer")
+_SAME = ("encoding", "seq_len", "packed", "bos", "tokenizer")
+#: fields that older stores may lack, read as these values (FORMAT.md)
+_DEFAULTS = {"bos": False}
 
 
 def check_compatible(stores: list[Store]) -> None:
@@ -31,8 +33,9 @@ def check_compatible(stores: list[Store]) -> None:
     for s in stores[1:]:
         m = s.manifest
         for key in _SAME:
-            if m[key] != m0[key]:
-                raise ConfigError(f"{s.url}: {key} differs from {first.url}'s ({m[key]!r} vs {m0[key]!r}); only stores dumped with the same settings can be merged")
+            if m.get(key, _DEFAULTS.get(key)) != m0.get(key, _DEFAULTS.get(key)):
+                raise ConfigError(f"{s.url}: {key} differs from {first.url}'s ({m.get(key, _DEFAULTS.get(key))!r} vs "
+                                  f"{m0.get(key, _DEFAULTS.get(key))!r}); only stores dumped with the same settings can be merged")
         t0 = [(t["name"], t["part"]) for t in m0["teachers"]]
         t1 = [(t["name"], t["part"]) for t in m["teachers"]]
         if t1 != t0:

@@ -8,12 +8,25 @@ positions at a time (so a ``[B, L, V]`` float32 tensor never exists):
 - ``tail_mass``: the summed probability of every other token, summed directly (not ``1 - sum``);
 - ``gold_logprob``: log-prob of the actual next token (0 at a sequence's last position);
 - ``entropy``: of the full distribution, in nats.
+
+Which logits (:mod:`logitstore.lm_head`): for a model family on the allow-list the body runs once
+per batch and the output layer (with the family's own transform: Granite's ``logits_scaling``,
+Cohere's ``logit_scale``, Gemma's soft-cap) runs per chunk; the first batch checks that path against
+the model's own forward and falls back to it, with a warning, if they differ. Any other family
+runs its own forward (``model(input_ids, attention_mask).logits``), a few sequences at a time.
+
+Precision: a teacher loads in its ``--dtype`` (``from_pretrained(dtype=...)``, then ``.to(device)``
+only, so buffers that transformers keeps in float32, such as RoPE's ``inv_freq``, stay float32).
+On the chunked path the output layer runs in float32 for every dtype (bf16/fp16 inputs, float32
+accumulation and output), so bf16 logits are not rounded to bf16 before the statistics; the
+statistics are float32. On the fallback path the logits are the model's own, in its dtype.
 """
 
 from __future__ import annotations
 
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +35,7 @@ import torch
 
 from .errors import ConfigError, LogitStoreError
 from .hashing import config_hash, tokenizer_fingerprint, weights_hash
+from .lm_head import check_against_forward, forward_logits, head_for
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 #: log-probs below this (``-inf`` from masked logits) are stored as this value.
@@ -81,7 +95,8 @@ class TeacherSpec:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw)
         except Exception as e:
             raise LogitStoreError(f"--teacher {self.source}: cannot load model ({type(e).__name__}: {_first_line(e)})") from e
-        return model.to(device=device, dtype=dtype).eval()
+        # the weights are in ``dtype`` already; moving only the device keeps float32 buffers float32
+        return model.to(device).eval()
 
     def identity(self, tokenizer) -> dict:
         """What identifies this teacher's outputs, computable without loading the model."""
@@ -162,21 +177,38 @@ class TeacherRunner:
         if not 0 < self.k <= self.vocab_size:
             raise ConfigError(f"--top-k: expected 1..{self.vocab_size} (the vocab size), got {self.k}")
         self.device = next(self.model.parameters()).device
-        cfg = self.model.config
-        self._softcap = getattr(cfg, "final_logit_softcapping", None)
-        self._scale = getattr(cfg, "logit_scale", None)
+        self.head = head_for(self.model, fp32=True)
+        self._checked = self.head is None
 
-    def _hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        base = self.model.base_model
-        return base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    @property
+    def lm_head_path(self) -> str:
+        """``"chunked"`` (body once, output layer per chunk in float32) or ``"forward"`` (the model's own)."""
+        return "forward" if self.head is None else "chunked"
 
-    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.model.get_output_embeddings()(hidden)
-        if self._scale is not None:
-            logits = logits * self._scale
-        if self._softcap:
-            logits = torch.tanh(logits / self._softcap) * self._softcap
-        return logits
+    def _check(self, ids: torch.Tensor, mask: torch.Tensor, lengths: torch.Tensor) -> None:
+        """Prove the chunked head on (up to) 64 positions of the batch's longest sequence; else fall back."""
+        self._checked = True
+        b = int(torch.argmax(lengths))
+        n = int(min(int(lengths[b]), 64))
+        diff = check_against_forward(self.head, ids[b : b + 1, :n], mask[b : b + 1, :n], self.vocab_size)
+        if diff is not None:
+            name = getattr(self.model.config, "model_type", type(self.model).__name__)
+            warnings.warn(f"teacher ({name}): the chunked LM head differs from the model's own forward by {diff:.3g} nats; "
+                          "using the model's forward instead", RuntimeWarning, stacklevel=3)
+            self.head = None
+
+    def _logit_chunks(self, ids: torch.Tensor, mask: torch.Tensor):
+        """Yield ``(start, logits [n, V_model])`` over the flattened ``B * L`` positions."""
+        B, L = ids.shape
+        if self.head is not None:
+            flat_h = self.head.hidden(ids, mask).reshape(B * L, -1)  # [B, L, H]: the head runs per chunk
+            for s in range(0, B * L, self.chunk_positions):
+                yield s, self.head(flat_h[s : s + self.chunk_positions])
+            return
+        rows = max(1, self.chunk_positions // L)  # whole sequences per forward: [rows, L, V] logits at a time
+        for b in range(0, B, rows):
+            logits = forward_logits(self.model, ids[b : b + rows], mask[b : b + rows])
+            yield b * L, logits.reshape(-1, logits.shape[-1])
 
     @torch.inference_mode()
     def run(self, input_ids: np.ndarray, lengths: np.ndarray) -> dict[str, np.ndarray]:
@@ -187,26 +219,25 @@ class TeacherRunner:
         pos = torch.arange(L, device=self.device)
         mask = (pos[None, :] < lens_t[:, None]).long()
         t0 = time.perf_counter()
-        hidden = self._hidden(ids_t, mask)  # [B, L, H]: the lm head runs per chunk below
+        if not self._checked:
+            self._check(ids_t, mask, lens_t)
         # next token of position t is token t+1 of the same window; none at the last real position
         nxt = torch.full_like(ids_t, -1)
         nxt[:, :-1] = ids_t[:, 1:]
         nxt = torch.where(pos[None, :] + 1 < lens_t[:, None], nxt, torch.full_like(nxt, -1))
-        flat_h = hidden.reshape(B * L, -1)
         flat_next = nxt.reshape(-1)
         keep = mask.reshape(-1).bool()
         outs = {n: [] for n in ("ids", "logprobs", "tail_mass", "gold_logprob", "entropy")}
         # on CPU the statistics run 128 rows at a time so their float32 temporaries stay in cache
         # (~20% faster than whole chunks); a GPU takes the chunk in one go
         rows = self.chunk_positions if self.device.type == "cuda" else 128
-        for s in range(0, B * L, self.chunk_positions):
-            logits = self._logits(flat_h[s : s + self.chunk_positions])
+        for s, logits in self._logit_chunks(ids_t, mask):
             for r in range(0, logits.shape[0], rows):
                 e = min(r + rows, logits.shape[0])
                 st = topk_stats(logits[r:e], self.k, self.vocab_size, flat_next[s + r : s + e])
                 for n, v in st.items():
                     outs[n].append(v)
-            del logits  # [chunk, V] in the model's dtype
+            del logits  # [chunk, V]
         res = {n: torch.cat(v) for n, v in outs.items()}
         for n, v in res.items():  # zero the padding positions
             v[~keep] = 0

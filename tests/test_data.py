@@ -7,7 +7,7 @@ from torch.utils.data import DataLoader
 
 import logitstore
 from logitstore.dump import DumpConfig, dump
-from logitstore.errors import LogitStoreError
+from logitstore.errors import ConfigError, LogitStoreError
 from trainer.data import DistillDataset
 
 
@@ -103,3 +103,94 @@ def test_mismatched_stores_are_refused(stores, tmp_path):
     a, _, c = stores
     with pytest.raises(LogitStoreError, match="same sequences"):
         DistillDataset([a, c], batch_size=2)
+
+
+# --- BOS: documents start with BOS when the tokenizer's own convention is to add one ---------------
+
+def bos_tokenizer():
+    """The test tokenizer plus a post-processor that prepends ``<|bos|>``, as Llama 3's does."""
+    from tokenizers.processors import TemplateProcessing
+
+    from conftest import build_tokenizer
+
+    tok = build_tokenizer(extra_special="<|bos|>")
+    bos = tok.convert_tokens_to_ids("<|bos|>")
+    tok.backend_tokenizer.post_processor = TemplateProcessing(single="<|bos|> $A", pair="<|bos|> $A <|bos|> $B",
+                                                              special_tokens=[("<|bos|>", bos)])
+    tok.bos_token = "<|bos|>"
+    return tok
+
+
+@pytest.fixture(scope="module")
+def bos_teacher(tmp_path_factory):
+    from conftest import save_llama
+
+    return save_llama(tmp_path_factory.mktemp("bos-llama"), bos_tokenizer())
+
+
+def test_documents_start_with_bos_when_the_tokenizer_adds_one(tmp_path, bos_teacher, corpus):
+    from logitstore.data import load_texts
+    from logitstore.teacher import TeacherSpec
+
+    tok = TeacherSpec.parse(str(bos_teacher)).load_tokenizer()  # as a dump loads it
+    bos, eos = tok.bos_token_id, tok.eos_token_id
+    assert bos != eos and tok("x")["input_ids"][0] == bos
+    out = tmp_path / "s"
+    m = dump(DumpConfig(teachers=(f"t={bos_teacher}",), data=str(corpus), out=str(out), top_k=4, seq_len=32,
+                        progress=False)).manifest
+    s = logitstore.open(str(out))
+    stream = np.concatenate([s[i]["input_ids"] for i in range(len(s))]).astype(np.int64)
+    n_docs = len(load_texts(str(corpus)))
+    assert stream[0] == bos
+    assert (stream == bos).sum() == n_docs and (stream == eos).sum() == n_docs
+    after_eos = np.flatnonzero(stream[:-1] == eos) + 1
+    assert (stream[after_eos] == bos).all(), "every document after the first starts with BOS right after the EOS"
+    # the same documents without BOS: one token per document fewer
+    docs = [tok(t, add_special_tokens=False)["input_ids"] for t in load_texts(str(corpus))]
+    assert stream.size == sum(len(d) + 2 for d in docs)
+    assert stream[1 : 1 + len(docs[0])].tolist() == docs[0]
+    from logitstore.data import adds_bos
+
+    assert m["bos"] is True and adds_bos(tok)
+
+
+def test_bos_choice_is_part_of_the_plan(tmp_path, bos_teacher, corpus):
+    out = tmp_path / "s"
+    base = dict(teachers=(f"t={bos_teacher}",), data=str(corpus), out=str(out), top_k=4, seq_len=32, max_tokens=200,
+                progress=False)
+    dump(DumpConfig(**base))
+    with pytest.raises(ConfigError, match="different settings.*bos"):
+        dump(DumpConfig(**base, bos="never"))
+    m = dump(DumpConfig(**{**base, "out": str(tmp_path / "never")}, bos="never")).manifest
+    assert m["bos"] is False
+    assert bos_tokenizer().bos_token_id not in logitstore.open(str(tmp_path / "never"))[0]["input_ids"].tolist()
+
+
+def test_tokenizer_without_bos_convention_packs_as_before(tokenizer, corpus, llama_dir, tmp_path):
+    """The test tokenizer names a BOS token but does not add it: nothing changes (auto = no BOS)."""
+    from logitstore.data import adds_bos, load_texts, pack
+
+    texts = load_texts(str(corpus))
+    assert tokenizer.bos_token_id is not None and not adds_bos(tokenizer)
+    p = pack(tokenizer, texts, 20)
+    expected = np.concatenate([np.asarray(tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
+                               for t in texts])
+    assert np.array_equal(np.concatenate([w[:n] for w, n in zip(p.input_ids, p.lengths)]), expected)
+    m = dump(DumpConfig(teachers=(f"t={llama_dir}",), data=str(corpus), out=str(tmp_path / "s"), top_k=4, seq_len=20,
+                        max_tokens=200, progress=False)).manifest
+    assert m["bos"] is False and m["data"]["fingerprint"] == pack(tokenizer, texts, 20, max_tokens=200).fingerprint()
+    with pytest.raises(ConfigError, match="--bos"):
+        DumpConfig(teachers=("t",), data="d", out="o", bos="sometimes")
+
+
+def test_manifest_without_bos_field_reads_as_no_bos(stores):
+    import json
+
+    from logitstore.errors import FormatError
+    from logitstore.manifest import validate_manifest
+
+    m = json.loads((stores[0] / "manifest.json").read_text())
+    m.pop("bos", None)
+    validate_manifest(m)  # a store written before the field existed
+    with pytest.raises(FormatError, match="bos"):
+        validate_manifest({**m, "bos": "yes"})

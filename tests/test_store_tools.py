@@ -83,6 +83,14 @@ def test_merge_refuses_incompatible_stores(tmp_path, halves, llama_dir, gpt2_dir
     dump(cfg([f"a={gpt2_dir}", f"b={llama_dir}"], write_corpus(tmp_path / "d.jsonl", corpus_texts(6, 300)[4:]), swapped))
     with pytest.raises(ConfigError, match="not the same model"):
         merge([str(halves["first"]), str(swapped)], str(tmp_path / "z"), progress=False)
+    with_bos = tmp_path / "bos"
+    r = runner.invoke(app, ["dump", "--teacher", f"a={llama_dir}", "--teacher", f"b={gpt2_dir}", "--data",
+                            str(write_corpus(tmp_path / "e.jsonl", corpus_texts(6, 300)[4:])), "--out", str(with_bos), "--top-k", "6",
+                            "--seq-len", "24", "--no-pack", "--bos", "always", "-q"])
+    assert r.exit_code == 0, r.output
+    assert logitstore.open(str(with_bos)).manifest["bos"] is True
+    with pytest.raises(ConfigError, match="bos differs"):
+        merge([str(halves["first"]), str(with_bos)], str(tmp_path / "w"), progress=False)
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
     r = runner.invoke(app, ["merge", str(halves["first"]), str(other_k), "--out", str(tmp_path / "cli"), "-q"])
     assert r.exit_code == 2 and r.output.count("\n") == 1 and "differs in k" in r.output
@@ -123,7 +131,7 @@ def brute_fused(lps, weights, temps, mode):
     return s - np.logaddexp.reduce(s, axis=-1, keepdims=True)
 
 
-@pytest.mark.parametrize("mode,weights,temps", [("mean-probs", [0.7, 0.3], [1.0, 1.0]), ("mean-logits", [0.5, 0.5], [2.0, 0.5])])
+@pytest.mark.parametrize("mode,weights,temps", [("mean-probs", [0.7, 0.3], [1.0, 1.0]), ("mean-logits", [0.5, 0.5], [1.0, 1.0])])
 def test_fuse_equals_brute_force_from_full_teachers(tmp_path, full_store, llama_dir, gpt2_dir, corpus, mode, weights, temps):
     packed, lp_a = reference_outputs(llama_dir, corpus, 24, max_tokens=150)
     _, lp_b = reference_outputs(gpt2_dir, corpus, 24, max_tokens=150)
@@ -161,6 +169,20 @@ def test_fuse_refuses_bad_arguments(tmp_path, full_store, halves):
     r = runner.invoke(app, ["fuse", str(full_store), "--out", str(tmp_path / "d"), "--weights", "x,1"])
     assert r.exit_code == 2 and "--weights: expected comma-separated numbers" in r.output
     assert not any((tmp_path / n).exists() for n in "abcd")
+
+
+def test_fuse_refuses_tempered_targets(tmp_path, full_store):
+    """Stored values are T = 1 log-probs and the trainer tempers what it reads, so a fused store
+    written at T != 1 would be tempered twice: fuse refuses it and names the alternative."""
+    with pytest.raises(ConfigError, match="--temperature 2,2: a store holds T = 1 log-probs.*trainer fit --temperature"):
+        fuse_store([str(full_store)], str(tmp_path / "a"), temperatures=[2.0, 2.0], progress=False)
+    with pytest.raises(ConfigError, match="--temperature 1,0.5"):
+        fuse_store([str(full_store)], str(tmp_path / "b"), temperatures=[1.0, 0.5], progress=False)
+    r = runner.invoke(app, ["fuse", str(full_store), "--out", str(tmp_path / "c"), "--temperature", "2,2", "-q"])
+    assert r.exit_code == 2 and "T = 1 log-probs" in r.output
+    assert not any((tmp_path / n).exists() for n in "abc")
+    m = fuse_store([str(full_store)], str(tmp_path / "d"), temperatures=[1.0, 1.0], progress=False)
+    assert m["teachers"][0]["fusion"]["temperatures"] == [1.0, 1.0]
 
 
 def test_fused_store_trains_like_any_single_teacher_store(tmp_path, full_store):

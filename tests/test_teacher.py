@@ -89,3 +89,40 @@ def test_masked_minus_inf_logits_are_handled():
     ids, top, tail, ent, gold = brute_force(logits[:, :20], 20, 20, torch.full((6,), -1))
     torch.testing.assert_close(st["entropy"].double(), ent, atol=1e-5, rtol=0)
     assert (st["logprobs"][:, 20:] == -1.0e4).all() and (st["tail_mass"] == 0).all()
+
+
+def test_bf16_teacher_keeps_float32_buffers_and_matches_plain_from_pretrained(llama_dir, tokenizer):
+    """``load_model`` loads in the dtype and only moves the device: RoPE's ``inv_freq`` stays float32
+    (``.to(dtype=bf16)`` would round it), and the statistics are those of a plain
+    ``from_pretrained(dtype=bf16)`` model with its output layer computed in float32."""
+    from transformers import AutoModelForCausalLM
+
+    model = TeacherSpec.parse(str(llama_dir)).load_model(torch.device("cpu"), torch.bfloat16)
+    plain = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.bfloat16).eval()
+    assert model.model.rotary_emb.inv_freq.dtype == torch.float32
+    assert {n: b.dtype for n, b in model.named_buffers()} == {n: b.dtype for n, b in plain.named_buffers()}
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    vocab = len(tokenizer)
+    rng = np.random.default_rng(1)
+    ids = rng.integers(0, vocab, size=(2, 24))
+    lengths = np.array([24, 10])
+    out = TeacherRunner(model, vocab, k=11).run(ids, lengths)
+    mask = torch.from_numpy(np.arange(24)[None] < lengths[:, None]).long()
+    with torch.inference_mode():
+        t = torch.from_numpy(ids)
+        hidden = plain.model(input_ids=t, attention_mask=mask).last_hidden_state
+        fp32_head = hidden.float() @ plain.lm_head.weight.float().t()  # the reference: fp32 head on bf16 hidden states
+        bf16_logits = plain(input_ids=t, attention_mask=mask).logits  # the model's own bf16 forward
+    for b in range(2):
+        n = lengths[b]
+        nxt = torch.full((24,), -1)
+        nxt[: n - 1] = torch.from_numpy(ids[b, 1:n])
+        _, top, tail, ent, gold = brute_force(fp32_head[b], 11, vocab, nxt)
+        np.testing.assert_allclose(out["logprobs"][b, :n], top[:n].numpy(), atol=1e-4)
+        np.testing.assert_allclose(out["entropy"][b, :n], ent[:n].numpy(), atol=1e-4)
+        np.testing.assert_allclose(out["gold_logprob"][b, :n], gold[:n].numpy(), atol=1e-4)
+        np.testing.assert_allclose(out["tail_mass"][b, :n], tail[:n].numpy(), atol=1e-5)
+        # the bf16 forward's own log-probs differ only by the rounding of its logits to bf16
+        _, top16, *_ = brute_force(bf16_logits[b].float(), 11, vocab, nxt)
+        bound = 2 * float(bf16_logits[b].float().abs().max()) * 2.0 ** -8
+        assert np.abs(out["logprobs"][b, :n] - top16[:n].numpy()).max() <= bound

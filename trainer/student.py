@@ -12,13 +12,21 @@ from pathlib import Path
 import torch
 
 from logitstore.errors import ConfigError, LogitStoreError
+from logitstore.lm_head import head_for
 
 from .fusion import fuse
 from .losses import kd_ce_loss
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def load_student(spec: str, *, trust_remote_code: bool = False) -> torch.nn.Module:
-    """A directory or hub id (``from_pretrained``), or a model config file (.json/.yaml: a fresh model)."""
+    """A directory or hub id (``from_pretrained``), or a model config file (.json/.yaml: a fresh model).
+
+    The weights come back in the checkpoint's own dtype (``dtype="auto"``), recorded as
+    ``model.checkpoint_dtype`` (float32 for a fresh model), so the caller chooses the training dtype
+    with :func:`cast_parameters` and the saved dtype with it in mind."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     p = Path(spec)
@@ -30,14 +38,43 @@ def load_student(spec: str, *, trust_remote_code: bool = False) -> torch.nn.Modu
             raise ConfigError(f"--student {spec}: a model config needs a 'model_type' (e.g. llama)")
         d = dict(d)
         cfg = AutoConfig.for_model(d.pop("model_type"), **d)
-        return AutoModelForCausalLM.from_config(cfg, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_config(cfg, trust_remote_code=trust_remote_code)
+        model.checkpoint_dtype = torch.float32
+        return model
     if (spec.startswith((".", "/", "~")) or spec.count("/") > 1) and not p.exists():
         raise LogitStoreError(f"--student {spec}: no such file or directory")
     try:
-        return AutoModelForCausalLM.from_pretrained(spec, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(spec, dtype="auto", trust_remote_code=trust_remote_code)
     except Exception as e:  # transformers raises OSError/ValueError/... for unusable sources
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise LogitStoreError(f"--student {spec}: cannot load ({type(e).__name__}: {first})") from e
+    model.checkpoint_dtype = parameter_dtype(model)
+    return model
+
+
+def parameter_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype of most of ``model``'s floating-point parameters (float32 if it has none)."""
+    counts: dict[torch.dtype, int] = {}
+    for prm in model.parameters():
+        if prm.is_floating_point():
+            counts[prm.dtype] = counts.get(prm.dtype, 0) + prm.numel()
+    return max(counts, key=counts.get) if counts else torch.float32
+
+
+def cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Cast the floating-point *parameters* to ``dtype`` in place (tied weights stay tied). Buffers
+    are only ever raised to float32, never lowered: RoPE's ``inv_freq`` and similar tables are kept
+    in float32 by ``from_pretrained`` whatever the weights' dtype, and ``model.to(bf16)`` would
+    round them (positions then drift)."""
+    for prm in model.parameters():
+        if prm.is_floating_point() and prm.dtype != dtype:
+            prm.data = prm.data.to(dtype)
+    if dtype == torch.float32:
+        for mod in model.modules():
+            for name, buf in list(mod._buffers.items()):
+                if buf is not None and buf.dtype in (torch.float16, torch.bfloat16):
+                    mod._buffers[name] = buf.float()
+    return model
 
 
 def output_vocab(model: torch.nn.Module) -> int | None:
@@ -46,7 +83,8 @@ def output_vocab(model: torch.nn.Module) -> int | None:
 
 
 class DistillModule(torch.nn.Module):
-    """Wraps a student; ``forward(batch, ...)`` returns ``(ce_sum, kd_sum, n_positions)``.
+    """Wraps a student; ``forward(batch, ...)`` returns ``(ce_sum, kd_sum, n_positions)`` (and the
+    top-1 ids with ``return_argmax``).
 
     ``batch`` holds ``input_ids``/``attention_mask``/``labels`` [B, L] and, for KD, either the target
     fields of :mod:`trainer.fusion` flattened over ``B * L`` positions or (online KD)
@@ -56,22 +94,26 @@ class DistillModule(torch.nn.Module):
     def __init__(self, student: torch.nn.Module):
         super().__init__()
         self.student = student
-        cfg = getattr(student, "config", None)
-        head = student.get_output_embeddings() if hasattr(student, "get_output_embeddings") else None
-        special = cfg is not None and (getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None))
-        self.fused_head = head is not None and hasattr(student, "base_model") and student.base_model is not student and not special
+        # The LM head runs per chunk inside the loss only for families whose forward is known to be
+        # ``transform(lm_head(last_hidden_state))`` (logitstore.lm_head's allow-list, with the
+        # family's transform); any other student gives full logits through its own forward.
+        self._head = head_for(student)
+        self.fused_head = self._head is not None
 
     def logits(self, input_ids, attention_mask):
         out = self.student(input_ids=input_ids, attention_mask=attention_mask)
         return out.logits if hasattr(out, "logits") else out
 
     def forward(self, batch: dict, *, temperature: float, teacher_temperatures: list[float], weights: list[float], fuse_mode: str,
-                loss: str, tail: str, beta: float, chunk_positions: int, vocab_size: int, with_kd: bool = True):
+                loss: str, tail: str, beta: float, chunk_positions: int, vocab_size: int, with_kd: bool = True,
+                return_argmax: bool = False):
+        """``return_argmax`` (evaluation): also the student's top-1 id per position [B * L], from the
+        same chunked pass (see :func:`trainer.losses.kd_ce_loss`)."""
         ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
         B, L = ids.shape
-        if self.fused_head:
-            x = self.student.base_model(input_ids=ids, attention_mask=mask).last_hidden_state.reshape(B * L, -1)
-            head = self.student.get_output_embeddings()
+        if self._head is not None:
+            x = self._head.hidden(ids, mask).reshape(B * L, -1)
+            head = self._head
         else:
             x = self.logits(ids, mask).reshape(B * L, -1)
             head = None
@@ -82,4 +124,4 @@ class DistillModule(torch.nn.Module):
             target = fuse(batch["teacher_lp"], batch["rest_lp"], batch["support"], batch["valid"], batch["n_out"],
                           temperatures=teacher_temperatures, weights=weights, mode=fuse_mode)
         return kd_ce_loss(x, labels.reshape(-1), target, head=head, temperature=temperature, loss=loss, tail=tail, beta=beta,
-                          chunk_positions=chunk_positions, vocab_size=vocab_size, teacher_logits=t_logits)
+                          chunk_positions=chunk_positions, vocab_size=vocab_size, teacher_logits=t_logits, return_argmax=return_argmax)

@@ -1,0 +1,154 @@
+"""Computing a causal LM's logits from its final hidden states, a chunk of positions at a time.
+
+Both the dump (teacher) and ``trainer fit`` (student) avoid ``[B, L, V]`` logits by running the
+model's body once and applying the output layer to a chunk of positions at a time. That is only
+correct if it reproduces exactly what the model's own ``forward`` does after its body, and model
+families differ there: Granite divides the logits by ``config.logits_scaling``, Cohere multiplies
+them by ``logit_scale``, Gemma 2/3 apply a tanh soft-cap, most others apply nothing.
+
+Decision: an explicit **allow-list**, :data:`FAMILIES`, maps a ``model_type`` to the exact
+``transformers`` class whose ``forward`` was read (in the installed ``modeling_<family>.py``) and is
+known to be ``transform(lm_head(base_model(...).last_hidden_state))`` with ``last_hidden_state``
+already after the final norm, and to that transform. :func:`head_for` returns a :class:`ChunkedHead`
+for a model on the list (matched by ``model_type`` *and* class, so remote code or a subclass with
+its own ``forward`` is not matched) and ``None`` for anything else; callers then use the model's
+own ``forward`` (``model(input_ids, attention_mask).logits``), a few sequences at a time so memory
+stays bounded. Nothing is guessed from config attributes, so an unknown family is slower but never
+silently different. ``tests/test_model_families.py`` checks every listed family against its own
+``forward`` for the teacher and the student.
+
+The teacher additionally proves the chunked path at load time (:func:`check_against_forward`,
+called by :class:`logitstore.teacher.TeacherRunner` on its first batch): it compares the chunked
+log-probs with the model's own forward on up to 64 positions and falls back to the forward, with a
+one-line warning, if they differ beyond rounding (a ``transformers`` release that changed a family's
+``forward`` is caught there). The student is not checked at run time: a freshly initialised
+student has near-zero logits, where a wrong scale or soft-cap is invisible, and under FSDP the
+model is not runnable when the loss module is built; it relies on the allow-list and its tests.
+
+Precision (``fp32=True``, used by the teacher): the output layer runs in float32 whatever the
+model's dtype, so a bf16/fp16 teacher's logits are not rounded to 8 (bf16) mantissa bits before the
+statistics. On CUDA with bf16/fp16 weights this is one GEMM with bf16/fp16 inputs and float32
+accumulation and output (``torch.mm(..., out_dtype=torch.float32)``; products of such inputs are
+exact in float32); elsewhere the chunk and the weight are upcast to float32. The student
+(``fp32=False``) computes the head exactly as its ``forward`` does, in its own or the autocast dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+import torch
+
+#: ``model_type`` -> (class name of the ``*ForCausalLM``, transform after ``lm_head``):
+#: ``"none"``; ``"divide:logits_scaling"`` (``logits / config.logits_scaling``);
+#: ``"multiply:logit_scale"`` (``logits * model.logit_scale``, set from ``config.logit_scale``);
+#: ``"softcap:final_logit_softcapping"`` (``tanh(logits / c) * c`` when ``config.final_logit_softcapping``
+#: is not None). Read from transformers 5.x ``modeling_<family>.py``.
+FAMILIES: dict[str, tuple[str, str]] = {
+    "llama": ("LlamaForCausalLM", "none"),
+    "mistral": ("MistralForCausalLM", "none"),
+    "ministral": ("MinistralForCausalLM", "none"),
+    "mixtral": ("MixtralForCausalLM", "none"),
+    "qwen2": ("Qwen2ForCausalLM", "none"),
+    "qwen2_moe": ("Qwen2MoeForCausalLM", "none"),
+    "qwen3": ("Qwen3ForCausalLM", "none"),
+    "qwen3_moe": ("Qwen3MoeForCausalLM", "none"),
+    "gemma": ("GemmaForCausalLM", "none"),
+    "gemma2": ("Gemma2ForCausalLM", "softcap:final_logit_softcapping"),
+    "gemma3_text": ("Gemma3ForCausalLM", "softcap:final_logit_softcapping"),
+    "granite": ("GraniteForCausalLM", "divide:logits_scaling"),
+    "granitemoe": ("GraniteMoeForCausalLM", "divide:logits_scaling"),
+    "cohere": ("CohereForCausalLM", "multiply:logit_scale"),
+    "cohere2": ("Cohere2ForCausalLM", "multiply:logit_scale"),
+    "gpt2": ("GPT2LMHeadModel", "none"),
+    "gpt_neox": ("GPTNeoXForCausalLM", "none"),
+    "phi": ("PhiForCausalLM", "none"),
+    "phi3": ("Phi3ForCausalLM", "none"),
+    "olmo": ("OlmoForCausalLM", "none"),
+    "olmo2": ("Olmo2ForCausalLM", "none"),
+    "stablelm": ("StableLmForCausalLM", "none"),
+    "starcoder2": ("Starcoder2ForCausalLM", "none"),
+    "smollm3": ("SmolLM3ForCausalLM", "none"),
+}
+
+
+@dataclass
+class ChunkedHead:
+    """``hidden(input_ids, attention_mask)`` -> final hidden states [B, L, H]; ``self(h)`` -> logits."""
+
+    model: torch.nn.Module
+    transform: str
+    fp32: bool = False
+
+    def __post_init__(self) -> None:
+        self.head = self.model.get_output_embeddings()
+        self._out_dtype_mm = True  # torch.mm(..., out_dtype=float32): CUDA only; turned off if it fails
+
+    def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        return self.model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self._linear_fp32(hidden) if self.fp32 else self.head(hidden)
+        kind, _, attr = self.transform.partition(":")
+        if kind == "divide":
+            logits = logits / getattr(self.model.config, attr)
+        elif kind == "multiply":
+            logits = logits * getattr(self.model, attr)
+        elif kind == "softcap":
+            cap = getattr(self.model.config, attr, None)
+            if cap is not None:
+                logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def _linear_fp32(self, hidden: torch.Tensor) -> torch.Tensor:
+        w, b = self.head.weight, getattr(self.head, "bias", None)
+        shape = hidden.shape
+        h = hidden.reshape(-1, shape[-1])
+        out = None
+        if w.dtype in (torch.bfloat16, torch.float16) and w.is_cuda and self._out_dtype_mm:
+            try:
+                out = torch.mm(h.to(w.dtype), w.t(), out_dtype=torch.float32)
+            except (RuntimeError, TypeError):
+                self._out_dtype_mm = False
+        if out is None:
+            out = h.float() @ w.float().t()
+        if b is not None:
+            out = out + b.float()
+        return out.reshape(*shape[:-1], out.shape[-1])
+
+
+def head_for(model: torch.nn.Module, *, fp32: bool = False) -> ChunkedHead | None:
+    """The chunked output layer of ``model`` if its family is on :data:`FAMILIES`, else ``None``."""
+    cfg = getattr(model, "config", None)
+    entry = FAMILIES.get(getattr(cfg, "model_type", None))
+    if entry is None:
+        return None
+    cls = type(model)
+    if cls.__name__ != entry[0] or not cls.__module__.startswith("transformers.models."):
+        return None
+    base = getattr(model, "base_model", None)
+    if base is None or base is model or not hasattr(model, "get_output_embeddings") or model.get_output_embeddings() is None:
+        return None
+    return ChunkedHead(model, entry[1], fp32=fp32)
+
+
+def forward_logits(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """The model's own logits ``[B, L, V]`` (what every caller compares with)."""
+    out = model(input_ids=input_ids, attention_mask=attention_mask)
+    return out.logits if hasattr(out, "logits") else out
+
+
+def check_against_forward(head: ChunkedHead, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                          vocab_size: int) -> float | None:
+    """Max |difference| of log-probs, chunked path vs the model's own forward, on ``input_ids``
+    [1, n] (a few positions). Returns None if within rounding, else the difference (nats).
+
+    Tolerance: 1e-3 nats plus, for a bf16/fp16 model whose own forward rounds its logits to that
+    dtype, 4x the bound that rounding puts on log-probs (``2 * max|logit| * 2^-(mantissa bits + 1)``)."""
+    ref = forward_logits(head.model, input_ids, attention_mask)[..., :vocab_size].float()
+    mine = head(head.hidden(input_ids, attention_mask))[..., :vocab_size].float()
+    d = float((torch.log_softmax(ref, -1) - torch.log_softmax(mine, -1)).abs().max())
+    dtype = head.head.weight.dtype
+    eps = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}.get(dtype, 0.0)
+    tol = 1e-3 + 4 * (2 * eps * float(ref.abs().max()))
+    return None if d <= tol else d
+
