@@ -48,7 +48,9 @@ def fit(
     online_teacher: Optional[str] = typer.Option(None, "--online-teacher",
                                                  help="baseline: run this teacher on every batch (full-vocabulary KD) instead of the cached targets"),
     device: Optional[str] = typer.Option(None, help="auto, cpu or cuda"),
-    precision: Optional[str] = typer.Option(None, help="auto, no, bf16 or fp16"),
+    precision: Optional[str] = typer.Option(None, help="autocast compute precision: auto, no, bf16 or fp16"),
+    param_dtype: Optional[str] = typer.Option(None, "--param-dtype", help="dtype of the trained weights: fp32 (default), bf16 or fp16"),
+    save_dtype: Optional[str] = typer.Option(None, "--save-dtype", help="dtype of final/: checkpoint (default), fp32, bf16 or fp16"),
     num_workers: Optional[int] = typer.Option(None, "--num-workers"),
     eval_every: Optional[int] = typer.Option(None, "--eval-every"),
     checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every"),
@@ -69,7 +71,7 @@ def fit(
         flags = dict(logits=logits or None, student=student, out=out, weights=weights, eval_logits=eval_logits, max_steps=max_steps,
                      epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, lr=lr, seed=seed, alpha=alpha, temperature=temperature,
                      temperature_schedule=temperature_schedule, loss=loss, beta=beta, tail=tail, fuse=fuse, online_teacher=online_teacher, device=device,
-                     precision=precision, num_workers=num_workers, eval_every=eval_every, checkpoint_every=checkpoint_every,
+                     precision=precision, param_dtype=param_dtype, save_dtype=save_dtype, num_workers=num_workers, eval_every=eval_every, checkpoint_every=checkpoint_every,
                      cache_dir=cache_dir, prefetch=prefetch)
         if resume:
             flags["resume"] = True

@@ -13,6 +13,7 @@ from .fusion import MODES
 from .losses import LOSSES, TAILS
 
 SCHEDULES = ("constant", "linear", "cosine", "exp")
+DTYPES = ("fp32", "bf16", "fp16")
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,16 @@ class FitConfig:
     online_teacher: str | None = None
     # runtime
     device: str = "auto"
+    #: autocast compute precision of forward and loss: ``no`` (the weights' dtype), ``bf16``, ``fp16``;
+    #: ``auto``: bf16 on GPU, no on CPU
     precision: str = "auto"
+    #: dtype of the trained (master) weights and AdamW state, whatever the checkpoint's dtype: ``fp32``
+    #: (default: updates below half a bf16 ulp, ~6e-5 at |w| = 0.02, would otherwise vanish), or ``bf16`` /
+    #: ``fp16`` to keep low-precision weights (half the memory, lossy updates)
+    param_dtype: str = "fp32"
+    #: dtype of the saved ``final/`` weights: ``checkpoint`` (the student checkpoint's own dtype; fp32 for a
+    #: student built from a config), ``fp32``, ``bf16`` or ``fp16``
+    save_dtype: str = "checkpoint"
     num_workers: int = 1
     shuffle_buffer: int = 1024
     chunk_positions: int = 1024
@@ -102,6 +112,9 @@ class FitConfig:
         _check(self.num_workers >= 0, "--num-workers: expected >= 0")
         _check(self.prefetch >= 0, f"--prefetch: expected >= 0, got {self.prefetch}")
         _check(self.precision in ("auto", "no", "bf16", "fp16"), f"--precision: expected auto, no, bf16 or fp16, got {self.precision!r}")
+        _check(self.param_dtype in DTYPES, f"--param-dtype: expected one of {', '.join(DTYPES)}, got {self.param_dtype!r}")
+        _check(self.save_dtype in ("checkpoint", *DTYPES),
+               f"--save-dtype: expected checkpoint or one of {', '.join(DTYPES)}, got {self.save_dtype!r}")
         if self.teacher_temperatures is not None:
             _check(all(t > 0 for t in self.teacher_temperatures), "--teacher-temperatures: must all be > 0")
 

@@ -34,7 +34,7 @@ from .data import DistillDataset
 from .fusion import normalize_weights
 from .schedules import lr_factor, temperature_at
 from .sharding import full_state_dict, gradient_sync, load_sharded, save_sharded, shard_module
-from .student import DistillModule, load_student, output_vocab
+from .student import DTYPES, DistillModule, cast_parameters, load_student, output_vocab, parameter_dtype
 
 STATE = "trainer_state.json"
 
@@ -92,6 +92,11 @@ def fit(config: FitConfig, *, model: torch.nn.Module | None = None, tokenizer=No
 
     # ---------------------------------------------------------------- student
     student = model if model is not None else load_student(cfg.student, trust_remote_code=cfg.trust_remote_code)
+    # master weights in --param-dtype (fp32 by default, whatever the checkpoint holds); --precision
+    # only sets the autocast compute dtype; final/ is saved in --save-dtype (default: the checkpoint's)
+    source_dtype = getattr(student, "checkpoint_dtype", None) or parameter_dtype(student)
+    save_dtype = source_dtype if cfg.save_dtype == "checkpoint" else DTYPES[cfg.save_dtype]
+    cast_parameters(student, DTYPES[cfg.param_dtype])
     sv = output_vocab(student)
     if sv is not None and sv < train.vocab_size:
         raise ConfigError(f"--student {cfg.student}: output vocabulary {sv} is smaller than the store's {train.vocab_size}")
@@ -119,7 +124,7 @@ def fit(config: FitConfig, *, model: torch.nn.Module | None = None, tokenizer=No
             raise ConfigError(f"--resume: no checkpoint under {ckpt_dir}")
         if cfg.fsdp:
             load_sharded(latest, module, optimizer)
-            scheduler.load_state_dict(torch.load(latest / "scheduler.pt"))
+            scheduler.load_state_dict(torch.load(latest / "scheduler.pt", weights_only=True))  # no unpickling of objects
         else:
             acc.load_state(str(latest))
         state = TrainState(**json.loads((latest / STATE).read_text()))
@@ -219,7 +224,7 @@ def fit(config: FitConfig, *, model: torch.nn.Module | None = None, tokenizer=No
     result = {"steps": state.step, "tokens": state.tokens, "seconds": state.elapsed, "eval": final_eval, "run_dir": str(out)}
     if rank == 0:
         final = out / "final"
-        save_final(acc.unwrap_model(module).student, final, tokenizer or find_tokenizer(cfg, train), weights_sd)
+        save_final(acc.unwrap_model(module).student, final, tokenizer or find_tokenizer(cfg, train), weights_sd, dtype=save_dtype)
         log.close()
         from .plots import plot_curves
 
@@ -297,9 +302,10 @@ def evaluate(acc, module, evalset: DistillDataset, cfg: FitConfig, weights: list
             break
         batch = {k: v.to(acc.device) for k, v in batch.items()}
         with acc.autocast():
-            ce, kd, n = inner(batch, temperature=1.0, teacher_temperatures=[1.0] * M, weights=w, fuse_mode=cfg.fuse, loss="fkl",
-                              tail="bucket", beta=0.5, chunk_positions=cfg.chunk_positions, vocab_size=evalset.vocab_size)
-            pred = inner.logits(batch["input_ids"], batch["attention_mask"])[..., : evalset.vocab_size].argmax(-1).reshape(-1)
+            # one forward; the LM head, the losses and the top-1 ids run chunk_positions at a time
+            ce, kd, n, pred = inner(batch, temperature=1.0, teacher_temperatures=[1.0] * M, weights=w, fuse_mode=cfg.fuse, loss="fkl",
+                                    tail="bucket", beta=0.5, chunk_positions=cfg.chunk_positions, vocab_size=evalset.vocab_size,
+                                    return_argmax=True)
         keep = batch["labels"].reshape(-1) != -100
         sup = batch["support"]
         agree = []
@@ -369,16 +375,25 @@ def find_tokenizer(cfg: FitConfig, train: DistillDataset):
     return None
 
 
-def save_final(student, path: Path, tokenizer, state_dict: dict | None = None) -> None:
-    """``state_dict``: the full weights, when ``student``'s own parameters are shards (FSDP)."""
+def save_final(student, path: Path, tokenizer, state_dict: dict | None = None, dtype: torch.dtype | None = None) -> None:
+    """``state_dict``: the full weights, when ``student``'s own parameters are shards (FSDP).
+    ``dtype``: the saved floating-point dtype (default: as trained); the config records it."""
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
+    sd = state_dict if state_dict is not None else student.state_dict()
+    if dtype is not None:
+        sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
     if hasattr(student, "save_pretrained"):
-        student.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+        student.save_pretrained(tmp, safe_serialization=True, state_dict=sd)
+        config = tmp / "config.json"
+        if dtype is not None and config.is_file():  # it records the trained weights' dtype; say what was saved
+            d = json.loads(config.read_text())
+            for key in [k for k in ("dtype", "torch_dtype") if k in d] or ["dtype"]:
+                d[key] = str(dtype).removeprefix("torch.")
+            config.write_text(json.dumps(d, indent=2, sort_keys=True) + "\n")
     else:
         from safetensors.torch import save_file
 
-        sd = state_dict if state_dict is not None else student.state_dict()
         tmp.mkdir(parents=True)
         save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()}, str(tmp / "model.safetensors"))
     if tokenizer is not None:

@@ -122,21 +122,32 @@ def dense_divergence(student_lp: torch.Tensor, teacher_lp: torch.Tensor, *, loss
 
 
 def _chunk_losses(x: torch.Tensor, head, labels: torch.Tensor, kd_mask: torch.Tensor, support, valid, t_lp, t_out, n_out,
-                  t_logits, temperature: float, loss: str, tail: str, beta: float, want_kd: bool, vocab_size: int | None):
+                  t_logits, temperature: float, loss: str, tail: str, beta: float, want_kd: bool, vocab_size: int | None,
+                  want_argmax: bool = False):
+    ce, kd, logits = _chunk_ce_kd(x, head, labels, kd_mask, support, valid, t_lp, t_out, n_out, t_logits, temperature, loss, tail, beta,
+                                  want_kd, vocab_size)
+    if want_argmax:  # the student's top-1 id per position, from the same logits (evaluation)
+        return ce, kd, logits.detach().argmax(-1)
+    return ce, kd
+
+
+def _chunk_ce_kd(x, head, labels, kd_mask, support, valid, t_lp, t_out, n_out, t_logits, temperature, loss, tail, beta, want_kd,
+                 vocab_size):
+    """(ce_sum, kd_sum, float32 logits [c, V]) of one chunk."""
     logits = head(x) if head is not None else x
     if vocab_size is not None:
         logits = logits[:, :vocab_size]  # rows of a padded student vocabulary take no probability
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()  # [c, V] float32 exists only per chunk
     if not want_kd:
-        return F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum"), torch.zeros((), device=logits.device)
+        return F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum"), torch.zeros((), device=logits.device), logits
     log_p = F.log_softmax(logits, dim=-1)
     if t_logits is not None:  # online KD: the teacher's full distribution
         ce = F.nll_loss(log_p, labels, ignore_index=-100, reduction="sum")
         s_lp = log_p if temperature == 1.0 else F.log_softmax(logits / temperature, dim=-1)
         t_full = F.log_softmax(t_logits[:, : s_lp.shape[-1]].float() / temperature, dim=-1)
         kd = dense_divergence(s_lp, t_full, loss=loss, beta=beta)
-        return ce, torch.where(kd_mask, kd, torch.zeros_like(kd)).sum() * temperature**2
+        return ce, torch.where(kd_mask, kd, torch.zeros_like(kd)).sum() * temperature**2, logits
     target = SparseTarget(support, valid, t_lp, t_out, n_out)
     if temperature == 1.0:
         # one gather for the support and the label: backward fills one [c, V] gradient, not two,
@@ -149,12 +160,12 @@ def _chunk_losses(x: torch.Tensor, head, labels: torch.Tensor, kd_mask: torch.Te
         ce = F.nll_loss(log_p, labels, ignore_index=-100, reduction="sum")
         kd = divergence(F.log_softmax(logits / temperature, dim=-1), target, loss=loss, tail=tail, beta=beta)
     kd = torch.where(kd_mask, kd, torch.zeros_like(kd)).sum() * temperature**2
-    return ce, kd
+    return ce, kd, logits
 
 
 def kd_ce_loss(x: torch.Tensor, labels: torch.Tensor, target: SparseTarget | None, *, head=None, temperature: float = 1.0,
                loss: str = "fkl", tail: str = "bucket", beta: float = 0.5, chunk_positions: int = 1024,
-               vocab_size: int | None = None, teacher_logits: torch.Tensor | None = None):
+               vocab_size: int | None = None, teacher_logits: torch.Tensor | None = None, return_argmax: bool = False):
     """Summed CE and KD over positions, computed ``chunk_positions`` at a time.
 
     ``x`` [N, V] logits, or [N, H] hidden states with ``head`` mapping them to logits (then the full
@@ -164,13 +175,16 @@ def kd_ce_loss(x: torch.Tensor, labels: torch.Tensor, target: SparseTarget | Non
     ``teacher_logits`` [N, >= V] (no grad) instead of ``target``: online KD against the teacher's full
     distribution (``tail`` does not apply; the divergence runs over the whole vocabulary). Each chunk is
     checkpointed, so backward recomputes its float32 logits instead of keeping them: peak float32
-    memory is ``chunk_positions * V``, not ``N * V``. Returns ``(ce_sum, kd_sum, n_positions)``.
+    memory is ``chunk_positions * V``, not ``N * V``. Returns ``(ce_sum, kd_sum, n_positions)``, and
+    with ``return_argmax`` (no gradients: evaluation) also the student's top-1 id per position [N],
+    taken from the same per-chunk logits, so evaluation needs neither a second forward nor ``[N, V]``.
     """
     N = x.shape[0]
     kd_mask = labels != -100
     n = kd_mask.sum()
     ce_total = x.new_zeros((), dtype=torch.float32)
     kd_total = x.new_zeros((), dtype=torch.float32)
+    preds = []
     for a in range(0, N, chunk_positions):
         sl = slice(a, a + chunk_positions)
         if target is None:
@@ -178,11 +192,18 @@ def kd_ce_loss(x: torch.Tensor, labels: torch.Tensor, target: SparseTarget | Non
         else:
             args = (target.support[sl], target.valid[sl], target.lp[sl], target.out_lp[sl], target.n_out[sl], None)
         want_kd = target is not None or teacher_logits is not None
-        fn = lambda xc, lab, km, *t: _chunk_losses(xc, head, lab, km, *t, temperature, loss, tail, beta, want_kd, vocab_size)  # noqa: E731
-        if torch.is_grad_enabled() and x.requires_grad:
-            ce, kd = checkpoint(fn, x[sl], labels[sl], kd_mask[sl], *args, use_reentrant=False)
+        if return_argmax:
+            ce, kd, pred = _chunk_losses(x[sl], head, labels[sl], kd_mask[sl], *args, temperature, loss, tail, beta, want_kd, vocab_size,
+                                         want_argmax=True)
+            preds.append(pred)
         else:
-            ce, kd = fn(x[sl], labels[sl], kd_mask[sl], *args)
+            fn = lambda xc, lab, km, *t: _chunk_losses(xc, head, lab, km, *t, temperature, loss, tail, beta, want_kd, vocab_size)  # noqa: E731
+            if torch.is_grad_enabled() and x.requires_grad:
+                ce, kd = checkpoint(fn, x[sl], labels[sl], kd_mask[sl], *args, use_reentrant=False)
+            else:
+                ce, kd = fn(x[sl], labels[sl], kd_mask[sl], *args)
         ce_total = ce_total + ce
         kd_total = kd_total + kd
+    if return_argmax:
+        return ce_total, kd_total, n, torch.cat(preds) if preds else labels.new_zeros(0)
     return ce_total, kd_total, n

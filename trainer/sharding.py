@@ -20,15 +20,14 @@ import torch
 
 def shard_module(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """Apply ``fully_shard`` to each transformer block of ``module.student`` and to ``module``."""
-    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+    from torch.distributed.fsdp import fully_shard
 
     module.to(device)
     block_names = set(getattr(module.student, "_no_split_modules", None) or [])
     blocks = [m for m in module.student.modules() if type(m).__name__ in block_names]
     for b in blocks:
         fully_shard(b)
-    fully_shard(module)
-    register_fsdp_forward_method(module, "logits")  # evaluation calls it outside forward()
+    fully_shard(module)  # evaluation goes through forward() too (return_argmax), so nothing else is registered
     return module
 
 
