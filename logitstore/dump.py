@@ -264,7 +264,9 @@ def check_or_write_plan(fs: StoreFS, plan: dict, out: str) -> bool:
             old, plan = {"bos": False, **old}, {"bos": False, **plan}
         if old != plan:
             diff = sorted(k for k in set(old) | set(plan) if old.get(k) != plan.get(k))
-            raise ConfigError(f"--out {out}: holds a store made with different settings ({', '.join(diff)}); choose another --out or remove it")
+            hint = f" (it was dumped with --bos {'always' if old.get('bos') else 'never'})" if "bos" in diff else ""
+            raise ConfigError(f"--out {out}: holds a store made with different settings ({', '.join(diff)}){hint}; "
+                              f"choose another --out or remove it")
         return True
     if fs.exists() and fs.ls(""):
         raise ConfigError(f"--out {out}: exists, is not empty and is not a logitstore store; choose another --out")

@@ -26,13 +26,19 @@ def fit_setup(tmp_path_factory, llama_dir, gpt2_dir, corpus, tokenizer):
     dump(DumpConfig(teachers=(f"a={llama_dir}", f"b={gpt2_dir}"), out=str(both), **base))
     only_b = root / "only_b"
     dump(DumpConfig(teachers=(f"b={gpt2_dir}",), out=str(only_b), **base))
+    from conftest import save_llama
+
+    only_c = root / "only_c"  # a third, different teacher on the same data
+    dump(DumpConfig(teachers=(f"c={save_llama(root / 'teacher-c', tokenizer, seed=7)}",), out=str(only_c), **base))
+    swapped = root / "swapped"  # the same two teachers as "both", listed the other way round
+    dump(DumpConfig(teachers=(f"b={gpt2_dir}", f"a={llama_dir}"), out=str(swapped), **base))
     student = root / "student.json"
     student.write_text(json.dumps({"model_type": "llama", "vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64,
                                    "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 2,
                                    "max_position_embeddings": 64, "tie_word_embeddings": False}))
     small = root / "small.json"
     small.write_text(json.dumps({**json.loads(student.read_text()), "vocab_size": len(tokenizer) - 10}))
-    return {"root": root, "both": both, "only_b": only_b, "student": student, "small": small}
+    return {"root": root, "both": both, "only_b": only_b, "only_c": only_c, "swapped": swapped, "student": student, "small": small}
 
 
 def rows(run, eval_rows=False):
@@ -109,13 +115,14 @@ def test_ddp_two_processes_match_one(fit_setup):
     one, two = fit_setup["root"] / "one", fit_setup["root"] / "two"
     subprocess.run([sys.executable, "-m", "trainer", "fit", *common, "--out", str(one), "--batch-size", "4"], check=True, env=env,
                    capture_output=True)
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533", "-m", "trainer",
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "trainer",
                         "fit", *common, "--out", str(two), "--batch-size", "2"], env=env, capture_output=True, text=True)
     assert p.returncode == 0, p.stderr[-2000:]
     a, b = rows(one), rows(two)
     assert [x["tokens"] for x in a] == [x["tokens"] for x in b]  # the same sequences in every step
     assert_same_schedule(a, b)
     assert a[0]["loss"] == pytest.approx(b[0]["loss"], rel=1e-6)  # same init, same global batch
+    assert a[0]["grad_norm"] == pytest.approx(b[0]["grad_norm"], rel=1e-5)  # gradients averaged, not summed, over ranks
     assert a[1]["loss"] == pytest.approx(b[1]["loss"], rel=1e-5)  # one synchronised update later
     for x, y in zip(a, b):  # Adam's first steps amplify all-reduce rounding a little
         assert x["loss"] == pytest.approx(y["loss"], rel=5e-3)
@@ -147,9 +154,13 @@ def test_student_vocab_too_small(fit_setup):
 
 def test_two_stores_joined_and_mismatched_refused(fit_setup, tmp_path, llama_dir, corpus):
     run = tmp_path / "joined"
-    r = runner.invoke(app, ["fit", "--logits", str(fit_setup["both"]), "--logits", str(fit_setup["only_b"]), "--student",
+    r = runner.invoke(app, ["fit", "--logits", str(fit_setup["both"]), "--logits", str(fit_setup["only_c"]), "--student",
                             str(fit_setup["student"]), "--out", str(run), "--max-steps", "2", "--weights", "1,1,2", "-q"])
     assert r.exit_code == 0, r.output
+    # the same teacher twice would be fused as two teachers with twice the weight
+    r = runner.invoke(app, ["fit", "--logits", str(fit_setup["both"]), "--logits", str(fit_setup["only_b"]), "--student",
+                            str(fit_setup["student"]), "--out", str(tmp_path / "dup"), "--max-steps", "1", "-q"])
+    assert r.exit_code == 2 and "same model as teacher 'b'" in r.output and r.output.count("\n") == 1
     other = tmp_path / "other-seq"
     dump(DumpConfig(teachers=(str(llama_dir),), data=str(corpus), out=str(other), top_k=8, seq_len=24, max_tokens=600, progress=False))
     r = runner.invoke(app, ["fit", "--logits", str(fit_setup["both"]), "--logits", str(other), "--student", str(fit_setup["student"]),

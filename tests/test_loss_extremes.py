@@ -131,3 +131,20 @@ def test_zero_tail_is_read_as_the_documented_floor():
     # k = V: no tail at all, nothing to floor
     b = build_targets([cached_teacher(5, k=V)], V)
     assert np.isneginf(b["rest_lp"]).all() and (b["n_out"] == 0).all()
+
+
+def test_off_support_logmass_gradient_equals_autograd_of_the_masked_logsumexp():
+    from trainer.losses import off_support_logmass
+
+    torch.manual_seed(0)
+    lp = torch.log_softmax(torch.randn(N, V, dtype=torch.float64) * 3, -1).requires_grad_(True)
+    target = target_of([cached_teacher(6), cached_teacher(7, k=9)])  # padded union support
+    out = off_support_logmass(lp, target.support, target.valid)
+    idx = torch.where(target.valid, target.support, target.support[:, :1])
+    ref = torch.logsumexp(lp.scatter(-1, idx, float("-inf")), -1)
+    torch.testing.assert_close(out, ref)
+    w = torch.randn(N, dtype=torch.float64)
+    (g,) = torch.autograd.grad((out * w).sum(), lp)
+    (g_ref,) = torch.autograd.grad((ref * w).sum(), lp)
+    torch.testing.assert_close(g, g_ref)
+    assert torch.autograd.gradcheck(lambda x: off_support_logmass(x, target.support, target.valid), (lp,))

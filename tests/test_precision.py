@@ -65,6 +65,7 @@ def test_saved_dtype_defaults_to_the_checkpoints(bf16_setup):
     out = run(bf16_setup, "default-save", lr=1e-3)
     after = weights(out / "final")
     assert {v.dtype for v in after.values()} == {torch.bfloat16}
+    assert set(after) == set(weights(bf16_setup["student"]))  # tied embeddings saved once, as in the checkpoint
     assert json.loads((out / "final" / "config.json").read_text())["dtype"] == "bfloat16"
     from transformers import AutoModelForCausalLM
 
@@ -108,9 +109,10 @@ def test_bf16_autocast_on_cpu_keeps_fp32_weights(bf16_setup):
     assert all(not torch.equal(before[k].float(), after[k]) for k in before)
 
 
-@pytest.mark.parametrize("key,value,needle", [("param_dtype", "fp8", "--param-dtype"), ("save_dtype", "int8", "--save-dtype")])
-def test_bad_dtype_settings_are_refused(key, value, needle):
+@pytest.mark.parametrize("kw,needle", [({"param_dtype": "fp8"}, "--param-dtype"), ({"save_dtype": "int8"}, "--save-dtype"),
+                                       ({"param_dtype": "fp16", "precision": "fp16"}, "cannot unscale fp16 gradients")])
+def test_bad_dtype_settings_are_refused(kw, needle):
     from logitstore.errors import ConfigError
 
     with pytest.raises(ConfigError, match=needle):
-        FitConfig(logits=("x",), student="s", out="o", **{key: value})
+        FitConfig(logits=("x",), student="s", out="o", **kw)

@@ -14,6 +14,8 @@ import typer
 
 from logitstore.errors import LogitStoreError
 
+from .interrupt import Interrupted
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Distil students from logitstore caches; the teacher never runs here.")
 
@@ -67,7 +69,7 @@ def fit(
     from .fit import fit as run_fit
 
     try:
-        overrides = dict(parse_override(a) for a in ctx.args)
+        overrides = dict(parse_override(a) for a in ctx.args)  # KEY=VALUE; anything else is refused with the reason
         flags = dict(logits=logits or None, student=student, out=out, weights=weights, eval_logits=eval_logits, max_steps=max_steps,
                      epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, lr=lr, seed=seed, alpha=alpha, temperature=temperature,
                      temperature_schedule=temperature_schedule, loss=loss, beta=beta, tail=tail, fuse=fuse, online_teacher=online_teacher, device=device,
@@ -86,6 +88,9 @@ def fit(
     except LogitStoreError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2)
+    except Interrupted as e:
+        typer.echo(str(e), err=True)
+        raise typer.Exit(e.exit_code)
     if result.get("eval") and not quiet:
         typer.echo(json.dumps({"steps": result["steps"], "tokens": result["tokens"], "eval": result["eval"]}))
 

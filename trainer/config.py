@@ -19,6 +19,7 @@ DTYPES = ("fp32", "bf16", "fp16")
 @dataclass(frozen=True)
 class FitConfig:
     logits: tuple[str, ...] = ()
+    #: required unless ``trainer.fit.fit`` is given a ``model``
     student: str = ""
     out: str = ""
     weights: tuple[float, ...] | None = None
@@ -66,7 +67,8 @@ class FitConfig:
     log_every: int = 1
     eval_every: int = 0
     eval_batches: int | None = None
-    checkpoint_every: int = 0
+    #: also checkpoints at the end and when stopped by SIGINT/SIGTERM (trainer/interrupt.py)
+    checkpoint_every: int = 1000
     keep_checkpoints: int = 2
     resume: bool = False
     verify_checksums: bool = True
@@ -85,16 +87,10 @@ class FitConfig:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for name in ("logits", "weights", "teacher_temperatures"):
-            v = getattr(self, name)
-            if v is not None and not isinstance(v, tuple):
-                if isinstance(v, str):
-                    v = [x for x in v.split(",") if x.strip()]
-                object.__setattr__(self, name, tuple(float(x) for x in v) if name != "logits" else tuple(str(x) for x in v))
+        for f in fields(self):  # YAML, key=value overrides and Python callers may pass any type
+            object.__setattr__(self, f.name, _parse(f.name, getattr(self, f.name), f.type))
         if not self.logits:
             raise ConfigError("--logits: at least one store is required")
-        if not self.student:
-            raise ConfigError("--student: required (a model directory, hub id, or a model config .json/.yaml)")
         if not self.out:
             raise ConfigError("--out: required (the run directory)")
         _check(self.loss in LOSSES, f"--loss: expected one of {', '.join(LOSSES)}, got {self.loss!r}")
@@ -111,8 +107,13 @@ class FitConfig:
         _check(self.max_steps is None or self.max_steps > 0, f"--max-steps: expected a positive integer, got {self.max_steps}")
         _check(self.num_workers >= 0, "--num-workers: expected >= 0")
         _check(self.prefetch >= 0, f"--prefetch: expected >= 0, got {self.prefetch}")
+        _check(not (self.eval_every and not self.eval_logits), "--eval-every: needs --eval-logits (a held-out store to evaluate on)")
+        _check(self.checkpoint_every >= 0, f"--checkpoint-every: expected >= 0 (0: only at the end), got {self.checkpoint_every}")
         _check(self.precision in ("auto", "no", "bf16", "fp16"), f"--precision: expected auto, no, bf16 or fp16, got {self.precision!r}")
         _check(self.param_dtype in DTYPES, f"--param-dtype: expected one of {', '.join(DTYPES)}, got {self.param_dtype!r}")
+        _check(not (self.param_dtype == "fp16" and self.precision == "fp16"),
+               "--param-dtype fp16 with --precision fp16: the fp16 loss scaler cannot unscale fp16 gradients; "
+               "use --param-dtype fp32 (default) or bf16")
         _check(self.save_dtype in ("checkpoint", *DTYPES),
                f"--save-dtype: expected checkpoint or one of {', '.join(DTYPES)}, got {self.save_dtype!r}")
         if self.teacher_temperatures is not None:
@@ -134,6 +135,57 @@ class FitConfig:
         return cls(**d)
 
 
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _parse(name: str, value, annotation: str):
+    """``value`` as the field's declared type (``annotation``, e.g. ``"float | None"``), or a
+    :class:`ConfigError` naming the flag. Numbers may come as strings (PyYAML reads ``3e-4`` as
+    one); lists as comma-separated strings."""
+    kind = annotation.replace(" ", "").removesuffix("|None")
+    if value is None:
+        if annotation.replace(" ", "").endswith("|None"):
+            return None
+        raise ConfigError(f"{_flag(name)}: a value is required")
+    if kind.startswith("tuple["):
+        items = [x for x in value.split(",") if x.strip()] if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)):
+            raise ConfigError(f"{_flag(name)}: expected a list (or comma-separated values), got {value!r}")
+        inner = kind[len("tuple["):].split(",")[0]
+        return tuple(_parse(name, x, inner) for x in items)
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"{_flag(name)}: expected true or false, got {value!r}")
+    if kind == "int":
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(f"{_flag(name)}: expected an integer, got {value!r}")
+        try:
+            f = float(value)
+        except ValueError:
+            raise ConfigError(f"{_flag(name)}: expected an integer, got {value!r}") from None
+        if not f.is_integer():
+            raise ConfigError(f"{_flag(name)}: expected an integer, got {value!r}")
+        return int(f)
+    if kind == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(f"{_flag(name)}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{_flag(name)}: expected a number, got {value!r}") from None
+    if kind == "str":
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{_flag(name)}: expected a string, got {value!r}")
+        return str(value)
+    if kind == "dict" and not isinstance(value, dict):
+        raise ConfigError(f"{_flag(name)}: expected a mapping, got {value!r}")
+    return value
+
+
 def _check(ok: bool, msg: str) -> None:
     if not ok:
         raise ConfigError(msg)
@@ -143,7 +195,8 @@ def parse_override(item: str) -> tuple[str, object]:
     """``key=value`` with the value parsed as YAML (so numbers, booleans and lists work)."""
     key, sep, value = item.partition("=")
     if not sep or not key:
-        raise ConfigError(f"override {item!r}: expected key=value")
+        raise ConfigError(f"unexpected argument {item!r}: settings after the flags are key=value; "
+                          f"repeat --logits for several stores (--logits A --logits B)")
     return key.strip().replace("-", "_"), yaml.safe_load(value)
 
 

@@ -125,6 +125,7 @@ class DistillDataset(IterableDataset):
         self.vocab_size = m0["tokenizer"]["vocab_size"]
         self.seq_len = m0["seq_len"]
         self.teachers: list[tuple[int, str]] = [(si, name) for si, s in enumerate(self.stores) for name in s.teachers]
+        self._refuse_repeated_teachers()
         names = [n for _, n in self.teachers]
         self.teacher_names = [n if names.count(n) == 1 else f"{self.urls[si]}:{n}" for si, n in self.teachers]
         unreadable = {b["shard"] for b in self.skipped if b["store"] == self.urls[0] and not b["inputs_ok"]}
@@ -157,6 +158,21 @@ class DistillDataset(IterableDataset):
         self._lengths = inputs[0][1]
         self._starts = [[e["start"] for e in s.manifest["shards"]] for s in self.stores]
         self._excluded = self._excluded_indices()
+
+    def _refuse_repeated_teachers(self) -> None:
+        """The same model (weights and config, whatever its name, k or dtype) in two stores would be
+        fused as two teachers and get twice its weight."""
+        from logitstore.manifest import teacher_identity
+
+        seen: dict[str, tuple[int, str]] = {}
+        for si, name in self.teachers:
+            ident = teacher_identity(self.stores[si].teacher(name))
+            key = repr((ident["weights"], ident["config_hash"]))
+            if key in seen:
+                sj, other = seen[key]
+                raise LogitStoreError(f"--logits {self.urls[si]}: teacher {name!r} is the same model as teacher {other!r} of "
+                                      f"{self.urls[sj]} (same weights and config); give each teacher once")
+            seen[key] = (si, name)
 
     def _excluded_indices(self) -> np.ndarray:
         """Primary-store indices of every sequence that lives in a skipped shard of any store."""
@@ -251,7 +267,7 @@ class DistillDataset(IterableDataset):
                 "num_workers": self.num_workers, "batch_size": self.batch_size, "n": self.n}
 
     def load_state_dict(self, d: dict) -> None:
-        for key in ("seed", "world_size", "num_workers", "batch_size", "n"):
+        for key in ("seed", "world_size", "batch_size", "n"):  # not num_workers: batches do not depend on it
             if d[key] != getattr(self, key):
                 raise LogitStoreError(f"--resume: checkpoint was made with {key}={d[key]}, now {getattr(self, key)}; exact resume needs the same value")
         self.epoch, self.consumed = d["epoch"], d["consumed"]

@@ -28,15 +28,17 @@ import yaml
 from torch.utils.data import DataLoader
 
 from logitstore.errors import ConfigError, LogitStoreError
+from logitstore.manifest import store_id
 
 from .config import FitConfig
 from .data import DistillDataset
 from .fusion import normalize_weights
+from .interrupt import Interrupted, StopRequests, ignore_in_worker
+from .resume import STATE, check_resume, has_progress, latest_checkpoint, saved_store_ids
 from .schedules import lr_factor, temperature_at
 from .sharding import full_state_dict, gradient_sync, load_sharded, save_sharded, shard_module
 from .student import DTYPES, DistillModule, cast_parameters, load_student, output_vocab, parameter_dtype
 
-STATE = "trainer_state.json"
 
 
 @dataclass
@@ -56,6 +58,10 @@ def fit(config: FitConfig, *, model: torch.nn.Module | None = None, tokenizer=No
     from accelerate.utils import set_seed
 
     cfg = config
+    if model is None and not cfg.student:
+        raise ConfigError("--student: required (a model directory, hub id, or a model config .json/.yaml)")
+    if not cfg.progress:
+        _quiet_libraries()
     cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"--device {cfg.device}: CUDA is not available on this machine")
@@ -83,15 +89,18 @@ def fit(config: FitConfig, *, model: torch.nn.Module | None = None, tokenizer=No
         raise ConfigError(f"{e} (teachers: {', '.join(train.teacher_names)})") from None
     if cfg.teacher_temperatures is not None and len(cfg.teacher_temperatures) != M:
         raise ConfigError(f"--teacher-temperatures: {len(cfg.teacher_temperatures)} value(s) for {M} teacher(s)")
-    evalset = None
+    evalset, eval_weights = None, None
     if cfg.eval_logits:
         evalset = DistillDataset([cfg.eval_logits], batch_size=cfg.batch_size, shuffle=False, rank=rank, world_size=world,
                                  verify_checksums=cfg.verify_checksums, cache_dir=cfg.cache_dir, prefetch=cfg.prefetch)
         if evalset.stores[0].manifest["tokenizer"]["fingerprint"] != train.stores[0].manifest["tokenizer"]["fingerprint"]:
             raise ConfigError(f"--eval-logits {cfg.eval_logits}: tokenizer differs from the training stores'")
+        eval_weights = match_teachers(train, evalset, weights, cfg.eval_logits)
 
     # ---------------------------------------------------------------- student
     student = model if model is not None else load_student(cfg.student, trust_remote_code=cfg.trust_remote_code)
+    if model is None:
+        check_student_tokenizer(cfg.student, train)
     # master weights in --param-dtype (fp32 by default, whatever the checkpoint holds); --precision
     # only sets the autocast compute dtype; final/ is saved in --save-dtype (default: the checkpoint's)
     source_dtype = getattr(student, "checkpoint_dtype", None) or parameter_dtype(student)
@@ -105,7 +114,8 @@ def fit(config: FitConfig, *, model: torch.nn.Module | None = None, tokenizer=No
     if cfg.fsdp:
         if world < 2:
             raise ConfigError("--fsdp: shards the student across processes; launch with torchrun --nproc-per-node N (N >= 2)")
-        module = shard_module(module, acc.device)  # before the optimizer: it must see the sharded parameters
+        compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        module = shard_module(module, acc.device, compute)  # before the optimizer: it must see the sharded parameters
     decay = [p for p in module.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in module.parameters() if p.requires_grad and p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
@@ -118,100 +128,119 @@ def fit(config: FitConfig, *, model: torch.nn.Module | None = None, tokenizer=No
 
     state = TrainState()
     ckpt_dir = out / "checkpoints"
-    if cfg.resume:
-        latest = latest_checkpoint(ckpt_dir)
-        if latest is None:
-            raise ConfigError(f"--resume: no checkpoint under {ckpt_dir}")
+    store_ids = [store_id(s.manifest) for s in train.stores]
+    latest = latest_checkpoint(ckpt_dir)
+    resuming = cfg.resume and latest is not None
+    if cfg.resume and latest is None and rank == 0:
+        print(f"--resume: no checkpoint under {ckpt_dir} yet; starting at step 0", file=sys.stderr)
+    if not cfg.resume and has_progress(out):
+        raise ConfigError(f"--out {out}: already holds a run with a checkpoint or final model; pass --resume to continue it "
+                          f"or choose another --out")
+    if resuming:
+        saved = TrainState(**json.loads((latest / STATE).read_text()))
+        for change in check_resume(out, cfg, store_ids, saved_store_ids(saved.history)):
+            if rank == 0:
+                print(f"--resume: {change}", file=sys.stderr)
         if cfg.fsdp:
             load_sharded(latest, module, optimizer)
             scheduler.load_state_dict(torch.load(latest / "scheduler.pt", weights_only=True))  # no unpickling of objects
         else:
             acc.load_state(str(latest))
-        state = TrainState(**json.loads((latest / STATE).read_text()))
+        state = saved
         train.load_state_dict(state.history["dataset"])
-    elif rank == 0 and (out / "metrics.jsonl").exists():
-        raise ConfigError(f"--out {out}: already holds a run; pass --resume to continue it or choose another --out")
+        set_schedule_step(scheduler, state.step)
+    state.history["stores"] = store_ids
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         if train.skipped:
             (out / "skipped_shards.json").write_text(json.dumps(train.skipped, indent=1))
-    log = MetricsLog(out, rank == 0, keep_until=state.step if cfg.resume else None)
+    log = MetricsLog(out, rank == 0, keep_until=state.step if resuming else 0)
 
     kd_args = dict(weights=weights, fuse_mode=cfg.fuse, loss=cfg.loss, tail=cfg.tail, beta=cfg.beta,
                    chunk_positions=cfg.chunk_positions, vocab_size=train.vocab_size, with_kd=cfg.alpha > 0)
-    bar = _progress(total, state.step, enabled=cfg.progress and rank == 0)
-    t_start = time.perf_counter() - state.elapsed
-    done = state.step >= total
-    while not done:
-        if state.consumed == 0:
-            train.set_epoch(state.epoch)
-        it = iter(_loader(train, cfg.num_workers, not cpu))
-        while state.step < total:
-            t0 = time.perf_counter()
-            try:
-                micro = list(islice(it, cfg.grad_accum))
-            except LogitStoreError as e:  # from a DataLoader worker: keep the original one-line message
-                raise type(e)(_worker_message(e) + " (or pass --skip-bad-shards to leave damaged shards out)") from None
-            t_data = time.perf_counter() - t0
-            if not micro:
-                break
-            train.consumed += len(micro)
-            state.consumed = train.consumed
-            T = temperature_at(state.step, total, cfg.temperature_schedule, cfg.temperature, cfg.temperature_final, cfg.temperature_gamma)
-            temps = list(cfg.teacher_temperatures) if cfg.teacher_temperatures else [T] * M
-            n_local = sum(int((mb["labels"] != -100).sum()) for mb in micro)
-            n_global = _all_sum(acc, n_local)
-            sums = torch.zeros(3, dtype=torch.float64)
-            module.train()
-            for i, mb in enumerate(micro):
-                mb = {k: v.to(acc.device, non_blocking=True) for k, v in mb.items()}
-                if online is not None:
-                    with torch.no_grad():  # not inference_mode: the logits feed the (student's) graph
-                        mb["teacher_logits"] = online(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits
-                last = i == len(micro) - 1
-                if cfg.fsdp:  # not wrapped by accelerate, so its autocast is applied here
-                    sync, cast = gradient_sync(module, last), acc.autocast()
-                else:
-                    sync, cast = (nullcontext() if last else acc.no_sync(module)), nullcontext()
-                with sync, cast:
-                    ce, kd, _ = module(mb, temperature=T, teacher_temperatures=temps, **kd_args)
-                    loss = cfg.alpha * kd + (1 - cfg.alpha) * ce
-                    acc.backward(loss * world / max(n_global, 1))  # DDP and FSDP average over ranks
-                sums += torch.tensor([float(loss.detach()), float(kd.detach()), float(ce.detach())], dtype=torch.float64)
-            grad_norm = _clip(acc, module, cfg) if cfg.grad_clip > 0 else None
-            lr = optimizer.param_groups[0]["lr"]  # the rate this step uses (get_last_lr after step() is the next one's)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            totals = _all_sum(acc, sums) / max(n_global, 1)
-            tokens = _all_sum(acc, sum(int(mb["attention_mask"].sum()) for mb in micro))
-            state.step += 1
-            state.tokens += tokens
-            state.elapsed = time.perf_counter() - t_start
-            row = {"step": state.step, "epoch": state.epoch, "loss": float(totals[0]), "kd_loss": float(totals[1]),
-                   "ce_loss": float(totals[2]), "lr": lr, "temperature": T, "tokens": state.tokens,
-                   "grad_norm": float(grad_norm) if grad_norm is not None else None, "data_wait_s": t_data,
-                   "tokens_per_s": state.tokens / state.elapsed if state.elapsed else None}
-            if state.step % cfg.log_every == 0 or state.step == total:
-                log.write(row)
-            bar.update(1)
-            bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
-            if evalset is not None and cfg.eval_every and state.step % cfg.eval_every == 0:
-                log.write({"eval": True, "step": state.step, **evaluate(acc, module, evalset, cfg, weights)})
-            if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
-                state.history["dataset"] = train.state_dict()
-                save_checkpoint(acc, ckpt_dir, state, cfg.keep_checkpoints, (module, optimizer, scheduler) if cfg.fsdp else None)
-        else:
-            done = True
-            continue
-        # the epoch's batches are exhausted
-        state.epoch += 1
-        state.consumed = train.consumed = 0
-        if cfg.max_steps is None and state.epoch >= cfg.epochs:
-            done = True
+    with StopRequests() as stop:  # SIGINT/SIGTERM: finish the step, checkpoint, exit (trainer/interrupt.py)
+        bar = _progress(total, state.step, enabled=cfg.progress and rank == 0)
+        t_start = time.perf_counter() - state.elapsed
+        done = state.step >= total
+        while not done:
+            if state.consumed == 0:
+                train.set_epoch(state.epoch)
+            it = iter(_loader(train, cfg.num_workers, not cpu, seed=cfg.seed + state.epoch))
+            while state.step < total:
+                t0 = time.perf_counter()
+                try:
+                    micro = list(islice(it, cfg.grad_accum))
+                except LogitStoreError as e:  # from a DataLoader worker: keep the original one-line message
+                    raise type(e)(_worker_message(e) + " (or pass --skip-bad-shards to leave damaged shards out)") from None
+                t_data = time.perf_counter() - t0
+                if not micro:
+                    break
+                train.consumed += len(micro)
+                state.consumed = train.consumed
+                T = temperature_at(state.step, total, cfg.temperature_schedule, cfg.temperature, cfg.temperature_final, cfg.temperature_gamma)
+                temps = list(cfg.teacher_temperatures) if cfg.teacher_temperatures else [T] * M
+                n_local = sum(int((mb["labels"] != -100).sum()) for mb in micro)
+                n_global = _all_sum(acc, n_local)
+                sums = torch.zeros(3, dtype=torch.float64)
+                module.train()
+                for i, mb in enumerate(micro):
+                    mb = {k: v.to(acc.device, non_blocking=True) for k, v in mb.items()}
+                    if online is not None:
+                        with torch.no_grad():  # not inference_mode: the logits feed the (student's) graph
+                            mb["teacher_logits"] = online(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits
+                    last = i == len(micro) - 1
+                    if cfg.fsdp:  # not wrapped by accelerate, so its autocast is applied here
+                        sync, cast = gradient_sync(module, last), acc.autocast()
+                    else:
+                        sync, cast = (nullcontext() if last else acc.no_sync(module)), nullcontext()
+                    with sync, cast:
+                        ce, kd, _ = module(mb, temperature=T, teacher_temperatures=temps, **kd_args)
+                        loss = cfg.alpha * kd + (1 - cfg.alpha) * ce
+                        acc.backward(loss * world / max(n_global, 1))  # DDP and FSDP average over ranks
+                    sums += torch.tensor([float(loss.detach()), float(kd.detach()), float(ce.detach())], dtype=torch.float64)
+                grad_norm = _clip(acc, module, cfg) if cfg.grad_clip > 0 else None
+                lr = optimizer.param_groups[0]["lr"]  # the rate this step uses (get_last_lr after step() is the next one's)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                totals = _all_sum(acc, sums) / max(n_global, 1)
+                tokens = _all_sum(acc, sum(int(mb["attention_mask"].sum()) for mb in micro))
+                state.step += 1
+                state.tokens += tokens
+                state.elapsed = time.perf_counter() - t_start
+                row = {"step": state.step, "epoch": state.epoch, "loss": float(totals[0]), "kd_loss": float(totals[1]),
+                       "ce_loss": float(totals[2]), "lr": lr, "temperature": T, "tokens": state.tokens,
+                       "grad_norm": float(grad_norm) if grad_norm is not None else None, "data_wait_s": t_data,
+                       "tokens_per_s": state.tokens / state.elapsed if state.elapsed else None}
+                if state.step % cfg.log_every == 0 or state.step == total:
+                    log.write(row)
+                bar.update(1)
+                bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
+                if evalset is not None and cfg.eval_every and state.step % cfg.eval_every == 0:
+                    log.write({"eval": True, "step": state.step, **evaluate(acc, module, evalset, cfg, eval_weights)})
+                saved_now = bool(cfg.checkpoint_every) and state.step % cfg.checkpoint_every == 0
+                if saved_now:
+                    state.history["dataset"] = train.state_dict()
+                    save_checkpoint(acc, ckpt_dir, state, cfg.keep_checkpoints, (module, optimizer, scheduler) if cfg.fsdp else None)
+                signum = _stop_signal(acc, stop)  # every rank stops after the same step
+                if signum:
+                    state.history["dataset"] = train.state_dict()
+                    path = ckpt_dir / f"step-{state.step:08d}" if saved_now else \
+                        save_checkpoint(acc, ckpt_dir, state, cfg.keep_checkpoints, (module, optimizer, scheduler) if cfg.fsdp else None)
+                    bar.close()
+                    log.close()
+                    raise Interrupted(state.step, signum, str(path))
+            else:
+                done = True
+                continue
+            # the epoch's batches are exhausted
+            state.epoch += 1
+            state.consumed = train.consumed = 0
+            if cfg.max_steps is None and state.epoch >= cfg.epochs:
+                done = True
     bar.close()
-    final_eval = evaluate(acc, module, evalset, cfg, weights) if evalset is not None else None
+    final_eval = evaluate(acc, module, evalset, cfg, eval_weights) if evalset is not None else None
     if final_eval is not None and not (cfg.eval_every and state.step % cfg.eval_every == 0):
         log.write({"eval": True, "step": state.step, **final_eval})
     state.history["dataset"] = train.state_dict()
@@ -250,6 +279,18 @@ def _online_teacher(cfg: FitConfig, train: DistillDataset, device: torch.device)
     return model
 
 
+def set_schedule_step(scheduler, step: int) -> None:
+    """Put the LR schedule at optimizer step ``step``. The schedule is a function of the step, so
+    this holds whatever a checkpoint's scheduler state says: checkpoints of multi-process runs made
+    before the schedule was stepped once per step record ``world_size`` times the step count."""
+    inner = getattr(scheduler, "scheduler", scheduler)  # accelerate's wrapper holds the LambdaLR
+    inner.last_epoch = step
+    lrs = [base * fn(step) for base, fn in zip(inner.base_lrs, inner.lr_lambdas)]
+    for group, lr in zip(inner.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    inner._last_lr = lrs
+
+
 def _worker_message(e: Exception) -> str:
     """The original message of an error re-raised by a DataLoader worker (the last traceback line)."""
     text = str(e)
@@ -259,8 +300,30 @@ def _worker_message(e: Exception) -> str:
     return last.split(": ", 1)[1] if ": " in last and last.split(": ", 1)[0].endswith("Error") else last
 
 
-def _loader(ds, workers: int, pin: bool) -> DataLoader:
-    return DataLoader(ds, batch_size=None, num_workers=workers, pin_memory=pin, prefetch_factor=4 if workers else None)
+def _loader(ds, workers: int, pin: bool, seed: int = 0) -> DataLoader:
+    """A loader with its own generator: by default ``iter(DataLoader)`` draws the workers' base seed
+    from the global torch RNG, which would shift dropout masks after a resume (the checkpoint
+    restores the RNG at a step, not at the start of the epoch's iterator)."""
+    return DataLoader(ds, batch_size=None, num_workers=workers, pin_memory=pin, prefetch_factor=4 if workers else None,
+                      generator=torch.Generator().manual_seed(seed), worker_init_fn=ignore_in_worker if workers else None)
+
+
+def _stop_signal(acc, stop: StopRequests) -> int:
+    """The signal that asked this run to stop on any rank (0: none), agreed by all ranks."""
+    local = stop.signum or 0
+    if acc.num_processes == 1:
+        return local
+    t = torch.tensor([local], dtype=torch.int64, device=acc.device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return int(t)
+
+
+def _quiet_libraries() -> None:
+    """``-q``: no loading/writing bars or advisory warnings from transformers (errors still show)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
 
 
 def _clip(acc, module, cfg: FitConfig) -> float:
@@ -289,13 +352,14 @@ def _progress(total: int, initial: int, enabled: bool):
 @torch.no_grad()
 def evaluate(acc, module, evalset: DistillDataset, cfg: FitConfig, weights: list[float]) -> dict:
     """Validation CE / perplexity, KL(fused teachers || student) at T = 1, and top-1 agreement of the
-    student with each teacher and with the fused target, over the whole held-out store."""
+    student with each teacher and with the fused target, over the whole held-out store. ``weights``:
+    one per teacher of ``evalset``, in its order (see :func:`match_teachers`)."""
     from .fusion import fuse
 
     inner = acc.unwrap_model(module)
     inner.eval()
     M = len(evalset.teachers)
-    w = weights if len(weights) == M else [1.0 / M] * M
+    w = weights  # per eval teacher, matched to the training teachers by identity (match_teachers)
     sums = torch.zeros(3 + M + 1, dtype=torch.float64)  # ce, kd, n, agree_m..., agree_fused
     for i, batch in enumerate(_loader(evalset, 0, False)):
         if cfg.eval_batches is not None and i >= cfg.eval_batches:
@@ -326,12 +390,7 @@ def evaluate(acc, module, evalset: DistillDataset, cfg: FitConfig, weights: list
     return res
 
 
-def latest_checkpoint(ckpt_dir: Path) -> Path | None:
-    done = sorted(p for p in ckpt_dir.glob("step-*") if (p / STATE).is_file())
-    return done[-1] if done else None
-
-
-def save_checkpoint(acc, ckpt_dir: Path, state: TrainState, keep: int, sharded: tuple | None = None) -> None:
+def save_checkpoint(acc, ckpt_dir: Path, state: TrainState, keep: int, sharded: tuple | None = None) -> Path:
     """Model, optimizer, scheduler, RNG (accelerate) plus our state; complete only once renamed.
     ``sharded`` = (module, optimizer, scheduler) of an FSDP run: every rank writes its shards."""
     final = ckpt_dir / f"step-{state.step:08d}"
@@ -353,6 +412,47 @@ def save_checkpoint(acc, ckpt_dir: Path, state: TrainState, keep: int, sharded: 
         for old in sorted(p for p in ckpt_dir.glob("step-*") if (p / STATE).is_file())[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     acc.wait_for_everyone()
+    return final
+
+
+def match_teachers(train: DistillDataset, evalset: DistillDataset, weights: list[float], url: str) -> list[float]:
+    """The training weights re-ordered for ``evalset``'s teachers, matched by identity (weights,
+    config and dtype, not by name or position): the eval store must hold the same teachers."""
+    from logitstore.manifest import teacher_identity
+
+    def ident(ds, si, name):
+        return json.dumps({k: v for k, v in teacher_identity(ds.stores[si].teacher(name)).items() if k != "k"}, sort_keys=True)
+
+    train_ids = [ident(train, si, n) for si, n in train.teachers]
+    out = []
+    for (si, name) in evalset.teachers:
+        key = ident(evalset, si, name)
+        if key not in train_ids:
+            raise ConfigError(f"--eval-logits {url}: teacher {name!r} is none of the training teachers "
+                              f"({', '.join(train.teacher_names)}); evaluate on a store of the same teachers")
+        out.append(weights[train_ids.index(key)])
+    if len(out) != len(train_ids):
+        missing = [train.teacher_names[i] for i, k in enumerate(train_ids) if k not in {ident(evalset, si, n) for si, n in evalset.teachers}]
+        raise ConfigError(f"--eval-logits {url}: lacks training teacher(s) {', '.join(missing)}; evaluate on a store of the same teachers")
+    return out
+
+
+def check_student_tokenizer(spec: str, train: DistillDataset) -> None:
+    """A student that ships a tokenizer must use the stores' (the same ids for the same text)."""
+    from transformers import AutoTokenizer
+
+    from logitstore.hashing import tokenizer_fingerprint
+
+    p = Path(spec)
+    if not (p.is_dir() and any((p / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json"))):
+        return
+    try:
+        tok = AutoTokenizer.from_pretrained(str(p))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--student {spec}: cannot load its tokenizer ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    if tokenizer_fingerprint(tok) != train.stores[0].manifest["tokenizer"]["fingerprint"]:
+        raise ConfigError(f"--student {spec}: its tokenizer differs from the stores' (the teachers'); a student must read "
+                          f"the same token ids the targets are over")
 
 
 def find_tokenizer(cfg: FitConfig, train: DistillDataset):
@@ -382,7 +482,7 @@ def save_final(student, path: Path, tokenizer, state_dict: dict | None = None, d
     shutil.rmtree(tmp, ignore_errors=True)
     sd = state_dict if state_dict is not None else student.state_dict()
     if dtype is not None:
-        sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+        sd = cast_state_dict(sd, dtype)
     if hasattr(student, "save_pretrained"):
         student.save_pretrained(tmp, safe_serialization=True, state_dict=sd)
         config = tmp / "config.json"
@@ -400,6 +500,22 @@ def save_final(student, path: Path, tokenizer, state_dict: dict | None = None, d
         tokenizer.save_pretrained(tmp)
     shutil.rmtree(path, ignore_errors=True)
     tmp.rename(path)
+
+
+def cast_state_dict(sd: dict, dtype: torch.dtype) -> dict:
+    """``sd`` with floating tensors in ``dtype``, copied to CPU one at a time (the device may still
+    hold the optimizer), and tensors that share storage (tied embeddings) still shared, so they are
+    saved once."""
+    out, done = {}, {}
+    for k, v in sd.items():
+        if not v.is_floating_point():
+            out[k] = v
+            continue
+        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), tuple(v.stride()))
+        if key not in done:
+            done[key] = v.detach().to("cpu", dtype)
+        out[k] = done[key]
+    return out
 
 
 class MetricsLog:

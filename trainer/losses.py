@@ -58,13 +58,33 @@ def _kl(p_lp: torch.Tensor, q_lp: torch.Tensor) -> torch.Tensor:
     return _kl_terms(p_lp, q_lp).sum(-1)
 
 
+class _OffSupportLogMass(torch.autograd.Function):
+    """``logsumexp`` of ``lp`` [N, V] over the ids not in ``idx`` [N, K]. Saves only ``lp`` (which
+    the log-softmax before it keeps anyway) and the result, not the masked [N, V] copy, which lives
+    only inside forward; backward is ``exp(lp - out)`` off the support, 0 on it."""
+
+    @staticmethod
+    def forward(ctx, lp, idx):
+        out = torch.logsumexp(lp.scatter(-1, idx, float("-inf")), -1)
+        ctx.save_for_backward(lp, idx, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        lp, idx, out = ctx.saved_tensors
+        g = torch.exp(lp - out[:, None]) * grad[:, None]  # [N, V], the gradient itself
+        g.scatter_(-1, idx, 0.0)
+        g.nan_to_num_(nan=0.0)  # rows with nothing off the support: out = -inf (the bucket is dropped there)
+        return g, None
+
+
 def off_support_logmass(student_lp: torch.Tensor, support: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """``log`` of the student's total probability off the support [N], summed directly over the
     other ``V - K`` tokens of ``student_lp`` [N, V] rather than as ``log(1 - mass on the support)``:
     float32 resolves the latter only down to ~6e-8, and a confident student lives below that (its
-    gradient would be lost or wrong there). Costs one masked copy of ``student_lp`` (per chunk)."""
+    gradient would be lost or wrong there). A masked copy of ``student_lp`` exists only while it runs."""
     idx = torch.where(valid, support, support[:, :1])  # padding repeats a real id: same mask
-    return torch.logsumexp(student_lp.scatter(-1, idx, float("-inf")), -1)
+    return _OffSupportLogMass.apply(student_lp, idx)
 
 
 def divergence(student_lp: torch.Tensor | None, target: SparseTarget, *, loss: str = "fkl", tail: str = "bucket",

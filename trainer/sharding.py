@@ -18,16 +18,29 @@ from pathlib import Path
 import torch
 
 
-def shard_module(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """Apply ``fully_shard`` to each transformer block of ``module.student`` and to ``module``."""
-    from torch.distributed.fsdp import fully_shard
+def shard_module(module: torch.nn.Module, device: torch.device, compute_dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """Apply ``fully_shard`` to each transformer block of ``module.student`` and to ``module``.
 
-    module.to(device)
+    Memory: the module stays where it was loaded (CPU) until ``fully_shard`` moves each block to
+    ``device`` and shards it, so a device holds one block's full parameters plus its shards, never
+    the whole float32 model. ``compute_dtype`` (the autocast dtype, or None): parameters are
+    all-gathered in it (half the traffic of the float32 master weights) and gradients reduced in
+    float32 (``MixedPrecisionPolicy``)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32) if compute_dtype is not None else None
+    kw = {"mp_policy": mp} if mp is not None else {}
     block_names = set(getattr(module.student, "_no_split_modules", None) or [])
     blocks = [m for m in module.student.modules() if type(m).__name__ in block_names]
     for b in blocks:
-        fully_shard(b)
-    fully_shard(module)  # evaluation goes through forward() too (return_argmax), so nothing else is registered
+        fully_shard(b, **kw)
+    fully_shard(module, **kw)  # the rest (embeddings, head, final norm); evaluation goes through forward() too
+    for mod in module.modules():  # buffers FSDP did not move (it moves those of the modules it manages)
+        for name, buf in list(mod._buffers.items()):
+            if buf is not None and buf.device != device:
+                mod._buffers[name] = buf.to(device)
     return module
 
 

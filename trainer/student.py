@@ -117,6 +117,9 @@ class DistillModule(torch.nn.Module):
         else:
             x = self.logits(ids, mask).reshape(B * L, -1)
             head = None
+            if x.shape[-1] < vocab_size:
+                raise ConfigError(f"--student: outputs {x.shape[-1]} logits per position, fewer than the store's vocabulary of "
+                                  f"{vocab_size}")
         target, t_logits = None, batch.get("teacher_logits")
         if t_logits is not None:  # online KD: [B, L, V_teacher] from a teacher run on this batch
             t_logits = t_logits.reshape(B * L, -1)[:, :vocab_size]

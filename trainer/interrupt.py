@@ -1,0 +1,62 @@
+"""Stopping a run cleanly on SIGINT (Ctrl-C) or SIGTERM (schedulers, ``torchrun`` shutting down).
+
+The handler only records the request; the loop finishes the optimizer step it is in, agrees with
+the other ranks that a stop was requested (any rank's request stops all of them at the same step),
+writes a checkpoint and raises :class:`Interrupted`, which the CLI turns into one line and the
+conventional exit code (130 for SIGINT, 143 for SIGTERM). A second signal while the checkpoint is
+being written falls through to the default behaviour (the process dies; the previous checkpoint
+stays complete: checkpoints are renamed into place only when whole).
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+
+class Interrupted(Exception):
+    """The run stopped at ``step`` because of ``signum``; a checkpoint of that step was written."""
+
+    def __init__(self, step: int, signum: int, checkpoint: str):
+        self.step, self.signum, self.checkpoint = step, signum, checkpoint
+        name = signal.Signals(signum).name
+        super().__init__(f"interrupted by {name} at step {step}; checkpoint {checkpoint} written; "
+                         f"re-run the same command with --resume to continue")
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+class StopRequests:
+    """Context manager: while active, SIGINT/SIGTERM set :attr:`signum` instead of killing the
+    process (only in the main thread; elsewhere it does nothing)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:  # a second signal: give up on the clean stop
+            signal.signal(signum, self._previous.get(signum) or signal.SIG_DFL)
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __enter__(self) -> "StopRequests":
+        if threading.current_thread() is threading.main_thread():
+            for s in self.SIGNALS:
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+        self._previous.clear()
+
+
+def ignore_in_worker(_worker_id: int) -> None:
+    """``DataLoader(worker_init_fn=...)``: workers share the terminal's process group, so Ctrl-C
+    reaches them too; they leave it to the main process, which stops at a step boundary."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
