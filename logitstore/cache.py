@@ -14,7 +14,8 @@ import os
 import uuid
 from pathlib import Path
 
-from .errors import StorageError
+from .errors import FormatError, StorageError
+from .fsio import read_regular_file
 from .hashing import sha256_hex
 
 
@@ -30,11 +31,9 @@ class FileCache:
     def get(self, sha256: str, size: int, verify: bool = True) -> bytes | None:
         """The cached bytes of a file with this checksum and size, or None (absent or damaged)."""
         p = self._path(sha256)
-        try:
-            if p.stat().st_size != size:
-                return None
-            data = p.read_bytes()
-        except OSError:
+        try:  # a regular file of exactly ``size`` bytes, read boundedly (never a FIFO or a device)
+            data = read_regular_file(p, size, size)
+        except (OSError, FormatError):
             return None
         if verify and sha256_hex(data) != sha256:
             return None

@@ -14,8 +14,13 @@ Two encodings turn these into plain named arrays that a backend stores as they a
     ``codes``: log-probs quantised per position on a uniform grid of ``2**value_bits - 1`` steps
     between ``lp_lo`` and ``lp_hi`` (multiples of 1/64 nat, rounded outwards). The absolute error of
     every log-prob is at most ``(lp_hi - lp_lo) / (2 * (2**value_bits - 1))``, plus float32 rounding.
-    ``gold_logprob`` and ``entropy`` are fixed-point in 1/256 nat (error <= 1/512 nat), ``tail_mass``
-    is float16. Entries come back ordered by id rank, not by probability.
+    ``gold_logprob`` and ``entropy`` are fixed-point in 1/256 nat (error <= 1/512 nat). The tail mass
+    is ``tail_nlog`` (``tail: "log"``, written by this version): ``round(-ln(tail) * 1024)`` as
+    uint16, relative error <= exp(2^-11) - 1 + 2^-23 < 4.9e-4 for every tail >= e^-64 (1.6e-28), 65535 for a
+    tail of exactly 0; stores written before it (no ``tail`` field) hold ``tail_mass`` in float16
+    (relative error <= 2^-11 only above 2^-14 = 6.1e-5; below, absolute error <= 2^-25 = 3e-8 and
+    tails under 3e-8 read as 0), and are still read. Entries come back ordered by id rank, not by
+    probability.
 
 All functions work on flattened positions: ``ids``/``logprobs`` are ``[N, k]`` with ``N = S * L``.
 """
@@ -34,6 +39,14 @@ SCALARS = ("tail_mass", "gold_logprob", "entropy")
 BOUND_SCALE = 64
 #: compact: ``gold_logprob`` as ``round(-lp * SCALAR_SCALE)`` (uint32), ``entropy`` as ``round(H * SCALAR_SCALE)`` (uint16)
 SCALAR_SCALE = 256
+#: compact, ``tail: "log"``: ``tail_nlog = round(-ln(tail) * TAIL_SCALE)`` (uint16), clipped to
+#: ``TAIL_MAX_CODE`` (tails below e^-64 ~ 1.6e-28); ``TAIL_ZERO`` stands for a tail of exactly 0
+TAIL_SCALE = 1024
+TAIL_MAX_CODE = 65534
+TAIL_ZERO = 65535
+#: how compact stores the tail mass: "log" (``tail_nlog``, above) or "float16" (``tail_mass``, the
+#: first version's; implied by a manifest without ``tail``)
+TAILS = ("log", "float16")
 
 
 def id_dtype(vocab_size: int) -> np.dtype:
@@ -51,26 +64,37 @@ class Encoding:
 
     name: str = "compact"
     value_bits: int = 7
+    #: compact only: how the tail mass is stored (:data:`TAILS`); new stores use "log"
+    tail: str = "log"
 
     def __post_init__(self) -> None:
         if self.name not in ENCODINGS:
             raise FormatError(f"encoding.name: expected one of {ENCODINGS}, got {self.name!r}")
         if not isinstance(self.value_bits, int) or not 2 <= self.value_bits <= 8:
             raise FormatError(f"encoding.value_bits: expected an integer in [2, 8], got {self.value_bits!r}")
+        if self.tail not in TAILS:
+            raise FormatError(f"encoding.tail: expected one of {TAILS}, got {self.tail!r}")
+        if self.name == "lossless":  # stores float32 tails; the field means nothing there
+            object.__setattr__(self, "tail", "log")
 
     def to_dict(self) -> dict:
         if self.name == "lossless":
             return {"name": "lossless"}
-        return {"name": self.name, "value_bits": self.value_bits}
+        d = {"name": self.name, "value_bits": self.value_bits}
+        if self.tail != "float16":  # the first version's stores have no "tail": their ids stay the same
+            d["tail"] = self.tail
+        return d
 
     @classmethod
     def from_dict(cls, d: object) -> "Encoding":
         if not isinstance(d, dict) or not isinstance(d.get("name"), str):
             raise FormatError(f"encoding: expected an object with a string 'name', got {d!r}")
-        unknown = set(d) - {"name", "value_bits"}
+        unknown = set(d) - {"name", "value_bits", "tail"}
         if unknown:
             raise FormatError(f"encoding: unknown fields {sorted(unknown)}")
-        return cls(name=d["name"], value_bits=d.get("value_bits", 7))
+        if d["name"] == "lossless" and "tail" in d:
+            raise FormatError("encoding.tail: only the compact encoding has one")
+        return cls(name=d["name"], value_bits=d.get("value_bits", 7), tail=d.get("tail", "float16"))
 
     @property
     def levels(self) -> int:
@@ -88,7 +112,7 @@ class Encoding:
             "codes": (np.dtype(np.uint8), (k,)),
             "lp_lo": (u32, ()),
             "lp_hi": (u32, ()),
-            "tail_mass": (np.dtype(np.float16), ()),
+            **({"tail_nlog": (np.dtype(np.uint16), ())} if self.tail == "log" else {"tail_mass": (np.dtype(np.float16), ())}),
             "gold_logprob": (u32, ()),
             "entropy": (np.dtype(np.uint16), ()),
         }
@@ -130,7 +154,10 @@ class Encoding:
         q = np.rint((lp - lo32[:, None]) * (self.levels / span)[:, None])
         out["codes"] = np.clip(q, 0, self.levels).astype(np.uint8)
         out["lp_lo"], out["lp_hi"] = lo_q, hi_q
-        out["tail_mass"] = scalars["tail_mass"].astype(np.float16)
+        if self.tail == "log":
+            out["tail_nlog"] = encode_tail(scalars["tail_mass"])
+        else:
+            out["tail_mass"] = scalars["tail_mass"].astype(np.float16)
         gold = np.clip(np.rint(-scalars["gold_logprob"].astype(np.float64) * SCALAR_SCALE), 0, 2**32 - 1)
         out["gold_logprob"] = gold.astype(np.uint32)
         ent = np.clip(np.rint(scalars["entropy"].astype(np.float64) * SCALAR_SCALE), 0, 2**16 - 1)
@@ -158,7 +185,7 @@ class Encoding:
         logprobs *= step[:, None]
         logprobs += lo[:, None]
         scalars = {
-            "tail_mass": arrays["tail_mass"].astype(np.float32),
+            "tail_mass": decode_tail(arrays["tail_nlog"]) if self.tail == "log" else arrays["tail_mass"].astype(np.float32),
             "gold_logprob": arrays["gold_logprob"].astype(np.float32) * np.float32(-1.0 / SCALAR_SCALE),
             "entropy": arrays["entropy"].astype(np.float32) * np.float32(1.0 / SCALAR_SCALE),
         }
@@ -170,6 +197,36 @@ class Encoding:
             return np.zeros(logprobs.shape[0], dtype=np.float32)
         lo, hi = _bounds(*_bounds_q(logprobs))
         return ((hi.astype(np.float64) - lo) / (2 * self.levels) + 1e-6 * np.maximum(1.0, np.abs(lo))).astype(np.float32)
+
+
+def encode_tail(tail: np.ndarray) -> np.ndarray:
+    """``tail_nlog`` of tail masses: ``round(-ln(tail) * 1024)`` as uint16, clipped to [0, 65534]
+    (a tail above 1 from float32 rounding reads as 1, one below e^-64 as e^-64); 65535 for 0."""
+    t = np.asarray(tail, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        code = np.rint(-np.log(t) * TAIL_SCALE)
+    code = np.clip(np.nan_to_num(code, nan=TAIL_MAX_CODE, posinf=TAIL_MAX_CODE), 0, TAIL_MAX_CODE).astype(np.uint16)
+    code[~(t > 0)] = TAIL_ZERO
+    return code
+
+
+def decode_tail(code: np.ndarray) -> np.ndarray:
+    """Tail masses (float32) from ``tail_nlog``: ``exp(-code / 1024)``, 0 for 65535."""
+    out = np.exp(code.astype(np.float32) * np.float32(-1.0 / TAIL_SCALE))
+    out[code == TAIL_ZERO] = 0
+    return out
+
+
+def tail_error_bound(tail: np.ndarray, encoding: "Encoding") -> np.ndarray:
+    """Documented bound on ``|decoded - exact|`` of tail masses (FORMAT.md), float64."""
+    t = np.asarray(tail, dtype=np.float64)
+    if encoding.name == "lossless":
+        return np.zeros_like(t)
+    if encoding.tail == "log":
+        rel = np.expm1(0.5 / TAIL_SCALE) + 2.0**-23  # half a step in log space, plus float32 exp/rounding
+        return np.where(t >= np.exp(-TAIL_MAX_CODE / TAIL_SCALE), rel * t, np.exp(-TAIL_MAX_CODE / TAIL_SCALE))
+    # float16 round to nearest: relative 2^-11 for normal numbers (>= 2^-14), absolute 2^-25 below
+    return np.where(t >= 2.0**-14, 2.0**-11 * t, 2.0**-25)
 
 
 #: rows per block when decoding ids: the rank buffer stays in cache (1.4x faster than whole arrays)

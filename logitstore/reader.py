@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from . import layout
-from .backends import get_backend
+from .backends import AtMost, get_backend
 from .cache import FileCache
 from .codec import SCALARS, Encoding, id_dtype
 from .errors import FormatError
@@ -89,9 +89,7 @@ class Store:
                 if data is not None:
                     out[rel] = data
                     continue
-            data = self.fs.read(where, max_bytes=meta["bytes"])
-            if len(data) != meta["bytes"]:
-                raise FormatError(f"{where}: {len(data)} bytes, manifest says {meta['bytes']}")
+            data = self.fs.read(where, size=meta["bytes"])  # a regular file of exactly that size, or refused
             if (self.verify_checksums or self.file_cache is not None) and sha256_hex(data) != meta["sha256"]:
                 raise FormatError(f"{where}: sha256 mismatch (file is corrupt)")
             if self.file_cache is not None:
@@ -123,7 +121,7 @@ class Store:
         t = next(t for t in self.manifest["teachers"] if t["part"] == part)
         specs = {name: (dt, (n, L) + shape) for name, (dt, shape) in self.encoding.array_specs(t["k"], self.vocab_size).items()}
         if self.encoding.name == "compact":
-            specs["id_order"] = (id_dtype(self.vocab_size), (None,))
+            specs["id_order"] = (id_dtype(self.vocab_size), (AtMost(self.vocab_size),))  # refused before decoding if longer
         return specs
 
     def read_part(self, shard: int, part: str) -> dict[str, np.ndarray]:

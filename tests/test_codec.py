@@ -74,7 +74,86 @@ def test_compact_detects_ids_outside_vocab():
         enc.decode(arrays, 300)
 
 
-@pytest.mark.parametrize("bad", [{"name": "zip"}, {"name": "compact", "value_bits": 12}, {"name": "compact", "x": 1}, "compact"])
+@pytest.mark.parametrize("bad", [{"name": "zip"}, {"name": "compact", "value_bits": 12}, {"name": "compact", "x": 1}, "compact",
+                                 {"name": "compact", "value_bits": 7, "tail": "bf16"}, {"name": "lossless", "tail": "log"}])
 def test_unknown_encodings_are_refused(bad):
     with pytest.raises(FormatError, match="encoding"):
         Encoding.from_dict(bad)
+
+
+def _tail_round_trip(enc, tails):
+    n = len(tails)
+    ids = np.zeros((n, 1), np.int64)
+    lp = np.log1p(-np.minimum(tails.astype(np.float64), 1 - 1e-7))[:, None].astype(np.float32)
+    sc = {"tail_mass": tails, "gold_logprob": lp[:, 0], "entropy": np.zeros(n, np.float32)}
+    return enc.decode(enc.encode(ids, lp, sc, 2), 2)[2]["tail_mass"].astype(np.float64)
+
+
+def test_tail_mass_within_the_documented_bound_from_1e_12_to_1():
+    """FORMAT.md's tail bound over a sweep of tails, for both tail encodings of ``compact``. The
+    first version's claim for float16 ("relative error <= 2^-11") is false below 6.1e-5."""
+    from logitstore.codec import tail_error_bound
+
+    tails = np.concatenate([np.geomspace(1e-12, 1, 40_001), np.geomspace(2**-14, 2**-26, 2_001), [1.0]]).astype(np.float32)
+    exact = tails.astype(np.float64)
+    new, old = Encoding("compact"), Encoding.from_dict({"name": "compact", "value_bits": 7})
+    assert new.tail == "log" and old.tail == "float16" and new.to_dict()["tail"] == "log" and "tail" not in old.to_dict()
+    for enc in (new, old):
+        err = np.abs(_tail_round_trip(enc, tails) - exact)
+        bound = tail_error_bound(exact, enc)
+        assert (err <= bound).all(), (enc, tails[np.argmax(err - bound)])
+    err_new = np.abs(_tail_round_trip(new, tails) - exact)
+    assert (err_new <= 4.9e-4 * exact).all()  # the stated relative bound, down to 1e-12 (and to 1.6e-28)
+    err_old = np.abs(_tail_round_trip(old, tails) - exact)
+    assert (err_old > 2**-11 * exact).any()  # what FORMAT.md used to claim for float16 does not hold
+    assert (err_old[exact >= 2**-14] <= 2**-11 * exact[exact >= 2**-14]).all()
+
+
+def test_tail_zero_only_for_an_exact_zero():
+    """Which tails decode to 0: with the log tail only an exact 0; tiny tails stay positive."""
+    tails = np.array([0.0, 1e-45, 1e-38, 1e-30, 1e-28, 1e-20, 1e-10, 2.9e-8, 1.0], np.float32)
+    dec = _tail_round_trip(Encoding("compact"), tails)
+    assert dec[0] == 0 and (dec[1:] > 0).all()
+    assert dec[1] == pytest.approx(np.exp(-65534 / 1024), rel=1e-6)  # below e^-64: clamped there
+    old = _tail_round_trip(Encoding("compact", tail="float16"), tails)
+    assert (old[:8] == 0).all()  # float16 reads every tail under 3e-8 as 0
+
+
+def test_stores_of_the_first_version_with_float16_tails_still_read(tmp_path, llama_dir, corpus):
+    """A store written before ``tail: "log"`` (encoding without ``tail``, ``tail_mass`` float16)."""
+    import hashlib
+    import json
+    import shutil
+
+    import logitstore
+    from logitstore.dump import DumpConfig, dump
+    from logitstore.verify import verify
+
+    out = tmp_path / "s"
+    dump(DumpConfig(teachers=(f"t={llama_dir}",), data=str(corpus), out=str(out), top_k=4, seq_len=16, max_tokens=200,
+                    shard_sequences=4, progress=False))
+    store = logitstore.open(str(out))
+    assert store.manifest["encoding"] == {"name": "compact", "value_bits": 7, "tail": "log"}
+    new_tails = np.concatenate([store.load_shard(j)["teachers"]["t"]["tail_mass"] for j in range(store.n_shards)])
+    old = Encoding.from_dict({"name": "compact", "value_bits": 7})
+    m = json.loads((out / "manifest.json").read_text())
+    for j, entry in enumerate(m["shards"]):
+        td = store.load_shard(j)["teachers"]["t"]
+        n, L, k = td["ids"].shape
+        flat = old.encode(td["ids"].reshape(-1, k), td["logprobs"].reshape(-1, k),
+                          {s: td[s].reshape(-1) for s in SCALARS}, store.vocab_size)
+        arrays = {a: (v if a == "id_order" else v.reshape(n, L, *v.shape[1:])) for a, v in flat.items()}
+        part_dir = out / entry["path"] / "t0"
+        shutil.rmtree(part_dir)
+        files = store.backend.encode_part(arrays, 4)
+        for rel, data in files.items():
+            (part_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+            (part_dir / rel).write_bytes(data)
+        entry["parts"]["t0"]["files"] = {rel: {"bytes": len(d), "sha256": hashlib.sha256(d).hexdigest()} for rel, d in files.items()}
+    m["encoding"] = {"name": "compact", "value_bits": 7}
+    (out / "manifest.json").write_text(json.dumps(m))
+    again = logitstore.open(str(out))
+    assert again.encoding.tail == "float16" and "tail_mass" in again.part_specs(0, "t0")
+    old_tails = np.concatenate([again.load_shard(j)["teachers"]["t"]["tail_mass"] for j in range(again.n_shards)])
+    np.testing.assert_array_equal(old_tails, new_tails.astype(np.float16).astype(np.float32))
+    assert verify(str(out)) == []

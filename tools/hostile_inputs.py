@@ -50,6 +50,14 @@ ROWS = {
     "damaged compressed chunk read with checksums off": ["tests/test_backends.py::test_zarr_fast_path_reports_damaged_compressed_bytes"],
     "store without a manifest (crashed dump)": ["tests/test_errors.py::test_unfinished_store_is_not_readable"],
     "store failing its checksums given to trainer fit": ["tests/test_faults.py::test_fit_refuses_a_damaged_store_by_default"],
+    "store files that are a FIFO, /dev/zero or a link out of the root (reader, verify, cache)": [
+        "tests/test_hostile_files.py::test_non_regular_or_outside_shard_file_is_refused",
+        "tests/test_hostile_files.py::test_manifest_that_is_not_a_regular_file_is_refused",
+        "tests/test_hostile_files.py::test_cache_entry_that_is_a_fifo_is_a_miss"],
+    "well-signed Parquet decompression bomb (rows, list sizes)": [
+        "tests/test_hostile_files.py::test_parquet_bomb_is_refused_from_the_footer_before_decoding"],
+    "well-signed zarr chunk shapes of 0, < 0 or beyond the array": [
+        "tests/test_hostile_files.py::test_zarr_chunk_shapes_are_checked_before_opening"],
 }
 
 

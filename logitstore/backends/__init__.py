@@ -14,8 +14,16 @@ import numpy as np
 
 from ..errors import FormatError
 
-#: name -> (dtype, shape); a ``None`` dimension is variable, bounded by the next entry in ``bounds``.
+#: name -> (dtype, shape); a dimension is an int (exact), an :class:`AtMost` (variable, bounded) or
+#: ``None`` (variable, unbounded).
 ArraySpecs = dict[str, tuple[np.dtype, tuple]]
+
+
+class AtMost(int):
+    """A variable dimension of at most this many entries (``id_order``: at most the vocabulary)."""
+
+    def __repr__(self) -> str:
+        return f"<={int(self)}"
 
 
 class Backend(Protocol):
@@ -48,5 +56,6 @@ def check_array(name: str, dtype: np.dtype, shape: tuple, spec: tuple, where: st
     want_dtype, want_shape = spec
     if np.dtype(dtype) != np.dtype(want_dtype):
         raise FormatError(f"{where}/{name}: expected dtype {np.dtype(want_dtype)}, found {np.dtype(dtype)}")
-    if len(shape) != len(want_shape) or any(w is not None and w != s for w, s in zip(want_shape, shape)):
+    if len(shape) != len(want_shape) or any(
+            w is not None and (s > w if isinstance(w, AtMost) else w != s) for w, s in zip(want_shape, shape)):
         raise FormatError(f"{where}/{name}: expected shape {tuple(want_shape)}, found {tuple(shape)}")

@@ -19,6 +19,12 @@ from ..errors import FormatError
 from . import PART_LEVEL, ArraySpecs, check_array
 
 ROWS = "part.parquet"
+#: Uncompressed bytes a column chunk may hold per value it must decode to: the widest physical
+#: type we write (4 bytes; uint8/uint16 are stored as INT32) plus repetition/definition levels of
+#: the nested lists, with room to spare. A footer claiming more is refused before decompressing.
+MAX_BYTES_PER_VALUE = 16
+#: plus this much per column chunk (page headers, statistics, tiny columns)
+SLACK_BYTES = 1 << 20
 
 
 def _to_column(a: np.ndarray) -> pa.Array:
@@ -68,16 +74,19 @@ class ArrowBackend:
     def decode_part(self, files: dict[str, bytes], specs: ArraySpecs, where: str) -> dict[str, np.ndarray]:
         out = {}
         try:
-            tables = {}
+            by_file: dict[str, dict] = {}
             for name, spec in specs.items():
                 fname = f"{name}.parquet" if name in PART_LEVEL else ROWS
                 if fname not in files:
                     raise FormatError(f"{where}: missing file {fname}")
-                if fname not in tables:
-                    tables[fname] = pq.read_table(pa.BufferReader(files[fname]))
-                table = tables[fname]
-                if name not in table.column_names:
-                    raise FormatError(f"{where}/{fname}: missing column {name!r}")
+                by_file.setdefault(fname, {})[name] = spec
+            tables = {}
+            for fname, fspecs in by_file.items():
+                pf = pq.ParquetFile(pa.BufferReader(files[fname]))
+                _check_footer(pf, fspecs, fname, where)  # shapes, value counts and sizes, before decoding
+                tables[fname] = pf.read(columns=list(fspecs))  # only the checked columns
+            for name, spec in specs.items():
+                table = tables[f"{name}.parquet" if name in PART_LEVEL else ROWS]
                 col = table.column(name)
                 check_array(name, _leaf(col.type).to_pandas_dtype(), _shape_of(col), spec, where)
                 values, shape = _from_column(col)
@@ -87,6 +96,40 @@ class ArrowBackend:
         except Exception as e:  # pyarrow raises several types for malformed files
             raise FormatError(f"{where}: cannot decode parquet part ({type(e).__name__}: {e})") from e
         return out
+
+
+def _check_footer(pf: pq.ParquetFile, specs: ArraySpecs, fname: str, where: str) -> None:
+    """Check a Parquet file's footer against the declared arrays before any page is decompressed:
+    every column's type and shape (rows from the footer), its number of values, and its total
+    uncompressed size against :data:`MAX_BYTES_PER_VALUE` per value (a decompression bomb)."""
+    md, schema = pf.metadata, pf.schema_arrow
+    rows = md.num_rows
+    groups = [md.row_group(i) for i in range(md.num_row_groups)]
+    if sum(g.num_rows for g in groups) != rows:
+        raise FormatError(f"{where}/{fname}: row groups hold {sum(g.num_rows for g in groups)} rows, the footer says {rows}")
+    for name, spec in specs.items():
+        i = schema.get_field_index(name)
+        if i < 0:
+            raise FormatError(f"{where}/{fname}: missing column {name!r}")
+        t, dims = schema.field(i).type, []
+        while pa.types.is_fixed_size_list(t):
+            dims.append(t.list_size)
+            t = t.value_type
+        try:
+            dtype = np.dtype(t.to_pandas_dtype())
+        except (NotImplementedError, TypeError):
+            raise FormatError(f"{where}/{name}: unsupported column type {schema.field(i).type}") from None
+        check_array(name, dtype, (rows, *dims), spec, where)
+        values = int(np.prod((rows, *dims), dtype=np.int64))
+        chunks = [g.column(j) for g in groups for j in range(g.num_columns) if g.column(j).path_in_schema.split(".")[0] == name]
+        found = sum(c.num_values for c in chunks)
+        if found != values:
+            raise FormatError(f"{where}/{fname}: column {name!r} holds {found} values, its shape {(rows, *dims)} needs {values}")
+        unc = sum(c.total_uncompressed_size for c in chunks)
+        bound = values * MAX_BYTES_PER_VALUE + SLACK_BYTES * max(len(chunks), 1)
+        if unc > bound:
+            raise FormatError(f"{where}/{fname}: column {name!r} declares {unc} bytes uncompressed, more than the "
+                              f"{bound} its shape {(rows, *dims)} allows")
 
 
 def _shape_of(col) -> tuple[int, ...]:

@@ -8,6 +8,8 @@ only codecs from the zarr v3 spec are used, so any v3 implementation can read a 
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
@@ -33,10 +35,50 @@ def _codec_names(codecs) -> set[str]:
     return names
 
 
+def _dims(v: object, rank: int, what: str) -> tuple[int, ...]:
+    if not isinstance(v, list) or len(v) != rank or not all(type(x) is int and x >= 1 for x in v):
+        raise FormatError(f"{what}: expected {rank} positive integers, got {v!r}")
+    return tuple(v)
+
+
+def check_chunking(meta: dict, shape: tuple[int, ...], name: str, where: str) -> None:
+    """Refuse chunk and shard shapes that could divide by zero or make a decoder allocate more than
+    the array: a regular grid of positive chunk shapes; with ``sharding_indexed`` (once, not nested)
+    inner chunks of at most the array's extent (at least 1) that divide the shard, and a shard that
+    ends less than one inner chunk past the array; without sharding, chunks of at most the array's
+    extent. Called before zarr or the fast path opens anything."""
+    w = f"{where}/{name}/zarr.json"
+    grid = meta.get("chunk_grid")
+    if not isinstance(grid, dict) or grid.get("name") != "regular" or not isinstance(grid.get("configuration"), dict):
+        raise FormatError(f"{w}: chunk_grid: expected a regular chunk grid")
+    rank = len(shape)
+    outer = _dims(grid["configuration"].get("chunk_shape"), rank, f"{w}: chunk_grid chunk_shape")
+    extent = tuple(max(s, 1) for s in shape)
+    codecs = [c if isinstance(c, dict) else {"name": c} for c in (meta.get("codecs") or [])]
+    sharding = [c for c in codecs if c.get("name") == "sharding_indexed"]
+    if not sharding:
+        if any(o > e for o, e in zip(outer, extent)):
+            raise FormatError(f"{w}: chunk shape {list(outer)} exceeds the array's shape {list(shape)}")
+        return
+    if len(sharding) > 1:
+        raise FormatError(f"{w}: more than one sharding_indexed codec")
+    conf = sharding[0].get("configuration")
+    if not isinstance(conf, dict):
+        raise FormatError(f"{w}: sharding_indexed: expected a configuration object")
+    inner = _dims(conf.get("chunk_shape"), rank, f"{w}: sharding_indexed chunk_shape")
+    for c in list(conf.get("codecs") or []) + list(conf.get("index_codecs") or []):
+        if (c.get("name") if isinstance(c, dict) else c) == "sharding_indexed":
+            raise FormatError(f"{w}: nested sharding_indexed codecs are not supported")
+    if any(i > e for i, e in zip(inner, extent)):
+        raise FormatError(f"{w}: inner chunk shape {list(inner)} exceeds the array's shape {list(shape)}")
+    if any(o % i for o, i in zip(outer, inner)):
+        raise FormatError(f"{w}: inner chunk shape {list(inner)} does not divide the shard shape {list(outer)}")
+    if any(o >= e + i for o, e, i in zip(outer, extent, inner)):
+        raise FormatError(f"{w}: shard shape {list(outer)} extends a whole inner chunk past the array's shape {list(shape)}")
+
+
 def _fast_decode(files: dict[str, bytes], name: str, spec, where: str):
     """Check the array's metadata against the spec, then decode it directly (None: use zarr)."""
-    import json
-
     raw = files.get(f"{name}/zarr.json")
     if raw is None:
         raise FormatError(f"{where}: missing array {name!r}")
@@ -46,6 +88,9 @@ def _fast_decode(files: dict[str, bytes], name: str, spec, where: str):
     except (ValueError, KeyError, TypeError):
         return None
     check_array(name, dtype, shape, spec, where)
+    if not all(type(s) is int and s >= 0 for s in shape):
+        raise FormatError(f"{where}/{name}/zarr.json: shape: expected non-negative integers, got {list(shape)}")
+    check_chunking(meta, shape, name, where)
     return decode_array(files, name, where, meta)
 
 
@@ -100,6 +145,7 @@ class ZarrBackend:
                 if bad:
                     raise FormatError(f"{where}/{name}: unsupported codecs {sorted(bad)}")
                 check_array(name, arr.dtype, arr.shape, spec, where)
+                check_chunking(json.loads(files[f"{name}/zarr.json"]), tuple(arr.shape), name, where)
                 out[name] = arr[...]
         except FormatError:
             raise

@@ -57,7 +57,7 @@ def _layout(meta: dict):
         if any(o < s for o, s in zip(outer, shape)) or any(o % i for o, i in zip(outer, inner)) or inner[1:] != shape[1:]:
             return None  # more than one shard, or inner chunks that split trailing axes
         return np.dtype(dtype), shape, outer, inner
-    except (KeyError, TypeError, ValueError, AttributeError):
+    except (KeyError, TypeError, ValueError, AttributeError, ArithmeticError):
         return None
 
 
