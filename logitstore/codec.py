@@ -174,7 +174,9 @@ class Encoding:
             ids = arrays["ids"]
             if ids.size and int(ids.max()) >= vocab_size:
                 raise FormatError(f"ids: found id {int(ids.max())} >= vocab_size {vocab_size}")
-            return ids, arrays["logprobs"], {s: arrays[s] for s in SCALARS}
+            scalars = {s: arrays[s] for s in SCALARS}
+            check_values(arrays["logprobs"], scalars)
+            return ids, arrays["logprobs"], scalars
         id_order = arrays["id_order"]
         if id_order.size and int(id_order.max()) >= vocab_size:
             raise FormatError(f"id_order: found id {int(id_order.max())} >= vocab_size {vocab_size}")
@@ -189,6 +191,8 @@ class Encoding:
             "gold_logprob": arrays["gold_logprob"].astype(np.float32) * np.float32(-1.0 / SCALAR_SCALE),
             "entropy": arrays["entropy"].astype(np.float32) * np.float32(1.0 / SCALAR_SCALE),
         }
+        if self.tail != "log":  # the other compact values are bounded by construction (unsigned fixed point)
+            check_values(None, {"tail_mass": scalars["tail_mass"]})
         return ids, logprobs, scalars
 
     def error_bound(self, logprobs: np.ndarray) -> np.ndarray:
@@ -197,6 +201,28 @@ class Encoding:
             return np.zeros(logprobs.shape[0], dtype=np.float32)
         lo, hi = _bounds(*_bounds_q(logprobs))
         return ((hi.astype(np.float64) - lo) / (2 * self.levels) + 1e-6 * np.maximum(1.0, np.abs(lo))).astype(np.float32)
+
+
+#: slack for float32 rounding in the value checks (a log-prob of +1e-6 is rounding, +0.1 is not)
+VALUE_TOL = 1e-4
+
+
+def check_values(logprobs: np.ndarray | None, scalars: dict[str, np.ndarray]) -> None:
+    """Refuse decoded values no teacher can produce (non-finite, log-probs above 0, tails outside
+    [0, 1], negative entropy), naming the field; padding positions hold zeros, which pass. Two
+    reductions per array (a NaN makes ``min``/``max`` NaN), so it costs little next to decoding."""
+    checks = [("logprobs", logprobs, -np.inf, VALUE_TOL, "(-inf, 0]")] if logprobs is not None else []
+    checks += [(n, scalars[n], lo, hi, label) for n, lo, hi, label in (
+        ("tail_mass", 0.0, 1.0 + VALUE_TOL, "[0, 1]"), ("gold_logprob", -np.inf, VALUE_TOL, "(-inf, 0]"),
+        ("entropy", -VALUE_TOL, np.inf, "[0, inf)")) if n in scalars]
+    for name, arr, lo, hi, label in checks:
+        if not arr.size:
+            continue
+        mn, mx = float(arr.min()), float(arr.max())
+        if not (np.isfinite(mn) and np.isfinite(mx)):
+            raise FormatError(f"{name}: non-finite values (found [{mn:.6g}, {mx:.6g}])")
+        if not (lo <= mn and mx <= hi):
+            raise FormatError(f"{name}: outside {label} (found [{mn:.6g}, {mx:.6g}])")
 
 
 def encode_tail(tail: np.ndarray) -> np.ndarray:

@@ -32,6 +32,8 @@ class Store:
         self.fs = StoreFS(url)
         self.url = url
         if not self.fs.exists(MANIFEST):
+            if not self.fs.exists():
+                raise FormatError(f"{url}: no such store (nothing at this path)")
             hint = " (a dump is unfinished or crashed: re-run it to complete)" if self.fs.exists("plan.json") else ""
             raise FormatError(f"{url}: no {MANIFEST}; not a complete logitstore store{hint}")
         self.manifest = parse_manifest(self.fs.read(MANIFEST, MAX_MANIFEST_BYTES), f"{url}/{MANIFEST}")
@@ -193,7 +195,8 @@ class Store:
         """Yield padded batches in store order: ``input_ids`` [B, L], ``length`` [B], ``seq_hash``
         [B, 16] and ``teachers`` as in :meth:`load_shard` with a leading batch dimension. Arrays are
         views of the decoded shard where a batch lies inside one shard (no copy); with
-        ``torch=True`` they are wrapped by ``torch.from_numpy`` (still no copy)."""
+        ``torch=True`` they are wrapped by ``torch.from_numpy`` (no copy), except token ids, which are
+        int64 tensors (what ``gather``/``Embedding`` take; the store keeps them as small uints)."""
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
         pending: list[dict] = []
@@ -234,7 +237,8 @@ def _finish(parts: list[dict], as_torch: bool) -> dict:
 
         out = {"input_ids": conv(out["input_ids"].astype(np.int64)), "length": conv(out["length"].astype(np.int64)),
                "seq_hash": out["seq_hash"],
-               "teachers": {n: {k: conv(v) for k, v in td.items()} for n, td in out["teachers"].items()}}
+               "teachers": {n: {k: conv(v.astype(np.int64) if k == "ids" else v) for k, v in td.items()}
+                            for n, td in out["teachers"].items()}}
     return out
 
 

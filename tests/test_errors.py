@@ -1,6 +1,7 @@
 """Bad input: one clear line naming the file/field, a non-zero exit, nothing that looks complete."""
 
 import json
+import re
 
 import numpy as np
 
@@ -232,3 +233,12 @@ def test_well_signed_but_invalid_values_are_named(tmp_path, llama_dir, corpus, p
     assert any(needle in p and f"{shard}/{part}" in p for p in problems), problems
     r = run_cli("verify", store)  # one line per problem, non-zero exit
     assert r.exit_code != 0 and f"{shard}/{part}" in r.output and "Traceback" not in r.output
+    # readers refuse them too, at decode time, with the shard, part and field named
+    with pytest.raises(FormatError, match=re.escape(f"{shard}/{part}") + ".*" + re.escape(needle)):
+        logitstore.open(str(store)).load_shard(0)
+    from trainer.data import DistillDataset
+
+    with pytest.raises(FormatError, match=re.escape(needle)):
+        ds = DistillDataset([str(store)], batch_size=2)
+        for _ in ds:
+            pass

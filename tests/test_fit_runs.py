@@ -274,3 +274,76 @@ def test_resume_puts_the_schedule_at_the_checkpoint_step(setup, tmp_path):
     (run / "metrics.jsonl").write_text("\n".join(lines[:3]) + "\n")
     fit(FitConfig(out=str(run), resume=True, **common))
     assert [r["lr"] for r in rows(ref)] == [r["lr"] for r in rows(run)]
+
+
+def test_quiet_fit_prints_nothing(setup, tmp_path, tokenizer):
+    tied = tmp_path / "tied.json"
+    tied.write_text(json.dumps({**json.loads(setup["llama"].read_text()), "tie_word_embeddings": True}))
+    p = subprocess.run([sys.executable, "-m", "trainer", "fit", "--logits", str(setup["store"]), "--student", str(tied), "--out",
+                        str(tmp_path / "q"), "--max-steps", "2", "--batch-size", "2", "--checkpoint-every", "1", "-q"],
+                       env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+    assert p.returncode == 0 and p.stdout == "" and p.stderr == "", p.stderr[-2000:]
+
+
+def test_online_teacher_through_fit_and_its_tokenizer_check(setup, tmp_path, llama_dir):
+    from conftest import build_tokenizer, save_llama
+
+    out = tmp_path / "online"
+    res = fit(FitConfig(logits=(str(setup["only_a"]),), student=str(setup["llama"]), out=str(out), max_steps=2, batch_size=2,
+                        num_workers=0, progress=False, online_teacher=str(llama_dir), eval_logits=str(setup["only_a"])))
+    assert res["steps"] == 2 and all(r["kd_loss"] > 0 for r in rows(out))
+    other = save_llama(tmp_path / "other-teacher", build_tokenizer(vocab_size=400))
+    with pytest.raises(ConfigError, match="--online-teacher .*tokenizer differs"):
+        fit(FitConfig(logits=(str(setup["only_a"]),), student=str(setup["llama"]), out=str(tmp_path / "o2"), max_steps=1,
+                      progress=False, online_teacher=str(other)))
+
+
+def test_a_padded_larger_student_vocabulary_trains_and_its_extra_rows_get_no_probability(setup, tmp_path, tokenizer):
+    padded = tmp_path / "padded.json"
+    padded.write_text(json.dumps({**json.loads(setup["llama"].read_text()), "vocab_size": len(tokenizer) + 13}))
+    out = tmp_path / "padded"
+    res = fit(FitConfig(logits=(str(setup["store"]),), student=str(padded), out=str(out), max_steps=2, batch_size=2, num_workers=0,
+                        progress=False, eval_logits=str(setup["store"])))
+    assert res["steps"] == 2 and math_isfinite(res["eval"]["ce"])
+    # the loss ignores the extra rows: the same student with them set to +inf logits trains identically
+    from trainer.losses import kd_ce_loss
+
+    x = torch.randn(5, len(tokenizer) + 13)
+    y = x.clone()
+    y[:, len(tokenizer):] = 1e4
+    labels = torch.randint(0, len(tokenizer), (5,))
+    assert torch.equal(kd_ce_loss(x, labels, None, vocab_size=len(tokenizer))[0], kd_ce_loss(y, labels, None, vocab_size=len(tokenizer))[0])
+
+
+def math_isfinite(x):
+    import math
+
+    return math.isfinite(x)
+
+
+def test_rows_are_shuffled_within_each_shard(setup):
+    """With the shuffle buffer off, the order inside each visited shard must still be permuted."""
+    import numpy as np
+
+    from trainer.data import DistillDataset
+
+    ds = DistillDataset([str(setup["store"])], batch_size=2, shuffle_buffer=1, seed=0)
+    order = ds.epoch_order(0)
+    starts = [e["start"] for e in ds.stores[0].manifest["shards"]]
+    shard_of = np.searchsorted(starts, order, side="right") - 1
+    runs = np.split(order, np.flatnonzero(np.diff(shard_of)) + 1)
+    assert len(runs) == len(starts), "with buffer 1 each shard is visited in one run"
+    assert any(not np.array_equal(r, np.sort(r)) for r in runs if len(r) > 2)
+    assert not np.array_equal(np.concatenate(runs), np.arange(len(order)))
+
+
+def test_a_fresh_student_takes_the_stores_special_tokens(setup, tmp_path, tokenizer):
+    gpt2 = tmp_path / "gpt2.json"  # GPT-2's config says bos = eos = 50256, far outside this vocabulary
+    gpt2.write_text(json.dumps({"model_type": "gpt2", "vocab_size": len(tokenizer), "n_embd": 32, "n_layer": 1, "n_head": 2,
+                                "n_positions": 64}))
+    out = tmp_path / "fresh"
+    fit(FitConfig(logits=(str(setup["store"]),), student=str(gpt2), out=str(out), max_steps=1, batch_size=2, num_workers=0,
+                  progress=False))
+    cfg = json.loads((out / "final" / "config.json").read_text())
+    assert cfg["eos_token_id"] == tokenizer.eos_token_id and cfg["pad_token_id"] == tokenizer.eos_token_id
+    assert cfg["bos_token_id"] is None or cfg["bos_token_id"] < len(tokenizer)

@@ -1,6 +1,7 @@
 """Dump -> store -> reader, checked against a direct full-vocabulary computation (both backends)."""
 
 import numpy as np
+import torch
 import pytest
 
 import logitstore
@@ -76,6 +77,7 @@ def test_two_teachers_share_inputs_and_reader_api(tmp_path, llama_dir, gpt2_dir,
     seen = 0
     for batch in store.iter_batches(6, torch=True):
         B = batch["input_ids"].shape[0]
+        assert batch["teachers"]["a"]["ids"].dtype == torch.int64  # usable by gather / Embedding as they are
         assert batch["input_ids"].shape == (B, 32)
         assert batch["teachers"]["b"]["logprobs"].shape == (B, 32, 8)
         np.testing.assert_array_equal(batch["input_ids"][0, : int(batch["length"][0])].numpy(),
@@ -84,7 +86,13 @@ def test_two_teachers_share_inputs_and_reader_api(tmp_path, llama_dir, gpt2_dir,
     assert seen == len(store)
     d = info(str(out))
     assert d["tokens"] == store.manifest["n_tokens"] and [t["name"] for t in d["teachers"]] == ["a", "b"]
-    assert 0 < d["teachers"][0]["mean_topk_mass"] < 1 and d["teachers"][0]["mean_entropy"] > 0
+    # the statistics equal a direct computation over every real position of the stored values
+    for t in d["teachers"]:
+        arr = [store[i]["teachers"][t["name"]] for i in range(len(store))]
+        tails = np.concatenate([x["tail_mass"] for x in arr]).astype(np.float64)
+        ents = np.concatenate([x["entropy"] for x in arr]).astype(np.float64)
+        assert t["mean_topk_mass"] == pytest.approx(1 - tails.mean(), abs=2e-3)  # stored tails are rounded
+        assert t["mean_entropy"] == pytest.approx(ents.mean(), abs=2e-3)
     assert d["bytes_per_token"] == pytest.approx(store.manifest["total_bytes"] / store.manifest["n_tokens"])
     assert r.summary["tokens"] == store.manifest["n_tokens"]
 
@@ -112,3 +120,10 @@ def test_padded_vocab_never_appears(tmp_path, llama_dir, corpus, tokenizer):
     assert got["ids"][valid].max() == vocab - 1
     assert np.abs(got["tail_mass"][valid]).max() == 0
     np.testing.assert_allclose(np.exp(got["logprobs"][valid].astype(np.float64)).sum(-1), 1, atol=1e-5)
+
+
+def test_a_missing_store_is_named_as_such(tmp_path):
+    from logitstore.errors import FormatError
+
+    with pytest.raises(FormatError, match="no such store"):
+        logitstore.open(str(tmp_path / "nowhere"))

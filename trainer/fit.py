@@ -37,7 +37,7 @@ from .interrupt import Interrupted, StopRequests, ignore_in_worker
 from .resume import STATE, check_resume, has_progress, latest_checkpoint, saved_store_ids
 from .schedules import lr_factor, temperature_at
 from .sharding import full_state_dict, gradient_sync, load_sharded, save_sharded, shard_module
-from .student import DTYPES, DistillModule, cast_parameters, load_student, output_vocab, parameter_dtype
+from .student import DTYPES, DistillModule, adopt_special_ids, cast_parameters, load_student, output_vocab, parameter_dtype
 
 
 
@@ -101,6 +101,8 @@ def fit(config: FitConfig, *, model: torch.nn.Module | None = None, tokenizer=No
     student = model if model is not None else load_student(cfg.student, trust_remote_code=cfg.trust_remote_code)
     if model is None:
         check_student_tokenizer(cfg.student, train)
+        if Path(cfg.student).suffix in (".json", ".yaml", ".yml"):  # a fresh model: the store's special tokens
+            adopt_special_ids(student, train.stores[0].manifest["tokenizer"])
     # master weights in --param-dtype (fp32 by default, whatever the checkpoint holds); --precision
     # only sets the autocast compute dtype; final/ is saved in --save-dtype (default: the checkpoint's)
     source_dtype = getattr(student, "checkpoint_dtype", None) or parameter_dtype(student)
@@ -319,11 +321,15 @@ def _stop_signal(acc, stop: StopRequests) -> int:
 
 
 def _quiet_libraries() -> None:
-    """``-q``: no loading/writing bars or advisory warnings from transformers (errors still show)."""
+    """``-q``: no loading/writing bars or advisory warnings from transformers and accelerate (such
+    as "Removed shared tensor ..." on every checkpoint of a tied student); errors still show."""
+    import logging
+
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    logging.getLogger("accelerate").setLevel(logging.ERROR)
 
 
 def _clip(acc, module, cfg: FitConfig) -> float:

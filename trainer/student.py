@@ -77,6 +77,24 @@ def cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Modu
     return model
 
 
+def adopt_special_ids(model: torch.nn.Module, tokenizer_entry: dict) -> None:
+    """A student built from a config takes EOS/PAD (and BOS, where known) from the store's tokenizer
+    instead of its architecture's defaults (GPT-2's 50256 in a 1,000-token vocabulary), in its
+    config and generation config, so ``final/`` generates and stops as the data was tokenised."""
+    vocab = int(tokenizer_entry["vocab_size"])
+    ids = {"eos_token_id": tokenizer_entry.get("eos_token_id"), "pad_token_id": tokenizer_entry.get("pad_token_id")}
+    bos = tokenizer_entry.get("bos_token_id")
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        return
+    old_bos = getattr(cfg, "bos_token_id", None)
+    ids["bos_token_id"] = bos if bos is not None else (old_bos if isinstance(old_bos, int) and 0 <= old_bos < vocab else None)
+    for target in (cfg, getattr(model, "generation_config", None)):
+        if target is not None:
+            for k, v in ids.items():
+                setattr(target, k, v)
+
+
 def output_vocab(model: torch.nn.Module) -> int | None:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     return int(head.weight.shape[0]) if head is not None else None
