@@ -82,7 +82,8 @@ def test_kill_9_of_fit_then_resume_matches_uninterrupted(tmp_path, llama_dir, co
                                    "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 2,
                                    "max_position_embeddings": 64}))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    args = [sys.executable, "-m", "trainer", "fit", "--logits", str(store), "--student", str(student), "--max-steps", "14",
+    # 60 steps, killed after the checkpoint of step 6: the run cannot finish before the kill lands
+    args = [sys.executable, "-m", "trainer", "fit", "--logits", str(store), "--student", str(student), "--max-steps", "60",
             "--batch-size", "3", "--num-workers", "1", "--checkpoint-every", "3", "--seed", "3", "--device", "cpu", "-q"]
     subprocess.run([*args, "--out", str(tmp_path / "ref")], check=True, env=env, capture_output=True)
     run = tmp_path / "run"
@@ -99,7 +100,7 @@ def test_kill_9_of_fit_then_resume_matches_uninterrupted(tmp_path, llama_dir, co
         return [json.loads(x) for x in (p / "metrics.jsonl").read_text().splitlines() if not json.loads(x).get("eval")]
 
     a, b = train_rows(tmp_path / "ref"), train_rows(run)
-    assert [x["step"] for x in b] == list(range(1, 15))
+    assert [x["step"] for x in b] == list(range(1, 61))
     for x, y in zip(a, b):
         assert x["loss"] == y["loss"] and x["lr"] == y["lr"], (x["step"], x["loss"], y["loss"])
 
@@ -158,3 +159,32 @@ def test_fit_skip_bad_shards_leaves_them_out_and_logs_them(damaged):
     assert res["steps"] > 0
     logged = json.loads((run / "skipped_shards.json").read_text())
     assert logged[0]["shard"] == 1 and str(damaged["victim"]) in logged[0]["error"]
+
+
+def test_a_damaged_file_is_refused_when_read_through_the_cache(damaged, tmp_path):
+    """With --cache-dir, a fetched file is checked before it is cached or used; nothing damaged is
+    cached. (Files are cached by content: a damaged copy of a file whose intact twin, same sha256,
+    is already cached is never read, which is correct; the victim here is unique.)"""
+    import shutil
+
+    from logitstore.errors import FormatError
+    from logitstore.hashing import sha256_hex
+
+    bad = tmp_path / "bad"
+    shutil.copytree(damaged["good"], bad)
+    m = json.loads((bad / "manifest.json").read_text())
+    files = [(s["path"], part, rel, meta) for s in m["shards"] for part, p in s["parts"].items() for rel, meta in p["files"].items()]
+    shas = [f[3]["sha256"] for f in files]
+    path, part, rel, meta = max((f for f in files if shas.count(f[3]["sha256"]) == 1), key=lambda f: f[3]["bytes"])
+    victim = bad / path / part / rel
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    victim.write_bytes(bytes(data))
+    cache = tmp_path / "cache"
+    store = logitstore.open(str(bad), cache_dir=str(cache))
+    with pytest.raises(FormatError, match=f"{path}/{part}/{rel}: sha256 mismatch"):
+        for j in range(store.n_shards):
+            store.load_shard(j)
+    cached = [p for p in cache.rglob("*") if p.is_file()]
+    assert cached and all(sha256_hex(f.read_bytes()) == f.name for f in cached)
+    assert meta["sha256"] not in {f.name for f in cached}

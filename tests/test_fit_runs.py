@@ -347,3 +347,10 @@ def test_a_fresh_student_takes_the_stores_special_tokens(setup, tmp_path, tokeni
     cfg = json.loads((out / "final" / "config.json").read_text())
     assert cfg["eos_token_id"] == tokenizer.eos_token_id and cfg["pad_token_id"] == tokenizer.eos_token_id
     assert cfg["bos_token_id"] is None or cfg["bos_token_id"] < len(tokenizer)
+
+
+def test_help_shows_the_effective_defaults():
+    r = runner.invoke(app, ["fit", "--help"], env={"COLUMNS": "200"})
+    assert r.exit_code == 0
+    for needle in ("(default: 0.0003)", "(default: 1000)", "(default: fp32)", "(default: bucket)"):
+        assert needle in r.output, needle

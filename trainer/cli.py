@@ -16,6 +16,18 @@ from logitstore.errors import LogitStoreError
 
 from .interrupt import Interrupted
 
+def _help(name: str, text: str = "") -> str:
+    """The option's help with ``FitConfig``'s default (options default to None so that --config and
+    key=value overrides can fill them; the effective default is shown instead)."""
+    from dataclasses import MISSING, fields
+
+    from .config import FitConfig
+
+    f = next(f for f in fields(FitConfig) if f.name == name)
+    default = f.default if f.default is not MISSING else f.default_factory()
+    return f"{text} (default: {default})".strip() if default not in (None, "", ()) else text
+
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Distil students from logitstore caches; the teacher never runs here.")
 
@@ -29,38 +41,38 @@ def _main() -> None:
 def fit(
     ctx: typer.Context,
     logits: Optional[list[str]] = typer.Option(None, "--logits", help="store path or URL; repeat for several stores"),
-    student: Optional[str] = typer.Option(None, help="model directory, hub id, or model config (.json/.yaml) to train from scratch"),
-    out: Optional[str] = typer.Option(None, help="run directory"),
+    student: Optional[str] = typer.Option(None, help=_help("student", "model directory, hub id, or model config (.json/.yaml) to train from scratch")),
+    out: Optional[str] = typer.Option(None, help=_help("out", "run directory")),
     config: Optional[str] = typer.Option(None, "--config", help="YAML file with any of the settings"),
-    weights: Optional[str] = typer.Option(None, help="teacher weights, e.g. 0.7,0.3 (default: equal)"),
-    eval_logits: Optional[str] = typer.Option(None, "--eval-logits", help="held-out store for evaluation"),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps"),
-    epochs: Optional[int] = typer.Option(None),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="sequences per micro-batch per process"),
-    grad_accum: Optional[int] = typer.Option(None, "--grad-accum"),
-    lr: Optional[float] = typer.Option(None),
-    seed: Optional[int] = typer.Option(None),
-    alpha: Optional[float] = typer.Option(None, help="loss = alpha * KD + (1 - alpha) * CE"),
-    temperature: Optional[float] = typer.Option(None),
-    temperature_schedule: Optional[str] = typer.Option(None, "--temperature-schedule", help="constant, linear, cosine or exp"),
-    loss: Optional[str] = typer.Option(None, help="fkl, rkl or jsd"),
-    beta: Optional[float] = typer.Option(None, help="jsd mixture weight of the teacher"),
-    tail: Optional[str] = typer.Option(None, help="bucket or renorm"),
-    fuse: Optional[str] = typer.Option(None, help="mean-probs or mean-logits"),
+    weights: Optional[str] = typer.Option(None, help=_help("weights", "teacher weights, e.g. 0.7,0.3 (default: equal)")),
+    eval_logits: Optional[str] = typer.Option(None, "--eval-logits", help=_help("eval_logits", "held-out store for evaluation")),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help=_help("max_steps")),
+    epochs: Optional[int] = typer.Option(None, help=_help("epochs")),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help=_help("batch_size", "sequences per micro-batch per process")),
+    grad_accum: Optional[int] = typer.Option(None, "--grad-accum", help=_help("grad_accum")),
+    lr: Optional[float] = typer.Option(None, help=_help("lr")),
+    seed: Optional[int] = typer.Option(None, help=_help("seed")),
+    alpha: Optional[float] = typer.Option(None, help=_help("alpha", "loss = alpha * KD + (1 - alpha) * CE")),
+    temperature: Optional[float] = typer.Option(None, help=_help("temperature")),
+    temperature_schedule: Optional[str] = typer.Option(None, "--temperature-schedule", help=_help("temperature_schedule", "constant, linear, cosine or exp")),
+    loss: Optional[str] = typer.Option(None, help=_help("loss", "fkl, rkl or jsd")),
+    beta: Optional[float] = typer.Option(None, help=_help("beta", "jsd mixture weight of the teacher")),
+    tail: Optional[str] = typer.Option(None, help=_help("tail", "bucket or renorm")),
+    fuse: Optional[str] = typer.Option(None, help=_help("fuse", "mean-probs or mean-logits")),
     online_teacher: Optional[str] = typer.Option(None, "--online-teacher",
                                                  help="baseline: run this teacher on every batch (full-vocabulary KD) instead of the cached targets"),
-    device: Optional[str] = typer.Option(None, help="auto, cpu or cuda"),
-    precision: Optional[str] = typer.Option(None, help="autocast compute precision: auto, no, bf16 or fp16"),
-    param_dtype: Optional[str] = typer.Option(None, "--param-dtype", help="dtype of the trained weights: fp32 (default), bf16 or fp16"),
-    save_dtype: Optional[str] = typer.Option(None, "--save-dtype", help="dtype of final/: checkpoint (default), fp32, bf16 or fp16"),
-    num_workers: Optional[int] = typer.Option(None, "--num-workers"),
-    eval_every: Optional[int] = typer.Option(None, "--eval-every"),
-    checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every"),
+    device: Optional[str] = typer.Option(None, help=_help("device", "auto, cpu or cuda")),
+    precision: Optional[str] = typer.Option(None, help=_help("precision", "autocast compute precision: auto, no, bf16 or fp16")),
+    param_dtype: Optional[str] = typer.Option(None, "--param-dtype", help=_help("param_dtype", "dtype of the trained weights: fp32 (default), bf16 or fp16")),
+    save_dtype: Optional[str] = typer.Option(None, "--save-dtype", help=_help("save_dtype", "dtype of final/: checkpoint (default), fp32, bf16 or fp16")),
+    num_workers: Optional[int] = typer.Option(None, "--num-workers", help=_help("num_workers")),
+    eval_every: Optional[int] = typer.Option(None, "--eval-every", help=_help("eval_every")),
+    checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help=_help("checkpoint_every")),
     resume: bool = typer.Option(False, "--resume", help="continue from the latest checkpoint in --out"),
     skip_bad_shards: bool = typer.Option(False, "--skip-bad-shards",
                                          help="leave out shards that fail their checksums (logged) instead of stopping"),
-    cache_dir: Optional[str] = typer.Option(None, "--cache-dir", help="local read-through cache of remote stores' files"),
-    prefetch: Optional[int] = typer.Option(None, "--prefetch", help="store parts fetched ahead per data worker (0: off)"),
+    cache_dir: Optional[str] = typer.Option(None, "--cache-dir", help=_help("cache_dir", "local read-through cache of remote stores' files")),
+    prefetch: Optional[int] = typer.Option(None, "--prefetch", help=_help("prefetch", "store parts fetched ahead per data worker (0: off)")),
     fsdp: bool = typer.Option(False, "--fsdp", help="shard the student across ranks (FSDP) instead of replicating it (DDP)"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
