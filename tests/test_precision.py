@@ -28,6 +28,19 @@ def bf16_setup(tmp_path_factory, llama_dir, corpus, tokenizer):
     return {"root": root, "store": store, "student": student}
 
 
+def optimizer_dtypes(monkeypatch) -> dict:
+    """Record the dtypes of the parameters AdamW updates (under ``"dtypes"``)."""
+    seen = {}
+    real_step = torch.optim.AdamW.step
+
+    def spy(self, *a, **k):
+        seen["dtypes"] = {p.dtype for g in self.param_groups for p in g["params"]}
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+    return seen
+
+
 def weights(path):
     with safe_open(str(path / "model.safetensors"), "pt") as f:
         return {k: f.get_tensor(k) for k in f.keys()}
@@ -42,14 +55,7 @@ def run(setup, name, **kw):
 
 
 def test_bf16_checkpoint_trains_fp32_master_weights_and_tiny_updates_survive(bf16_setup, monkeypatch):
-    seen = {}
-    real_step = torch.optim.AdamW.step
-
-    def spy(self, *a, **k):
-        seen["dtypes"] = {p.dtype for g in self.param_groups for p in g["params"]}
-        return real_step(self, *a, **k)
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+    seen = optimizer_dtypes(monkeypatch)
     # lr 1e-6: AdamW's first update is ~lr per weight, far below half a bf16 ulp at |w| ~ 0.02 (6e-5)
     out = run(bf16_setup, "fp32-master", lr=1e-6, save_dtype="fp32")
     assert seen["dtypes"] == {torch.float32}
@@ -73,14 +79,7 @@ def test_saved_dtype_defaults_to_the_checkpoints(bf16_setup):
 
 
 def test_low_precision_weights_only_when_asked(bf16_setup, monkeypatch):
-    seen = {}
-    real_step = torch.optim.AdamW.step
-
-    def spy(self, *a, **k):
-        seen["dtypes"] = {p.dtype for g in self.param_groups for p in g["params"]}
-        return real_step(self, *a, **k)
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+    seen = optimizer_dtypes(monkeypatch)
     out = run(bf16_setup, "bf16-weights", lr=1e-6, param_dtype="bf16")
     assert seen["dtypes"] == {torch.bfloat16}
     # the documented cost: most tiny updates are lost in bf16 weights
