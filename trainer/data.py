@@ -34,6 +34,7 @@ read-through cache checked against the manifest's checksums (see :mod:`logitstor
 from __future__ import annotations
 
 import bisect
+import json
 import math
 
 import numpy as np
@@ -41,7 +42,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 import logitstore
-from logitstore.errors import LogitStoreError
+from logitstore.errors import ConfigError, LogitStoreError
 
 from .targets import build_targets
 
@@ -349,3 +350,25 @@ class DistillDataset(IterableDataset):
             for k, v in build_targets(cached, self.vocab_size).items():
                 batch[k] = torch.from_numpy(v)
         return batch
+
+
+def match_teachers(train: "DistillDataset", evalset: "DistillDataset", weights: list[float], url: str) -> list[float]:
+    """The training weights re-ordered for ``evalset``'s teachers, matched by identity (weights,
+    config and dtype, not by name or position): the eval store must hold the same teachers."""
+    from logitstore.manifest import teacher_identity
+
+    def ident(ds, si, name):
+        return json.dumps({k: v for k, v in teacher_identity(ds.stores[si].teacher(name)).items() if k != "k"}, sort_keys=True)
+
+    train_ids = [ident(train, si, n) for si, n in train.teachers]
+    out = []
+    for (si, name) in evalset.teachers:
+        key = ident(evalset, si, name)
+        if key not in train_ids:
+            raise ConfigError(f"--eval-logits {url}: teacher {name!r} is none of the training teachers "
+                              f"({', '.join(train.teacher_names)}); evaluate on a store of the same teachers")
+        out.append(weights[train_ids.index(key)])
+    if len(out) != len(train_ids):
+        missing = [train.teacher_names[i] for i, k in enumerate(train_ids) if k not in {ident(evalset, si, n) for si, n in evalset.teachers}]
+        raise ConfigError(f"--eval-logits {url}: lacks training teacher(s) {', '.join(missing)}; evaluate on a store of the same teachers")
+    return out

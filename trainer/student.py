@@ -146,3 +146,55 @@ class DistillModule(torch.nn.Module):
                           temperatures=teacher_temperatures, weights=weights, mode=fuse_mode)
         return kd_ce_loss(x, labels.reshape(-1), target, head=head, temperature=temperature, loss=loss, tail=tail, beta=beta,
                           chunk_positions=chunk_positions, vocab_size=vocab_size, teacher_logits=t_logits, return_argmax=return_argmax)
+
+
+def load_online_teacher(source: str, train, device: torch.device, trust_remote_code: bool = False) -> torch.nn.Module:
+    """The ``--online-teacher`` model (float32 on CPU, bf16 on GPU), after checking its tokenizer
+    against the stores'."""
+    from logitstore.hashing import tokenizer_fingerprint
+    from logitstore.teacher import TeacherSpec
+
+    spec = TeacherSpec.parse(source, trust_remote_code=trust_remote_code)
+    if tokenizer_fingerprint(spec.load_tokenizer()) != train.stores[0].manifest["tokenizer"]["fingerprint"]:
+        raise ConfigError(f"--online-teacher {source}: its tokenizer differs from the stores'")
+    model = spec.load_model(device, torch.float32 if device.type == "cpu" else torch.bfloat16)
+    model.requires_grad_(False)
+    return model
+
+
+def check_student_tokenizer(spec: str, train) -> None:
+    """A student that ships a tokenizer must use the stores' (the same ids for the same text)."""
+    from transformers import AutoTokenizer
+
+    from logitstore.hashing import tokenizer_fingerprint
+
+    p = Path(spec)
+    if not (p.is_dir() and any((p / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json"))):
+        return
+    try:
+        tok = AutoTokenizer.from_pretrained(str(p))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--student {spec}: cannot load its tokenizer ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    if tokenizer_fingerprint(tok) != train.stores[0].manifest["tokenizer"]["fingerprint"]:
+        raise ConfigError(f"--student {spec}: its tokenizer differs from the stores' (the teachers'); a student must read "
+                          f"the same token ids the targets are over")
+
+
+def find_tokenizer(student_spec: str, train):
+    """The student's own tokenizer if it has one, else the first teacher's (checked against the store)."""
+    from transformers import AutoTokenizer
+
+    from logitstore.hashing import tokenizer_fingerprint
+
+    want = train.stores[0].manifest["tokenizer"]["fingerprint"]
+    candidates = [student_spec] + [t["source"] for s in train.stores for t in s.manifest["teachers"]]
+    for c in candidates:
+        if not Path(c).is_dir():
+            continue
+        try:
+            tok = AutoTokenizer.from_pretrained(c)
+        except (OSError, ValueError):
+            continue
+        if tokenizer_fingerprint(tok) == want:
+            return tok
+    return None
