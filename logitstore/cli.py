@@ -12,6 +12,7 @@ from .errors import ConfigError, LogitStoreError
 
 T = TypeVar("T")
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  context_settings={"show_default": True},
                   help="Run teachers once; store their top-k distributions for offline distillation.")
 
 
@@ -20,42 +21,77 @@ def fail(e: Exception) -> None:
     raise typer.Exit(2)
 
 
-def call(fn: Callable[[], T]) -> T:
+def call(fn: Callable[[], T], *, resumable: bool = False) -> T:
     """Run ``fn`` (a call into the Python API); a :class:`LogitStoreError` becomes one line on
-    stderr and exit code 2."""
+    stderr and exit code 2. Ctrl-C in a ``resumable`` command (one that commits part by part) says
+    so in one line and exits 130."""
     try:
         return fn()
     except LogitStoreError as e:
         fail(e)
+    except KeyboardInterrupt:
+        if not resumable:
+            raise
+        typer.echo("interrupted; re-run the same command to resume", err=True)
+        raise typer.Exit(130) from None
+
+
+def quiet_libraries() -> None:
+    """``-q``: no warnings, log lines or loading bars from the libraries a dump uses (transformers,
+    huggingface_hub, datasets, torch); errors still print, and so do logitstore's own warnings."""
+    import logging
+    import warnings
+
+    # through the libraries' own switches, not environment variables, which would leak into every
+    # process this one starts (and into the callers of the Python API)
+    warnings.filterwarnings("ignore", module=r"(transformers|huggingface_hub|datasets|torch|tokenizers|accelerate|gguf)(\.|$)")
+    for name in ("transformers", "huggingface_hub", "datasets", "torch", "accelerate"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        import datasets
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+        datasets.disable_progress_bars()
+        datasets.logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover - these are dependencies
+        pass
 
 
 @app.command()
 def dump(
     teacher: list[str] = typer.Option(..., "--teacher", help="[NAME=]PATH_OR_HUB_ID or a .gguf file; repeat for several teachers"),
-    data: str = typer.Option(..., help=".txt, .jsonl, .parquet or a saved datasets directory"),
+    data: str = typer.Option(..., help=".txt (one document per file), .jsonl/.json, .parquet, a saved datasets directory, "
+                                       "a directory of .txt files or a quoted glob ('corpus/*.jsonl'); directories and globs in sorted order"),
     out: str = typer.Option(..., help="store directory (or fsspec URL) to create or resume"),
     top_k: int = typer.Option(64, "--top-k", help="ids and log-probs kept per position"),
-    seq_len: int = typer.Option(512, "--seq-len", help="tokens per window"),
+    seq_len: int = typer.Option(512, "--seq-len", help="tokens per window (2 .. the teacher's positions)"),
     batch_size: int = typer.Option(8, "--batch-size"),
     device: str = typer.Option("auto", help="auto, cpu or cuda[:N]"),
     dtype: str = typer.Option("auto", help="auto (bf16 on cuda, fp32 on cpu), bf16, fp16 or fp32"),
-    format: str = typer.Option("zarr", "--format", help="zarr or arrow"),
+    format: str = typer.Option("zarr", "--format", help="zarr, or arrow (Parquet files; 'parquet' is accepted too)"),
     encoding: str = typer.Option("compact", help="compact or lossless"),
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="stop after this many corpus tokens"),
     text_field: str = typer.Option("text", "--text-field"),
     pack: bool = typer.Option(True, "--pack/--no-pack", help="pack documents into full windows, or one document per window"),
     bos: str = typer.Option("auto", "--bos", help="start each document with BOS: auto (the tokenizer's own convention), always or never"),
     shard_sequences: Optional[int] = typer.Option(None, "--shard-sequences", help="sequences per shard (default: ~262k tokens)"),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
-    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="run custom model code from teacher repositories (off unless given)"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars, summary or library warnings; errors still print"),
 ) -> None:
     """Run teachers over a corpus and write (or resume) a store. Under torchrun each rank writes its own shards."""
     from .dump import DumpConfig, dump as run_dump
 
+    if quiet:
+        quiet_libraries()
     call(lambda: run_dump(DumpConfig(
         teachers=tuple(teacher), data=data, out=out, top_k=top_k, seq_len=seq_len, batch_size=batch_size, device=device,
         dtype=dtype, format=format, encoding=encoding, max_tokens=max_tokens, text_field=text_field, pack=pack, bos=bos,
-        shard_sequences=shard_sequences, trust_remote_code=trust_remote_code, progress=not quiet)))
+        shard_sequences=shard_sequences, trust_remote_code=trust_remote_code, progress=not quiet)), resumable=True)
 
 
 @app.command()
@@ -106,11 +142,13 @@ def verify(store: str) -> None:
 @app.command()
 def merge(stores: list[str] = typer.Argument(..., help="stores to concatenate, in order"),
           out: str = typer.Option(..., "--out", help="new store directory (or fsspec URL)"),
+          allow_shared: bool = typer.Option(False, "--allow-shared-sequences",
+                                            help="merge even if stores share sequences (counted and reported; by default refused)"),
           quiet: bool = typer.Option(False, "--quiet", "-q")) -> None:
     """Concatenate stores dumped with the same teachers and settings on different data."""
     from .merge import merge as run_merge
 
-    m = call(lambda: run_merge(stores, out, progress=not quiet))
+    m = call(lambda: run_merge(stores, out, progress=not quiet, allow_shared=allow_shared), resumable=True)
     typer.echo(f"{out}: {m['n_sequences']:,} sequences, {m['n_tokens']:,} tokens from {len(stores)} stores")
 
 
@@ -129,7 +167,7 @@ def fuse(stores: list[str] = typer.Argument(..., help="one store with several te
 
     m = call(lambda: fuse_store(stores, out, teachers=teacher or None, weights=_floats(weights, "--weights"),
                                 temperatures=_floats(temperature, "--temperature"), mode=mode, top_k=top_k, name=name,
-                                progress=not quiet))
+                                progress=not quiet), resumable=True)
     t = m["teachers"][0]
     typer.echo(f"{out}: {t['name']} = {t['fusion']['mode']} of {', '.join(x['name'] for x in t['fusion']['teachers'])}, "
                f"k={t['k']}, top-k mass {t['stats']['mean_topk_mass']:.3f}")
@@ -151,7 +189,7 @@ def convert(store: str, out: str = typer.Option(..., "--out"), to: str = typer.O
     """The same store in the other backend (zarr <-> arrow); values and store id unchanged."""
     from .convert import convert as run_convert
 
-    m = call(lambda: run_convert(store, out, to, progress=not quiet))
+    m = call(lambda: run_convert(store, out, to, progress=not quiet), resumable=True)
     typer.echo(f"{out}: {m['backend']}, {m['total_bytes'] / 1e6:.2f} MB")
 
 

@@ -11,6 +11,7 @@ tokenizer has none) and their ``length`` records the real tokens.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,17 +39,69 @@ class Packed:
         return canonical_json_hash(h)
 
 
+GLOB_CHARS = "*?["
+
+
+def data_files(path: str) -> tuple[str, list[Path]] | None:
+    """The files ``--data`` names, if it names files: ``(kind, sorted paths)``, kind the common
+    suffix. A glob (``corpus/*.jsonl``) gives its matches; a directory without a saved ``datasets``
+    dataset in it gives every ``*.txt`` directly inside it. None for one file or a saved dataset."""
+    import glob
+
+    p = Path(path)
+    if any(c in path for c in GLOB_CHARS) and not p.exists():
+        files = sorted(Path(f) for f in glob.glob(path, recursive=True) if os.path.isfile(f))
+        if not files:
+            raise LogitStoreError(f"--data {path}: the pattern matches no files")
+        kinds = {f.suffix.lower() for f in files}
+        if len(kinds) > 1:
+            raise LogitStoreError(f"--data {path}: matches files of several kinds ({', '.join(sorted(kinds))}); use one kind per dump")
+        kind = kinds.pop()
+        if kind not in (".txt", ".jsonl", ".json", ".parquet"):
+            raise LogitStoreError(f"--data {path}: matches {kind or 'extension-less'} files; expected .txt, .jsonl, .json or .parquet")
+        return kind, files
+    if p.is_dir() and not _is_saved_dataset(p):
+        # hidden files (".DS_Store", macOS "._x.txt" resource forks) are not documents
+        files = sorted(f for f in p.iterdir() if f.suffix.lower() == ".txt" and f.is_file() and not f.name.startswith("."))
+        if not files:
+            raise LogitStoreError(f"--data {path}: a directory with neither .txt files nor a saved datasets dataset in it")
+        return ".txt", files
+    return None
+
+
+def _is_saved_dataset(p: Path) -> bool:
+    return any((p / n).exists() for n in ("dataset_info.json", "state.json", "dataset_dict.json"))
+
+
 def load_texts(path: str, text_field: str = "text") -> list[str]:
-    """Read documents from ``.txt`` (one document per file), ``.jsonl``/``.json``, ``.parquet`` or a
-    saved ``datasets`` directory. Raises a one-line :class:`LogitStoreError` on any problem."""
+    """Read documents from ``--data``: a ``.txt`` file (the whole file is one document),
+    ``.jsonl``/``.json`` (one document per record, field ``text_field``), ``.parquet``, a saved
+    ``datasets`` directory, a directory of ``.txt`` files (each one document, in sorted order) or a
+    glob of files of one kind (sorted). Rows whose field is not a string (null, a number) are
+    skipped with a warning that counts them; empty documents are skipped. Raises a one-line
+    :class:`LogitStoreError` on any problem."""
     import datasets
 
     datasets.disable_progress_bars()  # our own bar reports the dump; theirs would bury error lines
     p = Path(path)
-    if not p.exists():
+    files = data_files(path)
+    if files is None and not p.exists():
         raise LogitStoreError(f"--data {path}: no such file or directory")
     try:
-        if p.is_dir():
+        if files is not None:
+            kind, paths = files
+            for f in paths:
+                if kind in (".txt", ".jsonl", ".json"):
+                    _check_utf8(f)
+                if kind in (".jsonl", ".json") and f.stat().st_size == 0:
+                    raise LogitStoreError(f"--data {f}: the file is empty")
+            names = [str(f) for f in paths]
+            if kind == ".txt":
+                ds = datasets.load_dataset("text", data_files=names, sample_by="document", split="train")
+                text_field = "text"
+            else:
+                ds = datasets.load_dataset("json" if kind in (".jsonl", ".json") else "parquet", data_files=names, split="train")
+        elif p.is_dir():
             ds = datasets.load_from_disk(str(p))
             if isinstance(ds, datasets.DatasetDict):
                 if "train" not in ds:
@@ -56,6 +109,8 @@ def load_texts(path: str, text_field: str = "text") -> list[str]:
                 ds = ds["train"]
         else:
             suffix = p.suffix.lower()
+            if suffix in (".txt", ".jsonl", ".json", ".parquet") and p.stat().st_size == 0:
+                raise LogitStoreError(f"--data {path}: the file is empty")
             if suffix == ".txt":
                 _check_utf8(p)
                 ds = datasets.load_dataset("text", data_files=str(p), sample_by="document", split="train")
@@ -66,14 +121,21 @@ def load_texts(path: str, text_field: str = "text") -> list[str]:
             elif suffix == ".parquet":
                 ds = datasets.load_dataset("parquet", data_files=str(p), split="train")
             else:
-                raise LogitStoreError(f"--data {path}: expected .txt, .jsonl, .json, .parquet or a saved datasets directory")
+                raise LogitStoreError(f"--data {path}: expected .txt, .jsonl, .json, .parquet, a directory of .txt files, "
+                                      "a glob or a saved datasets directory")
     except LogitStoreError:
         raise
     except Exception as e:  # datasets raises many types for unreadable input
         raise LogitStoreError(f"--data {path}: cannot read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
     if text_field not in ds.column_names:
         raise LogitStoreError(f"--data {path}: no field {text_field!r} (fields: {', '.join(ds.column_names)}); pass --text-field")
-    texts = [t for t in ds[text_field] if isinstance(t, str) and t.strip()]
+    column = ds[text_field]
+    texts = [t for t in column if isinstance(t, str) and t.strip()]
+    not_str = sum(1 for t in column if not isinstance(t, str))
+    if not_str:
+        kinds = sorted({"null" if t is None else type(t).__name__ for t in column if not isinstance(t, str)})
+        print(f"warning: --data {path}: skipped {not_str} of {len(column)} rows whose {text_field!r} is not a string "
+              f"({', '.join(kinds)})", file=sys.stderr, flush=True)
     if not texts:
         raise LogitStoreError(f"--data {path}: no non-empty documents in field {text_field!r}")
     return texts
@@ -165,4 +227,12 @@ def pack(tokenizer, texts: list[str], seq_len: int, *, packed: bool = True, max_
 
 
 def describe_source(path: str, text_field: str) -> dict:
-    return {"path": os.path.abspath(path), "sha256": file_sha256(path), "text_field": text_field}
+    """The manifest's ``data.source``: the path and its file's sha256; for a directory of ``.txt``
+    files or a glob also ``files`` (each file's path relative to the directory, or as matched, and
+    sha256, in reading order) and ``sha256`` = the hash of that list."""
+    files = data_files(path)
+    if files is None:
+        return {"path": os.path.abspath(path), "sha256": file_sha256(path), "text_field": text_field}
+    base = Path(path) if Path(path).is_dir() else None
+    listed = [{"path": str(f.relative_to(base)) if base else str(f), "sha256": file_sha256(f)} for f in files[1]]
+    return {"path": os.path.abspath(path), "sha256": canonical_json_hash(listed), "files": listed, "text_field": text_field}

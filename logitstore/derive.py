@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from typing import Callable
 
 from . import __version__, layout
-from .dump import CHUNK_TOKENS, check_or_write_plan
+from .dump import CHUNK_TOKENS, check_or_write_plan, refuse_foreign
 from .errors import ConfigError, LogitStoreError
 from .fsio import StoreFS
+from .lock import store_lock
 from .manifest import MANIFEST, PLAN, dumps, store_id, validate_manifest
 from .progress import progress_bar
 from .writer import BackgroundWriter, PartWriter
@@ -54,8 +55,15 @@ def write_derived(out: str, header: dict, jobs: list[ShardJob], *, progress: boo
     """Write the store whose manifest is ``header`` + shards produced by ``jobs``; return the manifest.
 
     ``header`` holds every manifest field except ``shards``, ``total_bytes`` and ``created_*``; its
-    ``teachers`` entries name the parts to produce."""
+    ``teachers`` entries name the parts to produce. Holds the store's lock (:mod:`logitstore.lock`)
+    while it writes."""
     fs = StoreFS(out)
+    refuse_foreign(fs, out)
+    with store_lock(fs, out, desc):
+        return _write_derived(fs, out, header, jobs, progress=progress, desc=desc)
+
+
+def _write_derived(fs: StoreFS, out: str, header: dict, jobs: list[ShardJob], *, progress: bool, desc: str) -> dict:
     plan = {k: v for k, v in header.items() if k not in VOLATILE}
     plan["teachers"] = [{k: v for k, v in t.items() if k not in ("stats", "timings")} for t in header["teachers"]]
     if check_or_write_plan(fs, plan, out) and fs.exists(MANIFEST):

@@ -26,10 +26,11 @@ from .data import BOS_MODES, adds_bos, describe_source, load_texts, pack, resolv
 from .distributed import Ranks, barrier, process_group, rank_device, ranks_from_env
 from .errors import ConfigError, FormatError, LogitStoreError
 from .fsio import StoreFS
+from .lock import LOCK, store_lock
 from .hashing import sequence_hashes, tokenizer_fingerprint
 from .manifest import FORMAT_NAME, FORMAT_VERSION, MANIFEST, PLAN, dumps, parse_manifest, validate_manifest
 from .progress import progress_bar
-from .teacher import DTYPES, TeacherRunner, TeacherSpec, model_identity, resolve_device
+from .teacher import DTYPES, TeacherRunner, TeacherSpec, model_identity, position_limit, resolve_device
 from .writer import BackgroundWriter, PartWriter
 
 SHARD_TOKENS = 1 << 18
@@ -67,10 +68,14 @@ class DumpConfig:
             raise ConfigError(f"--top-k: expected a positive integer, got {self.top_k}")
         if not isinstance(self.seq_len, int) or self.seq_len <= 0:
             raise ConfigError(f"--seq-len: expected a positive integer, got {self.seq_len}")
+        if self.seq_len < 2:  # position t describes token t + 1: a 1-token window has no target
+            raise ConfigError(f"--seq-len: expected at least 2 (a window of {self.seq_len} token has no next token to learn), got {self.seq_len}")
         if self.batch_size <= 0:
             raise ConfigError(f"--batch-size: expected a positive integer, got {self.batch_size}")
+        if self.format == "parquet":  # the arrow backend writes Parquet files; both names mean it
+            object.__setattr__(self, "format", "arrow")
         if self.format not in ("zarr", "arrow"):
-            raise ConfigError(f"--format: expected zarr or arrow, got {self.format!r}")
+            raise ConfigError(f"--format: expected zarr, arrow or parquet (= arrow), got {self.format!r}")
         if self.encoding not in ENCODINGS:
             raise ConfigError(f"--encoding: expected one of {', '.join(ENCODINGS)}, got {self.encoding!r}")
         if self.dtype not in ("auto", *DTYPES):
@@ -149,6 +154,11 @@ def _dump(cfg: DumpConfig, ranks: Ranks) -> DumpResult:
     vocab = len(tok)
     if cfg.top_k > vocab:
         raise ConfigError(f"--top-k: {cfg.top_k} is larger than the vocabulary ({vocab} tokens)")
+    for s in specs:  # configs only (no weights): a too-long window fails here, before anything is written
+        limit = position_limit(s.load_config())
+        if limit is not None and cfg.seq_len > limit[0]:
+            raise ConfigError(f"--seq-len {cfg.seq_len}: teacher {s.name} ({s.source}) takes at most {limit[0]} positions "
+                              f"({limit[1]}); use --seq-len {limit[0]} or less")
     device = resolve_device(rank_device(cfg.device, ranks))
     dtype_name = cfg.dtype if cfg.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     dtype = DTYPES[dtype_name]
@@ -174,6 +184,17 @@ def _dump(cfg: DumpConfig, ranks: Ranks) -> DumpResult:
         "teachers": teacher_ids,
     }
     fs = StoreFS(cfg.out)
+    if rank == 0:
+        refuse_foreign(fs, cfg.out)  # before a lock file is put into someone else's directory
+    with store_lock(fs, cfg.out, "dump", enabled=rank == 0):  # one writer per store (logitstore/lock.py)
+        return _write_store(cfg, ranks, fs, plan, t_start, specs, teacher_ids, packed, S, n_shards, encoding, vocab,
+                            device, dtype)
+
+
+def _write_store(cfg: DumpConfig, ranks: Ranks, fs: StoreFS, plan: dict, t_start: float, specs: list, teacher_ids: list,
+                 packed, S: int, n_shards: int, encoding: Encoding, vocab: int, device, dtype) -> DumpResult:
+    rank, world_size = ranks.rank, ranks.world_size
+    n_seq = len(packed.lengths)
     if rank == 0:
         resumed = check_or_write_plan(fs, plan, cfg.out)
     barrier(ranks)  # the other ranks check the plan rank 0 wrote (or found)
@@ -263,15 +284,42 @@ def check_or_write_plan(fs: StoreFS, plan: dict, out: str) -> bool:
         if isinstance(old, dict):  # a plan written before "bos" existed holds no BOS
             old, plan = {"bos": False, **old}, {"bos": False, **plan}
         if old != plan:
-            diff = sorted(k for k in set(old) | set(plan) if old.get(k) != plan.get(k))
-            hint = f" (it was dumped with --bos {'always' if old.get('bos') else 'never'})" if "bos" in diff else ""
-            raise ConfigError(f"--out {out}: holds a store made with different settings ({', '.join(diff)}){hint}; "
+            diff = plan_differences(old, plan)
+            hint = f" (it was dumped with --bos {'always' if old.get('bos') else 'never'})" if old.get("bos") != plan.get("bos") else ""
+            shown = "; ".join(diff[:3]) + (f"; and {len(diff) - 3} more" if len(diff) > 3 else "")
+            raise ConfigError(f"--out {out}: holds a store made with different settings ({shown}){hint}; "
                               f"choose another --out or remove it")
         return True
-    if fs.exists() and fs.ls(""):
-        raise ConfigError(f"--out {out}: exists, is not empty and is not a logitstore store; choose another --out")
+    refuse_foreign(fs, out)
     fs.write_atomic(PLAN, dumps(plan))
     return False
+
+
+def refuse_foreign(fs: StoreFS, out: str) -> None:
+    """Refuse an ``--out`` that holds something other than a (started) store."""
+    if not fs.exists(PLAN) and fs.exists() and [n for n in fs.ls("") if n != LOCK]:
+        raise ConfigError(f"--out {out}: exists, is not empty and is not a logitstore store; choose another --out")
+
+
+def plan_differences(old, new, where: str = "") -> list[str]:
+    """What differs between two plans, as ``path: old -> new`` (``teachers[0].k: 8 -> 16``)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new), key=str):
+            out += plan_differences(old.get(key), new.get(key), f"{where}.{key}" if where else str(key))
+        return out
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        return [d for i, (a, b) in enumerate(zip(old, new)) for d in plan_differences(a, b, f"{where}[{i}]")]
+    if old == new:
+        return []
+
+    def short(v) -> str:
+        r = json.dumps(v) if not isinstance(v, str) else v
+        return r if len(r) <= 40 else r[:16] + "..." + r[-8:]
+
+    if isinstance(old, list) and isinstance(new, list):
+        return [f"{where}: {len(old)} -> {len(new)} entries"]
+    return [f"{where}: {short(old)} -> {short(new)}"]
 
 
 def _run_shard(runner: TeacherRunner, input_ids: np.ndarray, lengths: np.ndarray, batch_size: int, bar) -> dict:

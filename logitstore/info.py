@@ -61,19 +61,45 @@ def format_info(d: dict) -> str:
 
 def list_stores(url: str, max_depth: int = 4) -> list[dict]:
     """Every store under ``url`` (a directory or fsspec prefix, searched ``max_depth`` levels deep):
-    one row each with its id, teachers, tokens, k and size, or the error that keeps it from opening."""
+    one row each with its id, teachers, tokens, k and size, or the error that keeps it from opening.
+    A store that was started but has no manifest yet (a dump, merge, fuse or convert that is still
+    running, crashed or was interrupted) is listed with ``"unfinished": true`` and
+    ``"in_progress"``: whether a live writer holds its lock (:mod:`logitstore.lock`)."""
+    import json
+
     from .errors import LogitStoreError
     from .fsio import StoreFS
+    from .lock import describe, lock_is_live, read_lock
+    from .manifest import MANIFEST, PLAN
 
     fs = StoreFS(url)
     if not fs.exists():
         raise LogitStoreError(f"{url}: no such directory or prefix")
     base = fs.root.rstrip("/")
-    found = sorted(p for p in fs.fs.find(base, maxdepth=max_depth + 1) if p.rsplit("/", 1)[-1] == "manifest.json")
+    by_dir: dict[str, set[str]] = {}
+    for p in fs.fs.find(base, maxdepth=max_depth + 1):
+        head, _, name = p.rpartition("/")
+        if name in (MANIFEST, PLAN):
+            by_dir.setdefault(posixpath.relpath(head, base) if head != base else "", set()).add(name)
     rows = []
-    for p in found:
-        rel = posixpath.dirname(p[len(base):].strip("/"))  # the store's directory below ``url``
+    for rel in sorted(by_dir):
+        rel = "" if rel == "." else rel
         where = f"{url.rstrip('/')}/{rel}" if rel else url
+        if MANIFEST not in by_dir[rel]:
+            sub = StoreFS(where)
+            lock = read_lock(sub)
+            live = lock is not None and lock_is_live(lock)
+            row = {"url": where, "unfinished": True, "in_progress": live}
+            if live:
+                row["writer"] = describe(lock)
+            try:
+                plan = json.loads(sub.read(PLAN))
+                row.update(teachers=[t["name"] for t in plan["teachers"]], tokens=plan["n_tokens"],
+                           k=sorted({t["k"] for t in plan["teachers"]}))
+            except Exception:  # a plan we cannot read: the row still says the store is unfinished
+                pass
+            rows.append(row)
+            continue
         try:
             d = info(where)
         except LogitStoreError as e:
@@ -89,6 +115,11 @@ def format_list(rows: list[dict]) -> str:
     for r in rows:
         if "error" in r:
             lines.append(f"{r['url']}  UNREADABLE: {r['error']}")
+        elif r.get("unfinished"):
+            what = f"  teachers={','.join(r['teachers'])}  tokens={r['tokens']:,}" if "teachers" in r else ""
+            state = (f"UNFINISHED, in progress ({r['writer']})" if r["in_progress"]
+                     else "UNFINISHED (no writer running: re-run the same command to resume)")
+            lines.append(f"{r['url']}  {state}{what}")
         else:
             k = ",".join(str(x) for x in r["k"])
             lines.append(f"{r['url']}  {r['id']}  teachers={','.join(r['teachers'])}  tokens={r['tokens']:,}  k={k}  "

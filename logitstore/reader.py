@@ -34,7 +34,13 @@ class Store:
         if not self.fs.exists(MANIFEST):
             if not self.fs.exists():
                 raise FormatError(f"{url}: no such store (nothing at this path)")
-            hint = " (a dump is unfinished or crashed: re-run it to complete)" if self.fs.exists("plan.json") else ""
+            hint = ""
+            if self.fs.exists("plan.json"):
+                from .lock import describe, lock_is_live, read_lock
+
+                rec = read_lock(self.fs)
+                hint = (f" (a {describe(rec)} is still writing it)" if rec is not None and lock_is_live(rec)
+                        else " (a dump is unfinished or crashed: re-run it to complete)")
             raise FormatError(f"{url}: no {MANIFEST}; not a complete logitstore store{hint}")
         self.manifest = parse_manifest(self.fs.read(MANIFEST, MAX_MANIFEST_BYTES), f"{url}/{MANIFEST}")
         m = self.manifest

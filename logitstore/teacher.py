@@ -83,7 +83,27 @@ class TeacherSpec:
         try:
             return AutoTokenizer.from_pretrained(path, **kw)
         except Exception as e:  # transformers raises OSError/ValueError/... for unusable sources
-            raise LogitStoreError(f"--teacher {self.source}: cannot load tokenizer ({type(e).__name__}: {_first_line(e)})") from e
+            raise self._load_error("tokenizer", e) from e
+
+    def load_config(self):
+        """The model's config (no weights loaded): for checks that must pass before any work."""
+        from transformers import AutoConfig
+
+        path, kw = self._load_args()
+        try:
+            return AutoConfig.from_pretrained(path, **kw)
+        except Exception as e:
+            raise self._load_error("config", e) from e
+
+    def _load_error(self, what: str, e: Exception) -> LogitStoreError:
+        if "trust_remote_code" in str(e) and not self.trust_remote_code:
+            return ConfigError(f"--teacher {self.source}: its {what} needs custom code from the model repository "
+                               "(auto_map); pass --trust-remote-code only if you trust that code")
+        if not self.source.endswith(".gguf") and not os.path.exists(self.source):
+            # ``models/x`` reads as a hub id ``org/name``; most often it is a mistyped directory
+            return LogitStoreError(f"--teacher {self.source}: no such directory, and not loadable as a hub id "
+                                   f"({type(e).__name__}: {_first_line(e)})")
+        return LogitStoreError(f"--teacher {self.source}: cannot load {what} ({type(e).__name__}: {_first_line(e)})")
 
     def load_model(self, device: torch.device, dtype: torch.dtype):
         from transformers import AutoModelForCausalLM
@@ -109,6 +129,45 @@ class TeacherSpec:
             "weights_hash": weights_hash(self.source) if local else None,
             "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
         }
+
+
+#: config fields that hold a model's number of positions, in the order they are looked up
+POSITION_FIELDS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length", "max_seq_len")
+
+
+def position_limit(config) -> tuple[int, str] | None:
+    """The longest window a teacher takes, from its config: ``(positions, where it comes from)``, or
+    None if the config declares no limit (ALiBi, or an unknown field name).
+
+    The limit is the config's ``max_position_embeddings`` (``n_positions``, ``n_ctx``, ... for
+    other families). With RoPE scaling (``rope_scaling``/``rope_parameters`` of a type other than
+    ``default``, with ``factor`` > 1) it is the scaled context the config declares:
+    ``factor * original_max_position_embeddings`` (or ``factor * max_position_embeddings`` without
+    an original), if that is larger than ``max_position_embeddings``."""
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    attn = getattr(cfg, "attn_config", None)
+    if getattr(cfg, "alibi", False) is True or (isinstance(attn, dict) and attn.get("alibi")) or \
+            getattr(attn, "alibi", False) is True or getattr(cfg, "model_type", None) == "bloom":
+        return None  # ALiBi has no learned or rotary positions: longer windows are the model's own call
+    for name in POSITION_FIELDS:
+        v = getattr(cfg, name, None)
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            base, field_name = v, getattr(cfg, "attribute_map", {}).get(name, name)  # the key in config.json
+            break
+    else:
+        return None
+    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None)
+    ropes = [rope] if isinstance(rope, dict) and not all(isinstance(x, dict) for x in rope.values()) else \
+        (list(rope.values()) if isinstance(rope, dict) else [])
+    best, why = base, f"config {field_name} = {base}"
+    for r in ropes:
+        if not isinstance(r, dict) or (r.get("rope_type") or r.get("type") or "default") == "default":
+            continue
+        factor, orig = r.get("factor"), r.get("original_max_position_embeddings") or base
+        if isinstance(factor, (int, float)) and factor > 1 and isinstance(orig, int) and int(factor * orig) > best:
+            best = int(factor * orig)
+            why = f"{r.get('rope_type') or r.get('type')} RoPE scaling: factor {factor:g} x {orig} positions"
+    return best, why
 
 
 def _looks_local(src: str) -> bool:

@@ -93,12 +93,16 @@ def corpus(tmp_path_factory) -> Path:
     return p
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+#: runs moto's server in a child process on a port the OS picks (port 0) and prints that port, so
+#: no other process can take the port between choosing and binding it
+_MOTO_LAUNCHER = (
+    "import sys, threading\n"
+    "from moto.server import ThreadedMotoServer\n"
+    "s = ThreadedMotoServer(ip_address='127.0.0.1', port=0, verbose=False)\n"
+    "s.start()\n"
+    "print(s.get_host_and_port()[1], flush=True)\n"
+    "sys.stdin.read()\n"  # until the parent closes our stdin (or kills us)
+)
 
 
 @pytest.fixture(scope="session")
@@ -113,9 +117,14 @@ def s3_bucket():
     import time
     import urllib.request
 
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, "-c", _MOTO_LAUNCHER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    line = proc.stdout.readline().strip()
+    if not line.isdigit():
+        proc.kill()
+        proc.wait()
+        raise RuntimeError(f"moto server did not start (said {line!r})")
+    port = int(line)
     endpoint = f"http://127.0.0.1:{port}"
     env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
            "AWS_ENDPOINT_URL": endpoint}
@@ -136,6 +145,7 @@ def s3_bucket():
         boto3.client("s3").create_bucket(Bucket="logitstore-test")
         yield "s3://logitstore-test"
     finally:
+        proc.stdin.close()
         os.kill(proc.pid, signal.SIGTERM)
         try:
             proc.wait(timeout=10)
@@ -147,3 +157,18 @@ def s3_bucket():
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+@pytest.fixture
+def memory_url(request):
+    """A ``memory://`` prefix of this test alone, removed afterwards: fsspec's memory filesystem is
+    one per process, so fixed names would carry state from one test (or a re-run) into another."""
+    import uuid
+
+    import fsspec
+
+    prefix = f"memory://{request.node.name.split('[')[0]}-{uuid.uuid4().hex[:8]}"
+    yield prefix
+    fs, root = fsspec.core.url_to_fs(prefix)
+    if fs.exists(root):
+        fs.rm(root, recursive=True)

@@ -119,7 +119,8 @@ def test_prefetcher_order_and_errors():
     assert p.take("e") is None  # ahead of the window: c, d are dropped, prefetching goes on after e
     assert p.take("c") is None and p.take("f") == "ff"
     p.close()
-    assert calls[:3] == ["a", "bad", "b"] and "e" not in calls
+    # two threads fetch: "a" and "bad" run at once, so their order in ``calls`` is not fixed
+    assert set(calls[:3]) == {"a", "bad", "b"} and "e" not in calls
 
 
 def test_fit_streams_from_s3_and_reuses_the_cache(tmp_path, s3_store, tokenizer):

@@ -249,10 +249,92 @@ def test_interrupted_merge_resumes_to_the_same_store(tmp_path, halves, monkeypat
         merge([str(halves["second"]), str(halves["first"])], str(out), progress=False)
 
 
-def test_tools_on_memory_urls(halves):
+def test_tools_on_memory_urls(halves, memory_url):
     """Any fsspec URL works for reading and writing (memory://: no rename, like an object store)."""
-    m = merge([str(halves["first"]), str(halves["second"])], "memory://tools/merged", progress=False)
-    convert("memory://tools/merged", "memory://tools/arrow", "arrow", progress=False)
-    assert verify("memory://tools/arrow") == []
-    assert store_id(logitstore.open("memory://tools/arrow").manifest) == store_id(m)
-    assert_same_sequences(logitstore.open("memory://tools/arrow"), logitstore.open(str(halves["whole"])), ["a", "b"])
+    merged, arrow = f"{memory_url}/merged", f"{memory_url}/arrow"
+    m = merge([str(halves["first"]), str(halves["second"])], merged, progress=False)
+    convert(merged, arrow, "arrow", progress=False)
+    assert verify(arrow) == []
+    assert store_id(logitstore.open(arrow).manifest) == store_id(m)
+    assert_same_sequences(logitstore.open(arrow), logitstore.open(str(halves["whole"])), ["a", "b"])
+
+
+def test_merge_refuses_stores_that_share_sequences(tmp_path, halves):
+    """One store over a prefix of the other's corpus: different data fingerprints, shared sequences."""
+    whole = logitstore.open(str(halves["whole"]))
+    first = logitstore.open(str(halves["first"]))
+    with pytest.raises(ConfigError, match=rf"{len(first)} of its {len(first)} sequences are also in .*whole.*seq_hash [0-9a-f]{{16}}"):
+        merge([str(halves["whole"]), str(halves["first"])], str(tmp_path / "m"), progress=False)
+    with pytest.raises(ConfigError, match=rf"{len(first)} of its {len(whole)} sequences are also in .*first"):
+        merge([str(halves["first"]), str(halves["whole"])], str(tmp_path / "n"), progress=False)
+    r = runner.invoke(app, ["merge", str(halves["second"]), str(halves["whole"]), "--out", str(tmp_path / "cli"), "-q"])
+    assert r.exit_code == 2 and r.output.count("\n") == 1 and "sequences are also in" in r.output, r.output
+    assert not any((tmp_path / n).exists() for n in ("m", "n", "cli"))
+    # repeats that are real (boilerplate documents) can be merged on purpose, with a count
+    r = runner.invoke(app, ["merge", str(halves["first"]), str(halves["whole"]), "--out", str(tmp_path / "both"), "-q",
+                            "--allow-shared-sequences"])
+    assert r.exit_code == 0 and f"{len(first)} of its {len(whole)} sequences are also in" in r.output, r.output
+    assert len(logitstore.open(str(tmp_path / "both"))) == len(first) + len(whole)
+
+
+@pytest.mark.parametrize("part", ["inputs", "t1"])
+def test_merge_refuses_a_damaged_input_shard(tmp_path, halves, part):
+    import shutil
+
+    damaged = tmp_path / "second"
+    shutil.copytree(halves["second"], damaged)
+    m = logitstore.open(str(damaged)).manifest
+    shard = m["shards"][-1]
+    rel = max(shard["parts"][part]["files"], key=lambda f: shard["parts"][part]["files"][f]["bytes"])
+    victim = damaged / shard["path"] / part / rel
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    victim.write_bytes(bytes(data))
+    out = tmp_path / "merged"
+    r = runner.invoke(app, ["merge", str(halves["first"]), str(damaged), "--out", str(out), "-q"])
+    assert r.exit_code == 2 and r.output.count("\n") == 1, r.output
+    assert f"{shard['path']}/{part}/{rel}" in r.output and "sha256" in r.output, r.output
+    assert not (out / "manifest.json").exists()
+
+
+def _interrupt_nth_write(monkeypatch, n):
+    from logitstore.writer import PartWriter
+
+    real, calls = PartWriter.write, []
+
+    def flaky(self, *a, **kw):
+        calls.append(1)
+        if len(calls) == n:
+            raise OSError("disk went away")
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(PartWriter, "write", flaky)
+    return lambda: monkeypatch.setattr(PartWriter, "write", real)
+
+
+def test_interrupted_convert_resumes_to_the_same_store(tmp_path, halves, monkeypatch):
+    ref = convert(str(halves["whole"]), str(tmp_path / "ref"), "arrow", progress=False)
+    restore = _interrupt_nth_write(monkeypatch, 5)
+    out = tmp_path / "arrow"
+    with pytest.raises(OSError):
+        convert(str(halves["whole"]), str(out), "arrow", progress=False)
+    assert not (out / "manifest.json").exists() and not (out / "lock.json").exists()
+    restore()
+    m = convert(str(halves["whole"]), str(out), "arrow", progress=False)
+    assert [s["parts"] for s in m["shards"]] == [s["parts"] for s in ref["shards"]]
+    assert store_id(m) == store_id(ref) and verify(str(out)) == []
+
+
+def test_interrupted_fuse_resumes_to_the_same_store(tmp_path, halves, monkeypatch):
+    ref = fuse_store([str(halves["whole"])], str(tmp_path / "ref"), weights=[0.6, 0.4], progress=False)
+    restore = _interrupt_nth_write(monkeypatch, 4)
+    out = tmp_path / "fused"
+    with pytest.raises(OSError):
+        fuse_store([str(halves["whole"])], str(out), weights=[0.6, 0.4], progress=False)
+    assert not (out / "manifest.json").exists()
+    restore()
+    m = fuse_store([str(halves["whole"])], str(out), weights=[0.6, 0.4], progress=False)
+    assert [s["parts"] for s in m["shards"]] == [s["parts"] for s in ref["shards"]]
+    assert store_id(m) == store_id(ref) and verify(str(out)) == []
+    with pytest.raises(ConfigError, match=r"different settings \(.*weights"):
+        fuse_store([str(halves["whole"])], str(out), weights=[0.5, 0.5], progress=False)
