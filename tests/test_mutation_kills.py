@@ -1,0 +1,200 @@
+"""Exact checks of small functions whose silent changes the broader tests let through (found by
+mutation testing, ``tools/mutation.py``): schedules, what ``--resume`` may change, the schedule
+reset of a resumed run, the cross-rank sums, and exact values of losses, fusion, targets and the
+stream. Each test runs in milliseconds, so every mutant can run them."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from trainer.schedules import lr_factor, temperature_at
+
+
+# ---------------------------------------------------------------------------------- schedules
+def test_lr_factor_exact_values():
+    m = 0.1
+    assert lr_factor(0, 14, 4, m) == 0.25
+    assert lr_factor(3, 14, 4, m) == 1.0
+    assert lr_factor(4, 14, 4, m) == 1.0  # warm-up over: progress 0 of the cosine
+    assert lr_factor(9, 14, 4, m) == pytest.approx(m + (1 - m) * 0.5)  # half way
+    assert lr_factor(6, 14, 4, m) == pytest.approx(m + (1 - m) * 0.5 * (1 + math.cos(math.pi * 0.2)))
+    assert lr_factor(14, 14, 4, m) == pytest.approx(m)
+    assert lr_factor(30, 14, 4, m) == pytest.approx(m)  # stays at the floor after the end
+    assert lr_factor(5, 4, 4, m) == pytest.approx(m)  # total == warmup: no room for a decay
+    assert lr_factor(0, 10, 0, 0.0) == 1.0 and lr_factor(5, 10, 0, 0.0) == pytest.approx(0.5)
+
+
+def test_temperature_at_exact_values():
+    assert temperature_at(5, 10, "linear", 4.0, 1.0, 0.5) == pytest.approx(2.5)
+    assert temperature_at(20, 10, "linear", 4.0, 1.0, 0.5) == pytest.approx(1.0)  # clamped at the end
+    assert temperature_at(20, 10, "cosine", 4.0, 1.0, 0.5) == pytest.approx(1.0)
+    assert temperature_at(20, 10, "exp", 4.0, 1.0, 0.5) == pytest.approx(2.0)
+    assert temperature_at(1, 1, "linear", 4.0, 1.0, 0.5) == pytest.approx(1.0)  # total 1: done after one step
+    assert temperature_at(1, 0, "linear", 4.0, 1.0, 0.5) == pytest.approx(1.0)
+    assert temperature_at(5, 10, "cosine", 4.0, 1.0, 0.5) == pytest.approx(2.5)
+    assert temperature_at(5, 10, "exp", 4.0, 1.0, 0.25) == pytest.approx(2.0)
+    assert temperature_at(5, 10, "constant", 4.0, 1.0, 0.25) == 4.0
+    with pytest.raises(ValueError, match="unknown temperature schedule 'bogus'"):
+        temperature_at(5, 10, "bogus", 4.0, 1.0, 0.25)
+
+
+# ---------------------------------------------------------------------------------- --resume
+def _cfg(**kw):
+    from trainer.config import FitConfig
+
+    return FitConfig(logits=("s",), out="run", **kw)
+
+
+def test_setting_changes_splits_trajectory_and_runtime_settings():
+    from trainer.resume import setting_changes
+
+    saved = _cfg().to_dict()
+    assert setting_changes(saved, _cfg()) == ([], [])
+    hard, soft = setting_changes(saved, _cfg(lr=1e-3, num_workers=3, resume=True))
+    assert hard == ["lr: 0.0003 -> 0.001"]
+    assert soft == ["num_workers: 1 -> 3"]  # `resume` itself is never a change
+    # `out` may differ (the run directory moved); tuples in the saved file read as lists
+    assert setting_changes({**saved, "out": "elsewhere", "logits": ("s",)}, _cfg()) == ([], [])
+    # keys missing from an older config.yaml count as their defaults, default_factory included
+    old = {k: v for k, v in saved.items() if k not in ("alpha", "extra", "prefetch")}
+    assert setting_changes(old, _cfg()) == ([], [])
+    hard, soft = setting_changes(old, _cfg(alpha=0.25, extra={"a": 1}, prefetch=0))
+    assert hard == ["alpha: 0.5 -> 0.25", "extra: {} -> {'a': 1}"] and soft == ["prefetch: 4 -> 0"]
+
+
+# ---------------------------------------------------------------------------------- fit helpers
+def _scheduler(total=10, warmup=2, base=0.5):
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))], lr=base)
+    opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 2 * base})
+    fn = lambda s: lr_factor(s, total, warmup, 0.1)  # noqa: E731
+    return torch.optim.lr_scheduler.LambdaLR(opt, [fn, fn]), fn
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_set_schedule_step_puts_every_group_at_the_step(wrapped):
+    from trainer.fit import set_schedule_step
+
+    sched, fn = _scheduler()
+    target = SimpleNamespace(scheduler=sched) if wrapped else sched
+    set_schedule_step(target, 6)
+    assert sched.last_epoch == 6
+    want = [0.5 * fn(6), 1.0 * fn(6)]
+    assert [g["lr"] for g in sched.optimizer.param_groups] == pytest.approx(want)
+    assert sched.get_last_lr() == pytest.approx(want)
+    sched.optimizer.step()
+    sched.step()  # continues from there
+    assert [g["lr"] for g in sched.optimizer.param_groups] == pytest.approx([0.5 * fn(7), 1.0 * fn(7)])
+
+
+class _Acc:
+    def __init__(self, n):
+        self.num_processes, self.device, self.seen = n, torch.device("cpu"), []
+
+    def reduce(self, t, reduction):
+        self.seen.append((t.dtype, reduction))
+        return t * self.num_processes
+
+
+def test_all_sum_types_and_values():
+    from trainer.fit import _all_sum
+
+    one = _Acc(1)
+    x = torch.tensor([1.5])
+    assert _all_sum(one, x) is x and _all_sum(one, 3) == 3 and not one.seen
+    acc = _Acc(3)
+    got = _all_sum(acc, 7)
+    assert got == 21 and type(got) is int
+    got = _all_sum(acc, 0.5)
+    assert got == 1.5 and type(got) is float
+    got = _all_sum(acc, torch.tensor([1.0, 2.0]))
+    assert isinstance(got, torch.Tensor) and got.dtype == torch.float64 and got.tolist() == [3.0, 6.0]
+    assert acc.seen == [(torch.float64, "sum")] * 3
+
+
+# ---------------------------------------------------------------------------------- losses
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_log1mexp_at_and_near_zero_is_finite_with_the_documented_cap(dtype):
+    from trainer.losses import _log1mexp
+
+    x = torch.tensor([0.0, -1e-40, -1e-20, -math.log(2), -0.5, -1.0, -30.0], dtype=dtype, requires_grad=True)
+    y = _log1mexp(x)
+    cap = 1e-30 if dtype == torch.float64 else 1e-12
+    assert torch.isfinite(y).all()
+    assert y[0].item() == pytest.approx(math.log(cap), rel=1e-6)  # x capped just below 0
+    ref = torch.tensor([math.log(-math.expm1(-0.5)), math.log1p(-math.exp(-1.0)), math.log1p(-math.exp(-30.0))], dtype=torch.float64)
+    torch.testing.assert_close(y[4:].double(), ref, rtol=1e-6, atol=0)
+    assert y[3].item() == pytest.approx(math.log(0.5), rel=1e-6)
+    y.sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
+def test_ce_only_path_ignores_minus_100_and_drops_padded_vocab_rows():
+    from trainer.losses import kd_ce_loss
+
+    torch.manual_seed(0)
+    x = torch.randn(6, 12, dtype=torch.float64)
+    x[:, 10:] = 50.0  # padded rows with huge logits: must take no probability
+    labels = torch.tensor([1, -100, 3, 9, -100, 0])
+    ce, kd, n = kd_ce_loss(x, labels, None, vocab_size=10)[:3]
+    keep = labels != -100
+    want = torch.nn.functional.cross_entropy(x[keep, :10], labels[keep], reduction="sum")
+    torch.testing.assert_close(ce, want)
+    assert float(kd) == 0.0
+    ce16 = kd_ce_loss(x.to(torch.bfloat16), labels, None, vocab_size=10)[0]  # low precision: computed in float32
+    assert ce16.dtype == torch.float32 and abs(float(ce16) - float(want)) < 0.1
+
+
+def test_off_support_gradient_is_zero_on_rows_with_nothing_off_the_support():
+    from trainer.losses import off_support_logmass
+
+    lp = torch.log_softmax(torch.randn(2, 4, dtype=torch.float64), -1).requires_grad_()
+    support = torch.tensor([[0, 1, 2, 3], [0, 1, 0, 0]])
+    valid = torch.tensor([[True, True, True, True], [True, True, False, False]])
+    out = off_support_logmass(lp, support, valid)
+    assert out[0].item() == -math.inf
+    assert out[1].item() == pytest.approx(torch.logsumexp(lp[1, 2:], 0).item())
+    out[1].backward()
+    assert torch.isfinite(lp.grad).all() and (lp.grad[0] == 0).all() and (lp.grad[1, :2] == 0).all()
+    torch.testing.assert_close(lp.grad[1, 2:], torch.softmax(lp[1, 2:].detach(), 0))
+
+
+def test_kd_ce_loss_argmax_is_per_position():
+    from trainer.losses import kd_ce_loss
+
+    x = torch.tensor([[0.0, 3.0, 1.0], [5.0, 0.0, 1.0]])
+    got = kd_ce_loss(x, torch.tensor([1, 0]), None, return_argmax=True)
+    assert got[-1].tolist() == [1, 0]
+
+
+def test_check_values_refuses_each_field_out_of_range():
+    import numpy as np
+
+    from logitstore.codec import check_values
+    from logitstore.errors import FormatError
+
+    ok = {"tail_mass": np.array([0.0, 0.5], np.float32), "gold_logprob": np.array([0.0, -2.0], np.float32),
+          "entropy": np.array([0.0, 1.5], np.float32)}
+    check_values(np.array([[-1.0, -3.0]], np.float32), ok)
+    for name, bad in (("gold_logprob", 0.5), ("tail_mass", 1.2), ("tail_mass", -0.1), ("entropy", -0.5), ("gold_logprob", np.nan)):
+        arrays = {k: v.copy() for k, v in ok.items()}
+        arrays[name][1] = bad
+        with pytest.raises(FormatError, match=name):
+            check_values(None, arrays)
+    with pytest.raises(FormatError, match="logprobs"):
+        check_values(np.array([[0.5, -1.0]], np.float32), ok)
+
+
+def test_float16_tail_bound_is_the_documented_one():
+    import numpy as np
+
+    from logitstore.codec import Encoding, tail_error_bound
+
+    enc = Encoding.from_dict({"name": "compact", "value_bits": 7})  # a first-version store: float16 tails
+    assert enc.tail != "log"
+    b = tail_error_bound(np.array([1e-7, 2.0**-14, 0.5]), enc)
+    np.testing.assert_array_equal(b, [2.0**-25, 2.0**-11 * 2.0**-14, 2.0**-11 * 0.5])
