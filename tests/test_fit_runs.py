@@ -130,15 +130,16 @@ def test_sigint_checkpoints_the_step_and_resume_continues_exactly(setup, monkeyp
 
 
 def test_sigterm_through_the_cli_exits_143_with_one_line(setup):
+    """As torchrun and SLURM stop a rank: SIGTERM to its whole process group, data workers included."""
     run = setup["root"] / "sigterm"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     p = subprocess.Popen([sys.executable, "-m", "trainer", "fit", "--logits", str(setup["store"]), "--student", str(setup["llama"]),
-                          "--out", str(run), "--max-steps", "100000", "--batch-size", "2", "--num-workers", "1", "-q"],
-                         env=env, stderr=subprocess.PIPE, text=True)
+                          "--out", str(run), "--max-steps", "100000", "--batch-size", "2", "--num-workers", "2", "-q"],
+                         env=env, stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.time() + 120
     while time.time() < deadline and not ((run / "metrics.jsonl").exists() and len(rows(run)) >= 2):
         time.sleep(0.2)
-    p.send_signal(signal.SIGTERM)
+    os.killpg(p.pid, signal.SIGTERM)
     _, err = p.communicate(timeout=120)
     assert p.returncode == 143, err[-2000:]
     lines = [ln for ln in err.splitlines() if ln.strip()]
@@ -226,6 +227,10 @@ def test_alpha_weights_kd_and_ce_as_documented(setup, tmp_path):
     (["lr=[1]"], "--lr: expected a number"),
     (["--eval-every", "2"], "--eval-every: needs --eval-logits"),
     (["extra-store"], "unexpected argument 'extra-store'"),
+    (["log_every=0"], "--log-every: expected a positive integer"),
+    (["chunk_positions=0"], "--chunk-positions: expected a positive integer"),
+    (["min_lr_ratio=-5"], "--min-lr-ratio: expected a value in [0, 1]"),
+    (["grad_clip=.nan"], "--grad-clip: expected a number >= 0"),
 ])
 def test_mistakes_end_in_one_line(setup, tmp_path, args, needle):
     r = runner.invoke(app, ["fit", "--logits", str(setup["store"]), "--student", str(setup["llama"]), "--out", str(tmp_path / "x"),
@@ -245,7 +250,10 @@ def test_yaml_numbers_written_as_strings_are_read_as_numbers(setup, tmp_path):
 def test_config_types_are_checked_from_python():
     with pytest.raises(ConfigError, match="--epochs: expected an integer, got 1.5"):
         FitConfig(logits=("x",), student="s", out="o", epochs=1.5)
-    assert FitConfig(logits="a,b", student="s", out="o", lr="1e-3").lr == 1e-3
+    assert FitConfig(logits="a", student="s", out="o", lr="1e-3").lr == 1e-3
+    assert FitConfig(logits="s3://bucket/x,y", student="s", out="o").logits == ("s3://bucket/x,y",)  # one URL, commas and all
+    assert FitConfig(logits="a", student="s", out="o", weights="0.7, 0.3").weights == (0.7, 0.3)
+    assert FitConfig(logits="a", student="s", out="o", seed="12345678901234567890").seed == 12345678901234567890
     assert isinstance(LogitStoreError("x"), Exception)
 
 

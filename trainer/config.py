@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -108,6 +109,17 @@ class FitConfig:
         _check(self.num_workers >= 0, "--num-workers: expected >= 0")
         _check(self.prefetch >= 0, f"--prefetch: expected >= 0, got {self.prefetch}")
         _check(not (self.eval_every and not self.eval_logits), "--eval-every: needs --eval-logits (a held-out store to evaluate on)")
+        _check(math.isfinite(self.grad_clip) and self.grad_clip >= 0, f"--grad-clip: expected a number >= 0 (0: off), got {self.grad_clip}")
+        _check(0.0 <= self.min_lr_ratio <= 1.0, f"--min-lr-ratio: expected a value in [0, 1], got {self.min_lr_ratio}")
+        _check(math.isfinite(self.weight_decay) and self.weight_decay >= 0, f"--weight-decay: expected a number >= 0, got {self.weight_decay}")
+        _check(math.isfinite(self.lr), f"--lr: expected a finite number, got {self.lr}")
+        _check(self.warmup_steps >= 0, f"--warmup-steps: expected >= 0, got {self.warmup_steps}")
+        _check(self.log_every >= 1, f"--log-every: expected a positive integer, got {self.log_every}")
+        _check(self.eval_every >= 0, f"--eval-every: expected >= 0 (0: only at the end), got {self.eval_every}")
+        _check(self.eval_batches is None or self.eval_batches >= 1, f"--eval-batches: expected a positive integer, got {self.eval_batches}")
+        _check(self.keep_checkpoints >= 0, f"--keep-checkpoints: expected >= 0 (0: keep all), got {self.keep_checkpoints}")
+        _check(self.chunk_positions >= 1, f"--chunk-positions: expected a positive integer, got {self.chunk_positions}")
+        _check(self.shuffle_buffer >= 1, f"--shuffle-buffer: expected a positive integer, got {self.shuffle_buffer}")
         _check(self.checkpoint_every >= 0, f"--checkpoint-every: expected >= 0 (0: only at the end), got {self.checkpoint_every}")
         _check(self.precision in ("auto", "no", "bf16", "fp16"), f"--precision: expected auto, no, bf16 or fp16, got {self.precision!r}")
         _check(self.param_dtype in DTYPES, f"--param-dtype: expected one of {', '.join(DTYPES)}, got {self.param_dtype!r}")
@@ -149,10 +161,12 @@ def _parse(name: str, value, annotation: str):
             return None
         raise ConfigError(f"{_flag(name)}: a value is required")
     if kind.startswith("tuple["):
-        items = [x for x in value.split(",") if x.strip()] if isinstance(value, str) else value
+        inner = kind[len("tuple["):].split(",")[0]
+        if isinstance(value, str):  # "0.7,0.3" for numbers; a single string is one path or URL (they may hold commas)
+            value = [x.strip() for x in value.split(",") if x.strip()] if inner != "str" else [value]
+        items = value
         if not isinstance(items, (list, tuple)):
             raise ConfigError(f"{_flag(name)}: expected a list (or comma-separated values), got {value!r}")
-        inner = kind[len("tuple["):].split(",")[0]
         return tuple(_parse(name, x, inner) for x in items)
     if kind == "bool":
         if isinstance(value, bool):
@@ -163,6 +177,13 @@ def _parse(name: str, value, annotation: str):
     if kind == "int":
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise ConfigError(f"{_flag(name)}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)  # exact for any size ("12345678901234567890")
+            except ValueError:
+                pass
         try:
             f = float(value)
         except ValueError:

@@ -57,6 +57,17 @@ class StopRequests:
 
 
 def ignore_in_worker(_worker_id: int) -> None:
-    """``DataLoader(worker_init_fn=...)``: workers share the terminal's process group, so Ctrl-C
-    reaches them too; they leave it to the main process, which stops at a step boundary."""
+    """``DataLoader(worker_init_fn=...)``: stop requests are the main process's to handle (it stops
+    at a step boundary and shuts the workers down itself), so a worker leaves its rank's process
+    group and ignores SIGINT and SIGTERM. Otherwise ``torchrun``'s shutdown (``killpg(SIGTERM)`` of
+    each rank's group), SLURM's ``scancel`` (every process of the step) or Ctrl-C would kill the
+    workers first, and the main process would die on "DataLoader worker ... killed by signal"
+    before it could write its checkpoint. Workers still exit when the main process does."""
+    import os
+
+    try:
+        os.setpgid(0, 0)
+    except OSError:  # not permitted (e.g. already a group leader): the ignored signals still hold
+        pass
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -5,7 +5,8 @@ A run is resumed only with the settings that shaped its trajectory: the LR sched
 temperatures and weights, and so on. Resuming with any of those changed would silently train
 something that neither the old nor the new ``config.yaml`` describes, so it is refused with every
 difference named. Settings that only change how the run executes (workers, prefetch, caches,
-logging, checkpoint cadence, evaluation, the final save dtype, the device) may change; they are
+logging, checkpoint cadence, evaluation, the final save dtype, the device, the loss's chunk size,
+which only bounds memory) may change; they are
 applied and listed, and ``config.yaml`` is rewritten to say what runs now. Stores are compared by
 their content-derived id, not by URL, so a store may move (a local copy of an S3 store) but not
 change.
@@ -25,7 +26,7 @@ from .config import FitConfig
 #: settings that may differ on --resume (they do not change the trajectory of the run)
 RUNTIME = frozenset({"logits", "eval_logits", "device", "num_workers", "prefetch", "cache_dir", "progress", "log_every",
                      "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints", "resume", "verify_checksums",
-                     "skip_bad_shards", "trust_remote_code", "save_dtype"})
+                     "skip_bad_shards", "trust_remote_code", "save_dtype", "chunk_positions"})
 
 
 def setting_changes(saved: dict, cfg: FitConfig) -> tuple[list[str], list[str]]:
