@@ -1,12 +1,12 @@
 """``logitstore fuse``: the fused targets of several teachers, written as a single-teacher store.
 
-It runs the trainer's own fusion (:func:`trainer.targets.build_targets` + :func:`trainer.fusion.fuse`),
+It runs the trainer's own fusion (:func:`logitstore.distributions.targets.build_targets` + :func:`logitstore.distributions.fusion.fuse`),
 so training on the fused store with one teacher gives the targets ``trainer fit --fuse`` would build
 on the fly, up to the top-``k`` cut: the fused distribution lives on the union of the teachers' ids
 (up to ``sum k_m`` of them) and the new store keeps its ``k`` most probable ids (default: the largest
 teacher ``k``) plus the exact rest of the mass as ``tail_mass``. ``entropy`` and ``gold_logprob`` are
 those of the fused distribution, under the fusion's reading of each teacher (its tail spread evenly
-over the tokens outside its top-k; see :mod:`trainer.fusion`).
+over the tokens outside its top-k; see :mod:`logitstore.distributions.fusion`).
 
 Teachers may come from one store or from several stores of the same data (equal tokenizer and data
 fingerprints, ``seq_len`` and packing; sequences are checked to match by ``seq_hash``).
@@ -61,8 +61,8 @@ def fuse_positions(teachers: list[dict], next_ids: np.ndarray, vocab: int, k: in
     """Fuse ``N`` positions. ``teachers``: per teacher ``ids``, ``logprobs`` [N, k_m], ``tail_mass`` [N];
     ``next_ids`` [N] the actual next token (negative: none). Returns ``ids``, ``logprobs`` [N, k]
     (descending) and ``tail_mass``, ``entropy``, ``gold_logprob`` [N] of the fused distribution."""
-    from trainer.fusion import fuse
-    from trainer.targets import build_targets
+    from .distributions.fusion import fuse
+    from .distributions.targets import build_targets
 
     f = build_targets(teachers, vocab)
     t = {name: torch.from_numpy(v) for name, v in f.items()}
@@ -92,7 +92,7 @@ def fuse_store(sources: list[str], out: str, *, teachers: list[str] | None = Non
                name: str = "fused", progress: bool = True) -> dict:
     """Fuse the teachers of ``sources`` (all of them, or those named in ``teachers``) into a new
     single-teacher store at ``out``; return its manifest."""
-    from trainer.fusion import MODES, normalize_weights
+    from .distributions.fusion import MODES, normalize_weights
 
     if mode not in MODES:
         raise ConfigError(f"--mode: expected one of {', '.join(MODES)}, got {mode!r}")

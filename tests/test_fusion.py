@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.fusion import fuse, normalize_weights
-from trainer.targets import build_targets
+from logitstore.distributions.fusion import fuse, normalize_weights
+from logitstore.distributions.targets import build_targets
 
 V = 40
 

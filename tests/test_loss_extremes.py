@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.fusion import fuse
+from logitstore.distributions.fusion import fuse
 from trainer.losses import divergence, kd_ce_loss
-from trainer.targets import build_targets
+from logitstore.distributions.targets import build_targets
 try:
-    from trainer.targets import TAIL_FLOOR
+    from logitstore.distributions.targets import TAIL_FLOOR
 except ImportError:  # before the floor existed
     TAIL_FLOOR = 1e-10
 

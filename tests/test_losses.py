@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainer.fusion import SparseTarget, fuse
+from logitstore.distributions.fusion import SparseTarget, fuse
 from trainer.losses import divergence, kd_ce_loss
-from trainer.targets import build_targets
+from logitstore.distributions.targets import build_targets
 
 V, N = 30, 23
 

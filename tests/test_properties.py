@@ -12,8 +12,8 @@ from torch.utils.data import DataLoader
 from logitstore.codec import SCALARS, Encoding
 from test_codec import assert_tails_within_documented_bound, documented_bound
 from trainer.data import DistillDataset
-from trainer.fusion import fuse
-from trainer.targets import build_targets
+from logitstore.distributions.fusion import fuse
+from logitstore.distributions.targets import build_targets
 
 
 def topk_rows(seed: int, n: int, vocab: int, k: int, sharp: float):

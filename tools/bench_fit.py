@@ -102,7 +102,7 @@ PEAK_SNIPPET = r"""
 import sys, torch, torch.nn.functional as F
 sys.path.insert(0, {root!r})
 from trainer.losses import kd_ce_loss
-from trainer.fusion import SparseTarget
+from logitstore.distributions.fusion import SparseTarget
 torch.manual_seed(0)
 N, V, H, K = 4096, 49152, 256, 64
 h = torch.randn(N, H, requires_grad=True)

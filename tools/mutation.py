@@ -37,9 +37,9 @@ KILLS = "tests/test_mutation_kills.py"
 #: Tests that train a student or launch torchrun are left out: seconds per mutant, hundreds of mutants.
 GROUPS: dict[str, tuple[str, list[str], list[str] | None]] = {
     "losses": ("trainer/losses.py", ["tests/test_losses.py", "tests/test_loss_extremes.py", KILLS], None),
-    "fusion": ("trainer/fusion.py", ["tests/test_fusion.py",
+    "fusion": ("logitstore/distributions/fusion.py", ["tests/test_fusion.py",
                                      "tests/test_properties.py::test_fused_targets_sum_to_one_and_ignore_teacher_order", KILLS], None),
-    "targets": ("trainer/targets.py", ["tests/test_fusion.py", "tests/test_losses.py",
+    "targets": ("logitstore/distributions/targets.py", ["tests/test_fusion.py", "tests/test_losses.py",
                                        "tests/test_properties.py::test_fused_targets_sum_to_one_and_ignore_teacher_order", KILLS], None),
     "codec": ("logitstore/codec.py", ["tests/test_codec.py", "tests/test_properties.py::test_compact_round_trip_within_documented_bound",
                                       "tests/test_properties.py::test_lossless_round_trip_is_exact", KILLS], None),

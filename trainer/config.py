@@ -10,7 +10,7 @@ import yaml
 
 from logitstore.errors import ConfigError
 
-from .fusion import MODES
+from logitstore.distributions.fusion import MODES
 from .losses import LOSSES, TAILS
 
 SCHEDULES = ("constant", "linear", "cosine", "exp")

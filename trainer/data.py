@@ -44,7 +44,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 import logitstore
 from logitstore.errors import ConfigError, LogitStoreError
 
-from .targets import build_targets
+from logitstore.distributions.targets import build_targets
 
 
 class DistillDataset(IterableDataset):

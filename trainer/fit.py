@@ -32,7 +32,7 @@ from logitstore.manifest import store_id
 from .checkpoint import TrainState, save_checkpoint, save_final
 from .config import FitConfig
 from .data import DistillDataset, match_teachers
-from .fusion import normalize_weights
+from logitstore.distributions.fusion import normalize_weights
 from .interrupt import Interrupted, StopRequests, ignore_in_worker
 from .metrics import MetricsLog
 from .resume import STATE, check_resume, has_progress, latest_checkpoint, saved_store_ids
@@ -379,7 +379,7 @@ def evaluate(acc, module, evalset: DistillDataset, cfg: FitConfig, weights: list
     """Validation CE / perplexity, KL(fused teachers || student) at T = 1, and top-1 agreement of the
     student with each teacher and with the fused target, over the whole held-out store. ``weights``:
     one per teacher of ``evalset``, in its order (see :func:`match_teachers`)."""
-    from .fusion import fuse
+    from logitstore.distributions.fusion import fuse
 
     inner = acc.unwrap_model(module)
     inner.eval()

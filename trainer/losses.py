@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .fusion import SparseTarget
+from logitstore.distributions.fusion import SparseTarget
 
 LOSSES = ("fkl", "rkl", "jsd")
 TAILS = ("bucket", "renorm")

@@ -14,7 +14,7 @@ import torch
 from logitstore.errors import ConfigError, LogitStoreError
 from logitstore.lm_head import head_for
 
-from .fusion import fuse
+from logitstore.distributions.fusion import fuse
 from .losses import kd_ce_loss
 
 
@@ -105,7 +105,7 @@ class DistillModule(torch.nn.Module):
     top-1 ids with ``return_argmax``).
 
     ``batch`` holds ``input_ids``/``attention_mask``/``labels`` [B, L] and, for KD, either the target
-    fields of :mod:`trainer.fusion` flattened over ``B * L`` positions or (online KD)
+    fields of :mod:`logitstore.distributions.fusion` flattened over ``B * L`` positions or (online KD)
     ``teacher_logits`` [B, L, V].
     """
 

@@ -1,0 +1,60 @@
+"""Aligning several teachers' top-k sets on one support (runs in data-loader workers, numpy).
+
+Input per teacher ``m``: ``ids`` [N, k_m], ``logprobs`` [N, k_m], ``tail_mass`` [N]. Output: the
+fields documented in :mod:`logitstore.distributions.fusion` (``support``, ``valid``, ``teacher_lp``, ``rest_lp``,
+``n_out``), as numpy arrays. ``K`` is the largest union size in the batch (at most ``sum k_m``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+#: Smallest tail mass a teacher is read with when ``k < V`` (FORMAT.md, "Reading the tail"). A
+#: stored tail of 0 does not mean the teacher gives those ``V - k`` tokens no probability: it was
+#: below what the encoding represents (float16 rounds tails under 3e-8 to 0; float32 softmax
+#: underflows). Read as exactly 0 it makes reverse KL and mean-logits fusion infinite (``log 0``),
+#: so every tail is read as ``max(tail, TAIL_FLOOR)``. Below 1e-10 the tail carries nothing a
+#: float32 student can learn from (forward KL weighs it by itself), and ``log(1e-10) = -23`` keeps
+#: reverse KL finite while still pushing the student's off-support mass down.
+TAIL_FLOOR = 1e-10
+
+
+def rest_logprob(tail_mass: np.ndarray, vocab_size: int, k: int) -> np.ndarray:
+    """log-prob of one token outside a teacher's top-k: ``log(max(tail, TAIL_FLOOR) / (V - k))``;
+    ``-inf`` when ``k = V`` (there is no such token)."""
+    n = vocab_size - k
+    if n <= 0:
+        return np.full(tail_mass.shape, -np.inf, dtype=np.float32)
+    tail = np.maximum(np.nan_to_num(tail_mass.astype(np.float64), nan=0.0), TAIL_FLOOR)
+    return (np.log(tail) - np.log(n)).astype(np.float32)
+
+
+def build_targets(teachers: list[dict], vocab_size: int) -> dict[str, np.ndarray]:
+    N = teachers[0]["ids"].shape[0]
+    V = vocab_size
+    all_ids = np.concatenate([t["ids"].astype(np.int64) for t in teachers], axis=1)  # [N, sum k]
+    s = np.sort(all_ids, axis=1)
+    dup = np.zeros_like(s, dtype=bool)
+    dup[:, 1:] = s[:, 1:] == s[:, :-1]
+    u = s.shape[1] - dup.sum(1)
+    K = int(u.max()) if N else 0
+    s = np.sort(np.where(dup, V, s), axis=1)[:, :K]  # unique ids first, sentinel V after
+    valid = s < V
+    support = np.where(valid, s, 0)
+    rows = np.arange(N, dtype=np.int64)[:, None]
+    q = (rows * (V + 1) + support).ravel()
+    teacher_lp = np.empty((len(teachers), N, K), dtype=np.float32)
+    rest = np.empty((len(teachers), N), dtype=np.float32)
+    for m, t in enumerate(teachers):
+        k = t["ids"].shape[1]
+        order = np.argsort(t["ids"], axis=1, kind="stable")
+        ids_sorted = np.take_along_axis(t["ids"].astype(np.int64), order, 1)
+        lp_sorted = np.take_along_axis(t["logprobs"].astype(np.float32), order, 1)
+        keys = (rows * (V + 1) + ids_sorted).ravel()  # globally sorted: rows ascend, ids ascend per row
+        pos = np.minimum(np.searchsorted(keys, q), keys.size - 1)
+        found = (keys[pos] == q).reshape(N, K)
+        rest[m] = rest_logprob(t["tail_mass"], V, k)
+        teacher_lp[m] = np.where(found, lp_sorted.ravel()[pos].reshape(N, K), rest[m][:, None])
+        teacher_lp[m][~valid] = -np.inf
+    return {"support": support, "valid": valid, "teacher_lp": teacher_lp, "rest_lp": rest,
+            "n_out": (V - u).astype(np.float32)}
