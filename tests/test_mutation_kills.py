@@ -198,3 +198,43 @@ def test_float16_tail_bound_is_the_documented_one():
     assert enc.tail != "log"
     b = tail_error_bound(np.array([1e-7, 2.0**-14, 0.5]), enc)
     np.testing.assert_array_equal(b, [2.0**-25, 2.0**-11 * 2.0**-14, 2.0**-11 * 0.5])
+
+
+@pytest.mark.parametrize("mode", ["mean-probs", "mean-logits"])
+def test_fusion_with_exactly_one_token_off_the_support(mode):
+    """n_out = 1 (the union covers all but one id): the bucket is that one token; equals brute force."""
+    from logitstore.distributions.fusion import fuse
+    from logitstore.distributions.targets import build_targets
+    from test_fusion import V, brute_force, dense_from_cache, make_teachers
+
+    rng = np.random.default_rng(3)
+    full, cached = make_teachers(rng, 6, [V - 1, V - 1])
+    # the second teacher keeps its own values on the first one's ids, so both leave out the same id
+    lp1 = full[1]
+    cached[1]["ids"] = cached[0]["ids"].copy()
+    top1 = np.take_along_axis(lp1, cached[1]["ids"], 1)
+    cached[1]["logprobs"] = top1.astype(np.float32)
+    cached[1]["tail_mass"] = np.clip(1 - np.exp(top1).sum(1), 0, 1).astype(np.float32)
+    b = {k: torch.from_numpy(v) for k, v in build_targets(cached, V).items()}
+    assert (b["n_out"] == 1).all()
+    t = fuse(b["teacher_lp"], b["rest_lp"], b["support"], b["valid"], b["n_out"], temperatures=[1.0, 1.0], weights=[0.6, 0.4],
+             mode=mode)
+    assert t.support is b["support"] and t.valid is b["valid"]  # the target says which ids it is over
+    ref = brute_force([dense_from_cache(c, V - 1) for c in cached], [1.0, 1.0], [0.6, 0.4], mode)
+    got = np.zeros((6, V))
+    np.put_along_axis(got, b["support"].numpy(), t.lp.exp().double().numpy(), 1)
+    off = np.ones((6, V), bool)
+    np.put_along_axis(off, b["support"].numpy(), False, 1)
+    got[off] = t.out_lp.exp().double().numpy()
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-7)
+
+
+def test_target_fields_have_the_documented_dtypes():
+    from logitstore.distributions.targets import build_targets
+
+    rng = np.random.default_rng(0)
+    ids = np.argsort(rng.random((5, 30)), axis=1)[:, :4]
+    lp = np.log(np.full((5, 4), 0.2, np.float32))
+    b = build_targets([{"ids": ids, "logprobs": lp, "tail_mass": np.full(5, 0.2, np.float32)}], 30)
+    assert b["support"].dtype == np.int64 and b["valid"].dtype == bool
+    assert b["teacher_lp"].dtype == b["rest_lp"].dtype == b["n_out"].dtype == np.float32

@@ -7,7 +7,7 @@ mutmut runs, per mutant, only those of them that call the mutated function. Prin
 with every survivor.
 
     .venv/bin/pip install 'mutmut>=3.8,<4'
-    nice -n 10 .venv/bin/python tools/mutation.py              # every module (~30 min on 2 cores)
+    nice -n 10 .venv/bin/python tools/mutation.py              # every module (~3,300 mutants: hours on 2 cores)
     nice -n 10 .venv/bin/python tools/mutation.py codec losses  # some modules; merged into the JSON
 
 The code mutated is the last commit (``git archive HEAD``), with the guarding tests as they are in
