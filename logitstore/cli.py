@@ -9,6 +9,7 @@ from typing import Callable, Optional, TypeVar
 import typer
 
 from .errors import ConfigError, LogitStoreError
+from .progress import quiet_libraries
 
 T = TypeVar("T")
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -34,32 +35,6 @@ def call(fn: Callable[[], T], *, resumable: bool = False) -> T:
             raise
         typer.echo("interrupted; re-run the same command to resume", err=True)
         raise typer.Exit(130) from None
-
-
-def quiet_libraries() -> None:
-    """``-q``: no warnings, log lines or loading bars from the libraries a dump uses (transformers,
-    huggingface_hub, datasets, torch); errors still print, and so do logitstore's own warnings."""
-    import logging
-    import warnings
-
-    # through the libraries' own switches, not environment variables, which would leak into every
-    # process this one starts (and into the callers of the Python API)
-    warnings.filterwarnings("ignore", module=r"(transformers|huggingface_hub|datasets|torch|tokenizers|accelerate|gguf)(\.|$)")
-    for name in ("transformers", "huggingface_hub", "datasets", "torch", "accelerate"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-        import datasets
-        from huggingface_hub.utils import disable_progress_bars
-
-        disable_progress_bars()
-        datasets.disable_progress_bars()
-        datasets.logging.set_verbosity_error()
-    except ImportError:  # pragma: no cover - these are dependencies
-        pass
 
 
 @app.command()

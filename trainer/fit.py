@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader
 
 from logitstore.errors import ConfigError, LogitStoreError
 from logitstore.manifest import store_id
+from logitstore.progress import quiet_libraries
 
 from .checkpoint import TrainState, save_checkpoint, save_final
 from .config import FitConfig
@@ -67,7 +68,7 @@ class Run:
         if model is None and not cfg.student:
             raise ConfigError("--student: required (a model directory, hub id, or a model config .json/.yaml)")
         if not cfg.progress:
-            _quiet_libraries()
+            quiet_libraries()
         self.cfg = cfg
         self.cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
         if cfg.device.startswith("cuda") and not torch.cuda.is_available():
@@ -337,18 +338,6 @@ def _stop_signal(acc, stop: StopRequests) -> int:
     t = torch.tensor([local], dtype=torch.int64, device=acc.device)
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
     return int(t)
-
-
-def _quiet_libraries() -> None:
-    """``-q``: no loading/writing bars or advisory warnings from transformers and accelerate (such
-    as "Removed shared tensor ..." on every checkpoint of a tied student); errors still show."""
-    import logging
-
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    logging.getLogger("accelerate").setLevel(logging.ERROR)
 
 
 def _clip(acc, module, cfg: FitConfig) -> float:
