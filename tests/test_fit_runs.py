@@ -148,6 +148,36 @@ def test_sigterm_through_the_cli_exits_143_with_one_line(setup):
     assert (run / "checkpoints" / f"step-{step:08d}" / "trainer_state.json").is_file()
 
 
+LEAKED_FAILURE = """
+import sys
+from trainer.config import FitConfig
+from trainer.fit import MetricsLog, fit
+real = MetricsLog.write
+def write(self, row):
+    real(self, row)
+    if row.get("step") == 2:
+        raise RuntimeError("simulated failure")
+MetricsLog.write = write
+KEEP = []
+try:
+    fit(FitConfig(logits=(sys.argv[1],), student=sys.argv[2], out=sys.argv[3], batch_size=2, max_steps=6, num_workers=2,
+                  progress=False))
+except RuntimeError as e:
+    KEEP.append(e)  # the traceback keeps the failed run's frames (and its loader iterator) alive
+print("returned", flush=True)
+"""
+
+
+def test_a_failed_fit_whose_exception_is_kept_does_not_hang_the_process_at_exit(setup):
+    """Workers ignore SIGTERM, which is how multiprocessing stops them at interpreter exit: an
+    iterator left alive by a stored exception used to make the process wait for them forever."""
+    run = setup["root"] / "kept-exception"
+    p = subprocess.run([sys.executable, "-c", LEAKED_FAILURE, str(setup["store"]), str(setup["llama"]), str(run)],
+                       env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=180)
+    assert p.returncode == 0 and "returned" in p.stdout, p.stderr[-2000:]
+    assert [r["step"] for r in rows(run)] == [1, 2]
+
+
 def test_resume_refuses_changed_settings_and_logs_runtime_ones(setup, capsys):
     run = setup["root"] / "changed"
     common = dict(logits=(str(setup["store"]),), student=str(setup["llama"]), out=str(run), batch_size=2, num_workers=0,

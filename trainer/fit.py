@@ -24,7 +24,6 @@ from pathlib import Path
 
 import torch
 import yaml
-from torch.utils.data import DataLoader
 
 from logitstore.errors import ConfigError, LogitStoreError
 from logitstore.manifest import store_id
@@ -34,7 +33,8 @@ from .checkpoint import TrainState, save_checkpoint, save_final
 from .config import FitConfig
 from .data import DistillDataset, match_teachers
 from logitstore.distributions.fusion import normalize_weights
-from .interrupt import Interrupted, StopRequests, ignore_in_worker
+from .interrupt import Interrupted, StopRequests
+from .loader import epoch_batches, make_loader
 from .metrics import MetricsLog
 from .resume import STATE, check_resume, has_progress, latest_checkpoint, saved_store_ids
 from .schedules import lr_factor, temperature_at
@@ -190,20 +190,20 @@ class Run:
         while state.step < self.total:
             if state.consumed == 0:
                 train.set_epoch(state.epoch)
-            it = iter(_loader(train, cfg.num_workers, not self.cpu, seed=cfg.seed + state.epoch))
-            while state.step < self.total:
-                t0 = time.perf_counter()
-                try:
-                    micro = list(islice(it, cfg.grad_accum))
-                except LogitStoreError as e:  # from a DataLoader worker: keep the original one-line message
-                    raise type(e)(_worker_message(e) + " (or pass --skip-bad-shards to leave damaged shards out)") from None
-                if not micro:
-                    break  # the epoch's batches are exhausted
-                train.consumed += len(micro)
-                state.consumed = train.consumed
-                self.after_step(self.step(micro, data_wait=time.perf_counter() - t0), stop)
-            else:
-                return
+            with epoch_batches(make_loader(train, cfg.num_workers, not self.cpu, seed=cfg.seed + state.epoch)) as it:
+                while state.step < self.total:
+                    t0 = time.perf_counter()
+                    try:
+                        micro = list(islice(it, cfg.grad_accum))
+                    except LogitStoreError as e:  # from a DataLoader worker: keep the original one-line message
+                        raise type(e)(_worker_message(e) + " (or pass --skip-bad-shards to leave damaged shards out)") from None
+                    if not micro:
+                        break  # the epoch's batches are exhausted
+                    train.consumed += len(micro)
+                    state.consumed = train.consumed
+                    self.after_step(self.step(micro, data_wait=time.perf_counter() - t0), stop)
+                else:
+                    return
             state.epoch += 1
             state.consumed = train.consumed = 0
             if cfg.max_steps is None and state.epoch >= cfg.epochs:
@@ -322,14 +322,6 @@ def _worker_message(e: Exception) -> str:
     return last.split(": ", 1)[1] if ": " in last and last.split(": ", 1)[0].endswith("Error") else last
 
 
-def _loader(ds, workers: int, pin: bool, seed: int = 0) -> DataLoader:
-    """A loader with its own generator: by default ``iter(DataLoader)`` draws the workers' base seed
-    from the global torch RNG, which would shift dropout masks after a resume (the checkpoint
-    restores the RNG at a step, not at the start of the epoch's iterator)."""
-    return DataLoader(ds, batch_size=None, num_workers=workers, pin_memory=pin, prefetch_factor=4 if workers else None,
-                      generator=torch.Generator().manual_seed(seed), worker_init_fn=ignore_in_worker if workers else None)
-
-
 def _stop_signal(acc, stop: StopRequests) -> int:
     """The signal that asked this run to stop on any rank (0: none), agreed by all ranks."""
     local = stop.signum or 0
@@ -375,7 +367,7 @@ def evaluate(acc, module, evalset: DistillDataset, cfg: FitConfig, weights: list
     M = len(evalset.teachers)
     w = weights  # per eval teacher, matched to the training teachers by identity (match_teachers)
     sums = torch.zeros(3 + M + 1, dtype=torch.float64)  # ce, kd, n, agree_m..., agree_fused
-    for i, batch in enumerate(_loader(evalset, 0, False)):
+    for i, batch in enumerate(make_loader(evalset, 0, False)):
         if cfg.eval_batches is not None and i >= cfg.eval_batches:
             break
         batch = {k: v.to(acc.device) for k, v in batch.items()}

@@ -62,7 +62,8 @@ def ignore_in_worker(_worker_id: int) -> None:
     group and ignores SIGINT and SIGTERM. Otherwise ``torchrun``'s shutdown (``killpg(SIGTERM)`` of
     each rank's group), SLURM's ``scancel`` (every process of the step) or Ctrl-C would kill the
     workers first, and the main process would die on "DataLoader worker ... killed by signal"
-    before it could write its checkpoint. Workers still exit when the main process does."""
+    before it could write its checkpoint. Workers still exit when the main process does: it shuts
+    them down (:mod:`trainer.loader`), or they see it gone (torch's worker watchdog)."""
     import os
 
     try:
