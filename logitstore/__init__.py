@@ -6,10 +6,9 @@
     for batch in store.iter_batches(8): ...
 """
 
-__version__ = "0.1.0"
-
-from .errors import ConfigError, FormatError, LogitStoreError  # noqa: E402
-from .reader import Store  # noqa: E402
+from logitstore.version import __version__  # noqa: E402
+from logitstore.errors import ConfigError, FormatError, LogitStoreError  # noqa: E402
+from logitstore.format.reader import Store  # noqa: E402
 
 
 def open(url: str, **kwargs) -> Store:  # noqa: A001 - mirrors zarr.open / fsspec.open

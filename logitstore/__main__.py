@@ -1,3 +1,3 @@
-from .cli import main
+from logitstore.cli import main
 
 main()

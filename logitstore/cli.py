@@ -8,8 +8,8 @@ from typing import Callable, Optional, TypeVar
 
 import typer
 
-from .errors import ConfigError, LogitStoreError
-from .progress import quiet_libraries
+from logitstore.errors import ConfigError, LogitStoreError
+from logitstore.progress import quiet_libraries
 
 T = TypeVar("T")
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -59,7 +59,7 @@ def dump(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars, summary or library warnings; errors still print"),
 ) -> None:
     """Run teachers over a corpus and write (or resume) a store. Under torchrun each rank writes its own shards."""
-    from .dump import DumpConfig, dump as run_dump
+    from logitstore.capture.dump import DumpConfig, dump as run_dump
 
     if quiet:
         quiet_libraries()
@@ -72,7 +72,7 @@ def dump(
 @app.command()
 def info(store: str, as_json: bool = typer.Option(False, "--json", help="machine-readable output")) -> None:
     """Teachers, tokenizer, sizes, bytes/token, mean top-k mass and entropy."""
-    from .info import format_info, info as get_info
+    from logitstore.tools.info import format_info, info as get_info
 
     d = call(lambda: get_info(store))
     typer.echo(json.dumps(d, indent=1) if as_json else format_info(d))
@@ -82,7 +82,7 @@ def info(store: str, as_json: bool = typer.Option(False, "--json", help="machine
 def ls(url: str, as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
        max_depth: int = typer.Option(4, "--max-depth", help="directory levels to search below URL")) -> None:
     """The stores under a directory or prefix: id, teachers, tokens, k and size, one line each."""
-    from .info import format_list, list_stores
+    from logitstore.tools.info import format_list, list_stores
 
     rows = call(lambda: list_stores(url, max_depth))
     typer.echo(json.dumps(rows, indent=1) if as_json else format_list(rows))
@@ -92,7 +92,7 @@ def ls(url: str, as_json: bool = typer.Option(False, "--json", help="machine-rea
 def stats(store: str, plot: Optional[str] = typer.Option(None, "--plot", help="write a PNG of top-j mass and entropy"),
           as_json: bool = typer.Option(False, "--json", help="machine-readable output")) -> None:
     """Top-k mass coverage and teacher entropy per position (to choose k)."""
-    from .stats import format_stats, plot_stats, store_stats
+    from logitstore.tools.stats import format_stats, plot_stats, store_stats
 
     d = call(lambda: store_stats(store))
     typer.echo(json.dumps(d) if as_json else format_stats(d))
@@ -103,7 +103,7 @@ def stats(store: str, plot: Optional[str] = typer.Option(None, "--plot", help="w
 @app.command()
 def verify(store: str) -> None:
     """Check every checksum, shape, dtype and value range; exit 0 only if all hold."""
-    from .verify import verify as run_verify
+    from logitstore.tools.verify import verify as run_verify
 
     problems = run_verify(store)
     for p in problems:
@@ -121,7 +121,7 @@ def merge(stores: list[str] = typer.Argument(..., help="stores to concatenate, i
                                             help="merge even if stores share sequences (counted and reported; by default refused)"),
           quiet: bool = typer.Option(False, "--quiet", "-q")) -> None:
     """Concatenate stores dumped with the same teachers and settings on different data."""
-    from .merge import merge as run_merge
+    from logitstore.tools.merge import merge as run_merge
 
     m = call(lambda: run_merge(stores, out, progress=not quiet, allow_shared=allow_shared), resumable=True)
     typer.echo(f"{out}: {m['n_sequences']:,} sequences, {m['n_tokens']:,} tokens from {len(stores)} stores")
@@ -138,7 +138,7 @@ def fuse(stores: list[str] = typer.Argument(..., help="one store with several te
          name: str = typer.Option("fused", "--name", help="the fused teacher's name"),
          quiet: bool = typer.Option(False, "--quiet", "-q")) -> None:
     """Write the fused targets of several teachers as a new single-teacher store."""
-    from .fuse import fuse_store
+    from logitstore.tools.fuse import fuse_store
 
     m = call(lambda: fuse_store(stores, out, teachers=teacher or None, weights=_floats(weights, "--weights"),
                                 temperatures=_floats(temperature, "--temperature"), mode=mode, top_k=top_k, name=name,
@@ -152,7 +152,7 @@ def fuse(stores: list[str] = typer.Argument(..., help="one store with several te
 def export(store: str, out: str = typer.Option(..., "--out"), to: str = typer.Option("parquet", "--to", help="parquet or hf"),
            quiet: bool = typer.Option(False, "--quiet", "-q")) -> None:
     """A Parquet (or saved datasets) view of a store, one decoded row per sequence."""
-    from .export import export as run_export
+    from logitstore.tools.export import export as run_export
 
     s = call(lambda: run_export(store, out, to, progress=not quiet))
     typer.echo(f"{out}: {s['rows']:,} rows ({s['format']})")
@@ -162,7 +162,7 @@ def export(store: str, out: str = typer.Option(..., "--out"), to: str = typer.Op
 def convert(store: str, out: str = typer.Option(..., "--out"), to: str = typer.Option(..., "--to", help="zarr or arrow"),
             quiet: bool = typer.Option(False, "--quiet", "-q")) -> None:
     """The same store in the other backend (zarr <-> arrow); values and store id unchanged."""
-    from .convert import convert as run_convert
+    from logitstore.tools.convert import convert as run_convert
 
     m = call(lambda: run_convert(store, out, to, progress=not quiet), resumable=True)
     typer.echo(f"{out}: {m['backend']}, {m['total_bytes'] / 1e6:.2f} MB")

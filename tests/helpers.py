@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from logitstore.data import load_texts, pack
-from logitstore.teacher import TeacherSpec
+from logitstore.capture.corpus import load_texts, pack
+from logitstore.capture.teacher import TeacherSpec
 
 
 def reference_outputs(teacher_dir, corpus, seq_len: int, max_tokens=None):

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from logitstore.backends import BACKENDS, get_backend
+from logitstore.format.backends import BACKENDS, get_backend
 from logitstore.errors import FormatError
 
 
@@ -75,7 +75,7 @@ def test_zarr_refuses_unknown_codec():
 
 @pytest.mark.parametrize("rows,chunk_rows", [(5, 2), (64, 16), (1, 1), (7, 64)])
 def test_zarr_fast_path_equals_zarr(rows, chunk_rows):
-    from logitstore.backends import zarr_fast
+    from logitstore.format.backends import zarr_fast
 
     backend = get_backend("zarr")
     rng = np.random.default_rng(rows)
@@ -94,7 +94,7 @@ def test_zarr_fast_path_equals_zarr(rows, chunk_rows):
 def test_zarr_fast_path_rejects_lying_chunk_sizes():
     import struct
 
-    from logitstore.backends import zarr_fast
+    from logitstore.format.backends import zarr_fast
 
     backend = get_backend("zarr")
     files = backend.encode_part({"a": np.arange(40, dtype=np.uint16).reshape(4, 10)}, 2)
@@ -114,7 +114,7 @@ def test_zarr_fast_path_rejects_lying_chunk_sizes():
 def test_zarr_fast_path_reports_damaged_compressed_bytes():
     """Flipped bytes inside a compressed frame (read with checksums off) give a FormatError, never a
     bare decompressor error."""
-    from logitstore.backends import zarr_fast
+    from logitstore.format.backends import zarr_fast
 
     backend = get_backend("zarr")
     rng = np.random.default_rng(0)

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from logitstore.codec import SCALARS, Encoding, id_dtype
+from logitstore.format.codec import SCALARS, Encoding, id_dtype
 from logitstore.errors import FormatError
 
 
@@ -126,7 +126,7 @@ def _tail_round_trip(enc, tails):
 def test_tail_mass_within_the_documented_bound_from_1e_12_to_1():
     """FORMAT.md's tail bound over a sweep of tails, for both tail encodings of ``compact``. The
     first version's claim for float16 ("relative error <= 2^-11") is false below 6.1e-5."""
-    from logitstore.codec import tail_error_bound
+    from logitstore.format.codec import tail_error_bound
 
     tails = np.concatenate([np.geomspace(1e-12, 1, 40_001), np.geomspace(2**-14, 2**-26, 2_001), [1.0]]).astype(np.float32)
     exact = tails.astype(np.float64)
@@ -161,7 +161,7 @@ def test_stores_of_the_first_version_with_float16_tails_still_read(tmp_path, lla
 
     import logitstore
     from logitstore.dump import DumpConfig, dump
-    from logitstore.verify import verify
+    from logitstore.tools.verify import verify
 
     out = tmp_path / "s"
     dump(DumpConfig(teachers=(f"t={llama_dir}",), data=str(corpus), out=str(out), top_k=4, seq_len=16, max_tokens=200,

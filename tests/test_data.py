@@ -129,8 +129,8 @@ def bos_teacher(tmp_path_factory):
 
 
 def test_documents_start_with_bos_when_the_tokenizer_adds_one(tmp_path, bos_teacher, corpus):
-    from logitstore.data import load_texts
-    from logitstore.teacher import TeacherSpec
+    from logitstore.capture.corpus import load_texts
+    from logitstore.capture.teacher import TeacherSpec
 
     tok = TeacherSpec.parse(str(bos_teacher)).load_tokenizer()  # as a dump loads it
     bos, eos = tok.bos_token_id, tok.eos_token_id
@@ -149,7 +149,7 @@ def test_documents_start_with_bos_when_the_tokenizer_adds_one(tmp_path, bos_teac
     docs = [tok(t, add_special_tokens=False)["input_ids"] for t in load_texts(str(corpus))]
     assert stream.size == sum(len(d) + 2 for d in docs)
     assert stream[1 : 1 + len(docs[0])].tolist() == docs[0]
-    from logitstore.data import adds_bos
+    from logitstore.capture.corpus import adds_bos
 
     assert m["bos"] is True and adds_bos(tok)
 
@@ -168,7 +168,7 @@ def test_bos_choice_is_part_of_the_plan(tmp_path, bos_teacher, corpus):
 
 def test_tokenizer_without_bos_convention_packs_as_before(tokenizer, corpus, llama_dir, tmp_path):
     """The test tokenizer names a BOS token but does not add it: nothing changes (auto = no BOS)."""
-    from logitstore.data import adds_bos, load_texts, pack
+    from logitstore.capture.corpus import adds_bos, load_texts, pack
 
     texts = load_texts(str(corpus))
     assert tokenizer.bos_token_id is not None and not adds_bos(tokenizer)
@@ -187,7 +187,7 @@ def test_manifest_without_bos_field_reads_as_no_bos(stores):
     import json
 
     from logitstore.errors import FormatError
-    from logitstore.manifest import validate_manifest
+    from logitstore.format.manifest import validate_manifest
 
     m = json.loads((stores[0] / "manifest.json").read_text())
     m.pop("bos", None)

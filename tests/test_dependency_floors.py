@@ -19,9 +19,9 @@ API_FLOORS = {
     # FSDP2's public names (torch.distributed._composable.fsdp before 2.6)
     "torch": [("2.6", "trainer/sharding.py", r"from torch\.distributed\.fsdp import [^\n]*\bfully_shard\b"),
               ("2.6", "trainer/sharding.py", r"from torch\.distributed\.fsdp import [^\n]*\bMixedPrecisionPolicy\b")],
-    "transformers": [("4.56", "logitstore/teacher.py", r"from_pretrained\([^)]*\bdtype="),
+    "transformers": [("4.56", "logitstore/capture/teacher.py", r"from_pretrained\([^)]*\bdtype="),
                      ("4.56", "trainer/student.py", r"from_pretrained\([^)]*\bdtype=")],
-    "pyarrow": [("16", "logitstore/backends/arrow_backend.py", r"use_byte_stream_split=")],
+    "pyarrow": [("16", "logitstore/format/backends/arrow_backend.py", r"use_byte_stream_split=")],
 }
 
 

@@ -7,8 +7,8 @@ import sys
 import pytest
 
 import logitstore
-from logitstore.manifest import store_id
-from logitstore.verify import verify
+from logitstore.format.manifest import store_id
+from logitstore.tools.verify import verify
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 

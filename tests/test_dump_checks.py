@@ -9,7 +9,7 @@ import logitstore
 from logitstore.cli import app
 from logitstore.dump import DumpConfig, dump
 from logitstore.errors import ConfigError, LogitStoreError
-from logitstore.manifest import store_id
+from logitstore.format.manifest import store_id
 
 from conftest import corpus_texts
 
@@ -51,7 +51,7 @@ def test_seq_len_beyond_the_teachers_positions_is_refused_before_anything_is_wri
 def test_position_limit_follows_rope_scaling():
     from transformers import GPT2Config, LlamaConfig
 
-    from logitstore.teacher import position_limit
+    from logitstore.capture.teacher import position_limit
 
     assert position_limit(GPT2Config(n_positions=256))[0] == 256
     assert position_limit(LlamaConfig(max_position_embeddings=4096))[0] == 4096
@@ -69,7 +69,7 @@ def test_position_limit_follows_rope_scaling():
 def test_alibi_teachers_have_no_position_limit():
     from transformers import BloomConfig, FalconConfig, MptConfig
 
-    from logitstore.teacher import position_limit
+    from logitstore.capture.teacher import position_limit
 
     assert position_limit(BloomConfig(seq_length=2048)) is None
     assert position_limit(MptConfig(max_seq_len=2048)) is None  # MPT's default attention is ALiBi
@@ -116,7 +116,7 @@ def test_empty_jsonl_says_the_file_is_empty(tmp_path, llama_dir):
 
 
 def test_rows_whose_text_is_not_a_string_are_counted(tmp_path, llama_dir, capsys):
-    from logitstore.data import load_texts
+    from logitstore.capture.corpus import load_texts
 
     data = tmp_path / "mixed.jsonl"
     rows = [{"text": "hello world, a document"}, {"text": None}, {"text": 42}, {"text": "another one"}, {"text": None}]
@@ -127,7 +127,7 @@ def test_rows_whose_text_is_not_a_string_are_counted(tmp_path, llama_dir, capsys
 
 
 def test_a_directory_or_glob_of_txt_files_is_one_document_per_file(tmp_path, llama_dir):
-    from logitstore.data import describe_source, load_texts
+    from logitstore.capture.corpus import describe_source, load_texts
 
     d = tmp_path / "docs"
     d.mkdir()
@@ -179,7 +179,7 @@ def test_help_shows_defaults():
 
 
 def test_ctrl_c_says_how_to_resume_and_exits_130(tmp_path, llama_dir, corpus, monkeypatch):
-    from logitstore.teacher import TeacherRunner
+    from logitstore.capture.teacher import TeacherRunner
 
     real, calls = TeacherRunner.run, []
 

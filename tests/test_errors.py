@@ -164,8 +164,8 @@ def test_errors_are_logitstore_errors():
 
 def test_document_longer_than_seq_len_is_split_without_losing_tokens(tokenizer):
     """Not an error: a long document continues in the next window(s), packed or not (documented in
-    logitstore/data.py)."""
-    from logitstore.data import pack
+    logitstore/capture/corpus.py)."""
+    from logitstore.capture.corpus import pack
 
     long_doc = " ".join(f"word{i}" for i in range(200))
     n_doc = len(tokenizer(long_doc, add_special_tokens=False)["input_ids"]) + 1
@@ -222,7 +222,7 @@ def _rewrite_array(store_dir, shard_path, part, array, mutate):
     ("inputs", "length", lambda a: a.__setitem__(0, 0), "length: values must lie in"),
 ])
 def test_well_signed_but_invalid_values_are_named(tmp_path, llama_dir, corpus, part, array, mutate, needle):
-    from logitstore.verify import verify
+    from logitstore.tools.verify import verify
 
     store = tmp_path / "s"
     dump(DumpConfig(teachers=(str(llama_dir),), data=str(corpus), out=str(store), top_k=4, seq_len=16, max_tokens=200,

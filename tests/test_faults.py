@@ -17,7 +17,7 @@ from fsspec.implementations.local import LocalFileSystem
 import logitstore
 from logitstore.dump import DumpConfig, dump
 from logitstore.errors import LogitStoreError
-from logitstore.verify import verify
+from logitstore.tools.verify import verify
 
 
 class FailingFS(LocalFileSystem):
@@ -168,7 +168,7 @@ def test_a_damaged_file_is_refused_when_read_through_the_cache(damaged, tmp_path
     import shutil
 
     from logitstore.errors import FormatError
-    from logitstore.hashing import sha256_hex
+    from logitstore.format.hashing import sha256_hex
 
     bad = tmp_path / "bad"
     shutil.copytree(damaged["good"], bad)

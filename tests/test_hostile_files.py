@@ -125,7 +125,7 @@ def test_symlink_to_a_regular_file_inside_the_store_is_read(tmp_path, store):
     got = logitstore.open(str(s)).load_shard(0)
     for name, td in want["teachers"].items():
         np.testing.assert_array_equal(got["teachers"][name]["ids"], td["ids"])
-    from logitstore.verify import verify
+    from logitstore.tools.verify import verify
 
     assert verify(str(s)) == []
 
@@ -134,7 +134,7 @@ def test_cache_entry_that_is_a_fifo_is_a_miss(tmp_path):
     """The read-through cache never opens a FIFO or device planted under its name."""
     code = r"""
 import os, sys
-from logitstore.cache import FileCache
+from logitstore.storage.cache import FileCache
 c = FileCache(sys.argv[1])
 sha = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"  # sha256 of b""
 p = c._path(sha)
@@ -153,7 +153,7 @@ print("miss")
 def test_remote_reads_are_bounded_by_the_declared_size(monkeypatch):
     """fsspec filesystems: a file larger than declared is refused, and even when the filesystem's
     metadata lies about the size the read asks for at most declared + 1 bytes."""
-    from logitstore.fsio import StoreFS
+    from logitstore.storage.fsio import StoreFS
 
     fs = StoreFS("memory://bounded-read-test")
     fs.write("big.bin", b"x" * 100_000)
@@ -208,7 +208,7 @@ def _bomb_table(table, how: str):
     """``table`` with its ``ids`` column grown 4096-fold (zeros: compresses to almost nothing)."""
     import pyarrow as pa
 
-    from logitstore.backends.arrow_backend import _to_column
+    from logitstore.format.backends.arrow_backend import _to_column
 
     S, L, k = len(table), 16, 4
     if how == "list_size":  # every row declares 4096 times the positions
@@ -227,8 +227,8 @@ def _bomb_table(table, how: str):
 def test_parquet_bomb_is_refused_from_the_footer_before_decoding(tmp_path, arrow_store, monkeypatch, how):
     import pyarrow.parquet as pq
 
-    from logitstore.backends.arrow_backend import ROWS, _write
-    from logitstore.verify import verify
+    from logitstore.format.backends.arrow_backend import ROWS, _write
+    from logitstore.tools.verify import verify
 
     s = tmp_path / "s"
     shutil.copytree(arrow_store, s)
@@ -257,7 +257,7 @@ def test_parquet_bomb_is_refused_from_the_footer_before_decoding(tmp_path, arrow
 
 def test_parquet_footer_sizes_are_bounded(arrow_store, monkeypatch):
     """The uncompressed-size bound is checked (here made impossibly tight) before decoding."""
-    from logitstore.backends import arrow_backend
+    from logitstore.format.backends import arrow_backend
 
     store = logitstore.open(str(arrow_store))
     files = store.part_files(0, "t0")
@@ -299,7 +299,7 @@ def test_zarr_chunk_shapes_are_checked_before_opening(tmp_path, zarr_store, case
     """An inner chunk shape of 0 once raised ZeroDivisionError (not a FormatError, so
     ``--skip-bad-shards`` missed it); chunks larger than the array made the decoder allocate (and
     decompress) 16384 times the declared array."""
-    from logitstore.verify import verify
+    from logitstore.tools.verify import verify
 
     s = tmp_path / "s"
     shutil.copytree(zarr_store, s)
@@ -327,7 +327,7 @@ def test_zarr_chunk_shapes_are_checked_before_opening(tmp_path, zarr_store, case
 
 
 def test_zarr_layouts_we_write_pass_the_chunk_checks():
-    from logitstore.backends import get_backend
+    from logitstore.format.backends import get_backend
 
     backend = get_backend("zarr")
     rng = np.random.default_rng(0)

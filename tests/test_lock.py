@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 from logitstore.cli import app
 from logitstore.dump import DumpConfig, dump
 from logitstore.errors import ConfigError
-from logitstore.info import list_stores
-from logitstore.lock import LOCK, STALE_SECONDS
+from logitstore.tools.info import list_stores
+from logitstore.storage.lock import LOCK, STALE_SECONDS
 
 runner = CliRunner()
 
@@ -26,7 +26,7 @@ def config(teacher, corpus, out, **kw):
 
 def started_store(cfg, monkeypatch):
     """A store whose dump stopped after its first part (no manifest), as a crash leaves it."""
-    from logitstore.writer import PartWriter
+    from logitstore.format.writer import PartWriter
 
     real, calls = PartWriter.write, []
 
@@ -92,8 +92,8 @@ def test_a_stale_lock_is_taken_over(tmp_path, llama_dir, corpus, monkeypatch, st
 
 
 def test_the_lock_is_held_while_writing_and_refreshed(tmp_path, llama_dir, corpus, monkeypatch):
-    import logitstore.lock as lock
-    from logitstore.teacher import TeacherRunner
+    import logitstore.storage.lock as lock
+    from logitstore.capture.teacher import TeacherRunner
 
     monkeypatch.setattr(lock, "REFRESH_SECONDS", 0.05)
     seen = []
@@ -112,7 +112,7 @@ def test_the_lock_is_held_while_writing_and_refreshed(tmp_path, llama_dir, corpu
 
 
 def test_merge_takes_the_lock_too(tmp_path, llama_dir, corpus):
-    from logitstore.merge import merge
+    from logitstore.tools.merge import merge
 
     a, b = tmp_path / "a", tmp_path / "b"
     dump(config(llama_dir, corpus, a, max_tokens=60))
@@ -129,7 +129,7 @@ def test_merge_takes_the_lock_too(tmp_path, llama_dir, corpus):
 
 
 def test_on_this_host_the_process_table_decides_not_the_clock():
-    from logitstore.lock import lock_is_live
+    from logitstore.storage.lock import lock_is_live
 
     now = time.time()
     here = {"op": "dump", "host": socket.gethostname(), "token": "x", "started": now - 9000, "refreshed": now - 2 * STALE_SECONDS}

@@ -8,7 +8,7 @@ import pytest
 import logitstore
 from logitstore.dump import DumpConfig, dump
 from logitstore.errors import FormatError
-from logitstore.manifest import MAX_MANIFEST_BYTES, parse_manifest, validate_manifest
+from logitstore.format.manifest import MAX_MANIFEST_BYTES, parse_manifest, validate_manifest
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from logitstore import lm_head
-from logitstore.teacher import TeacherRunner
+from logitstore.capture import lm_head
+from logitstore.capture.teacher import TeacherRunner
 from trainer.student import DistillModule
 from trainer.losses import kd_ce_loss
 

@@ -174,7 +174,7 @@ def test_kd_ce_loss_argmax_is_per_position():
 def test_check_values_refuses_each_field_out_of_range():
     import numpy as np
 
-    from logitstore.codec import check_values
+    from logitstore.format.codec import check_values
     from logitstore.errors import FormatError
 
     ok = {"tail_mass": np.array([0.0, 0.5], np.float32), "gold_logprob": np.array([0.0, -2.0], np.float32),
@@ -192,7 +192,7 @@ def test_check_values_refuses_each_field_out_of_range():
 def test_float16_tail_bound_is_the_documented_one():
     import numpy as np
 
-    from logitstore.codec import Encoding, tail_error_bound
+    from logitstore.format.codec import Encoding, tail_error_bound
 
     enc = Encoding.from_dict({"name": "compact", "value_bits": 7})  # a first-version store: float16 tails
     assert enc.tail != "log"

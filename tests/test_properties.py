@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch.utils.data import DataLoader
 
-from logitstore.codec import SCALARS, Encoding
+from logitstore.format.codec import SCALARS, Encoding
 from test_codec import assert_tails_within_documented_bound, documented_bound
 from trainer.data import DistillDataset
 from logitstore.distributions.fusion import fuse

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 
 import logitstore
-from logitstore import layout
+from logitstore.format import layout
 from logitstore.dump import DumpConfig, dump
 from logitstore.errors import ConfigError, FormatError
-from logitstore.verify import verify
-from logitstore.writer import PartWriter
+from logitstore.tools.verify import verify
+from logitstore.format.writer import PartWriter
 
 
 def part_hashes(url):

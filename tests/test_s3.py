@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 import logitstore
 from logitstore.cli import app
 from logitstore.dump import DumpConfig, dump
-from logitstore.prefetch import Prefetcher
+from logitstore.storage.prefetch import Prefetcher
 from trainer.config import FitConfig
 
 from helpers import store_arrays

@@ -5,11 +5,11 @@ import torch
 import pytest
 
 import logitstore
-from logitstore.codec import Encoding
+from logitstore.format.codec import Encoding
 from logitstore.dump import DumpConfig, dump
-from logitstore.hashing import sequence_hash
-from logitstore.info import info
-from logitstore.verify import verify
+from logitstore.format.hashing import sequence_hash
+from logitstore.tools.info import info
+from logitstore.tools.verify import verify
 
 from helpers import reference_outputs, store_arrays
 

@@ -8,14 +8,14 @@ from typer.testing import CliRunner
 
 import logitstore
 from logitstore.cli import app
-from logitstore.convert import convert
+from logitstore.tools.convert import convert
 from logitstore.dump import DumpConfig, dump
 from logitstore.errors import ConfigError
-from logitstore.export import export
-from logitstore.fuse import fuse_store
-from logitstore.manifest import store_id
-from logitstore.merge import merge
-from logitstore.verify import verify
+from logitstore.tools.export import export
+from logitstore.tools.fuse import fuse_store
+from logitstore.format.manifest import store_id
+from logitstore.tools.merge import merge
+from logitstore.tools.verify import verify
 
 from conftest import corpus_texts
 from helpers import reference_outputs, store_arrays
@@ -226,7 +226,7 @@ def test_export_round_trip(tmp_path, halves, to):
 
 
 def test_interrupted_merge_resumes_to_the_same_store(tmp_path, halves, monkeypatch):
-    from logitstore.writer import PartWriter
+    from logitstore.format.writer import PartWriter
 
     ref = merge([str(halves["first"]), str(halves["second"])], str(tmp_path / "ref"), progress=False)
     real, calls = PartWriter.write_files, []
@@ -298,7 +298,7 @@ def test_merge_refuses_a_damaged_input_shard(tmp_path, halves, part):
 
 
 def _interrupt_nth_write(monkeypatch, n):
-    from logitstore.writer import PartWriter
+    from logitstore.format.writer import PartWriter
 
     real, calls = PartWriter.write, []
 

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from logitstore.teacher import TeacherRunner, TeacherSpec, topk_stats
+from logitstore.capture.teacher import TeacherRunner, TeacherSpec, topk_stats
 
 
 def brute_force(logits: torch.Tensor, k: int, vocab: int, nxt: torch.Tensor):

@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from logitstore.cli import app
-from logitstore.verify import verify
+from logitstore.tools.verify import verify
 
 runner = CliRunner()
 
@@ -81,7 +81,7 @@ def test_store_id_depends_on_content_not_on_paths_names_or_layout(tmp_path, llam
     import shutil
 
     from logitstore.dump import DumpConfig, dump
-    from logitstore.info import info
+    from logitstore.tools.info import info
 
     data = tmp_path / "elsewhere.jsonl"  # the same corpus under another path
     shutil.copy(corpus, data)
@@ -121,7 +121,7 @@ def test_ls_lists_every_store_under_a_prefix(tmp_path, cli_store):
 
 def test_stats_match_a_direct_computation_and_plot(tmp_path, cli_store):
     import logitstore
-    from logitstore.stats import store_stats
+    from logitstore.tools.stats import store_stats
 
     d = store_stats(str(cli_store))
     s = logitstore.open(str(cli_store))

@@ -48,9 +48,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default=str(ROOT / "tools" / "results" / "bench_dump.json"))
     args = ap.parse_args()
-    from logitstore.data import load_texts, pack
+    from logitstore.capture.corpus import load_texts, pack
     from logitstore.dump import DumpConfig, dump
-    from logitstore.teacher import DTYPES, TeacherSpec, resolve_device
+    from logitstore.capture.teacher import DTYPES, TeacherSpec, resolve_device
 
     device = resolve_device(args.device)
     dtype_name = "bf16" if device.type == "cuda" else "fp32"

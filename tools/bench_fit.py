@@ -42,7 +42,7 @@ def step_times(store: Path, steps: int) -> dict:
     from transformers import AutoConfig, AutoModelForCausalLM
     from trainer.data import DistillDataset
     from trainer.student import DistillModule
-    from logitstore.teacher import TeacherSpec
+    from logitstore.capture.teacher import TeacherSpec
 
     ds = DistillDataset([str(store)], batch_size=4, shuffle=False)
     batches = [ds.make_batch(*x) for x in zip(*ds.rank_batches(0))][: steps + 1]

@@ -13,7 +13,6 @@ KL is KL(reconstructed || exact) over the k+1 outcomes (top-k plus the exact tai
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 
@@ -30,8 +29,8 @@ def real_distributions(positions: int, kmax: int = 128) -> dict:
         return dict(np.load(path))
     import torch
 
-    from logitstore.data import load_texts, pack
-    from logitstore.teacher import TeacherRunner, TeacherSpec
+    from logitstore.capture.corpus import load_texts, pack
+    from logitstore.capture.teacher import TeacherRunner, TeacherSpec
 
     spec = TeacherSpec.parse(str(smollm2_dir()))
     tok = spec.load_tokenizer()
@@ -78,9 +77,9 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    from logitstore.backends import get_backend
-    from logitstore.codec import Encoding
-    from logitstore.hashing import sha256_hex
+    from logitstore.format.backends import get_backend
+    from logitstore.format.codec import Encoding
+    from logitstore.format.hashing import sha256_hex
 
     V = int(d["vocab"])
     N = d["ids"].shape[0] // SEQ * SEQ

@@ -57,7 +57,7 @@ def part_digests(store: Path) -> dict[str, str]:
 
 
 def kill_rounds(args, teacher: Path, out: Path, env: dict) -> dict:
-    from logitstore.verify import verify
+    from logitstore.tools.verify import verify
 
     cmd = [sys.executable, "-m", "logitstore", "dump", "--teacher", f"tiny={teacher}", "--data", str(DATA_TRAIN),
            "--top-k", "16", "--seq-len", "64", "--batch-size", "2", "--shard-sequences", "2", "--max-tokens", str(args.tokens), "-q"]
@@ -99,7 +99,7 @@ def kill_rounds(args, teacher: Path, out: Path, env: dict) -> dict:
 def flip_trials(args, ref: Path, out: Path) -> dict:
     import logitstore
     from logitstore.errors import LogitStoreError
-    from logitstore.verify import verify
+    from logitstore.tools.verify import verify
 
     files = [p for p in sorted((ref / "shards").rglob("*")) if p.is_file() and not p.name.endswith(".commit.json")]
     rng = random.Random(args.seed + 1)

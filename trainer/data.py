@@ -28,7 +28,7 @@ training loop has consumed; after ``load_state_dict`` each worker skips exactly 
 (computed without decoding them), so a resumed epoch continues with the very next batch.
 Each worker knows its batches in advance, so it fetches the files of the shards they need ``prefetch``
 parts ahead of decoding (useful on object storage); ``cache_dir`` keeps fetched files in a local
-read-through cache checked against the manifest's checksums (see :mod:`logitstore.cache`).
+read-through cache checked against the manifest's checksums (see :mod:`logitstore.storage.cache`).
 """
 
 from __future__ import annotations
@@ -163,7 +163,7 @@ class DistillDataset(IterableDataset):
     def _refuse_repeated_teachers(self) -> None:
         """The same model (weights and config, whatever its name, k or dtype) in two stores would be
         fused as two teachers and get twice its weight."""
-        from logitstore.manifest import teacher_identity
+        from logitstore.format.manifest import teacher_identity
 
         seen: dict[str, tuple[int, str]] = {}
         for si, name in self.teachers:
@@ -355,7 +355,7 @@ class DistillDataset(IterableDataset):
 def match_teachers(train: "DistillDataset", evalset: "DistillDataset", weights: list[float], url: str) -> list[float]:
     """The training weights re-ordered for ``evalset``'s teachers, matched by identity (weights,
     config and dtype, not by name or position): the eval store must hold the same teachers."""
-    from logitstore.manifest import teacher_identity
+    from logitstore.format.manifest import teacher_identity
 
     def ident(ds, si, name):
         return json.dumps({k: v for k, v in teacher_identity(ds.stores[si].teacher(name)).items() if k != "k"}, sort_keys=True)

@@ -26,7 +26,7 @@ import torch
 import yaml
 
 from logitstore.errors import ConfigError, LogitStoreError
-from logitstore.manifest import store_id
+from logitstore.format.manifest import store_id
 from logitstore.progress import quiet_libraries
 
 from .checkpoint import TrainState, save_checkpoint, save_final

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from logitstore.errors import ConfigError, LogitStoreError
-from logitstore.lm_head import head_for
+from logitstore.capture.lm_head import head_for
 
 from logitstore.distributions.fusion import fuse
 from .losses import kd_ce_loss
@@ -113,7 +113,7 @@ class DistillModule(torch.nn.Module):
         super().__init__()
         self.student = student
         # The LM head runs per chunk inside the loss only for families whose forward is known to be
-        # ``transform(lm_head(last_hidden_state))`` (logitstore.lm_head's allow-list, with the
+        # ``transform(lm_head(last_hidden_state))`` (logitstore.capture.lm_head's allow-list, with the
         # family's transform); any other student gives full logits through its own forward.
         self._head = head_for(student)
         self.fused_head = self._head is not None
@@ -151,8 +151,8 @@ class DistillModule(torch.nn.Module):
 def load_online_teacher(source: str, train, device: torch.device, trust_remote_code: bool = False) -> torch.nn.Module:
     """The ``--online-teacher`` model (float32 on CPU, bf16 on GPU), after checking its tokenizer
     against the stores'."""
-    from logitstore.hashing import tokenizer_fingerprint
-    from logitstore.teacher import TeacherSpec
+    from logitstore.format.hashing import tokenizer_fingerprint
+    from logitstore.capture.teacher import TeacherSpec
 
     spec = TeacherSpec.parse(source, trust_remote_code=trust_remote_code)
     if tokenizer_fingerprint(spec.load_tokenizer()) != train.stores[0].manifest["tokenizer"]["fingerprint"]:
@@ -166,7 +166,7 @@ def check_student_tokenizer(spec: str, train) -> None:
     """A student that ships a tokenizer must use the stores' (the same ids for the same text)."""
     from transformers import AutoTokenizer
 
-    from logitstore.hashing import tokenizer_fingerprint
+    from logitstore.format.hashing import tokenizer_fingerprint
 
     p = Path(spec)
     if not (p.is_dir() and any((p / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json"))):
@@ -184,7 +184,7 @@ def find_tokenizer(student_spec: str, train):
     """The student's own tokenizer if it has one, else the first teacher's (checked against the store)."""
     from transformers import AutoTokenizer
 
-    from logitstore.hashing import tokenizer_fingerprint
+    from logitstore.format.hashing import tokenizer_fingerprint
 
     want = train.stores[0].manifest["tokenizer"]["fingerprint"]
     candidates = [student_spec] + [t["source"] for s in train.stores for t in s.manifest["teachers"]]

@@ -7,7 +7,7 @@ the other tokens (FORMAT.md). :mod:`.targets` aligns several teachers' top-k set
 these targets; ``logitstore fuse`` writes them as a store. Nothing here imports either user.
 """
 
-from .fusion import MODES, SparseTarget, fuse, normalize_weights, temper
-from .targets import TAIL_FLOOR, build_targets, rest_logprob
+from logitstore.distributions.fusion import MODES, SparseTarget, fuse, normalize_weights, temper
+from logitstore.distributions.targets import TAIL_FLOOR, build_targets, rest_logprob
 
 __all__ = ["MODES", "SparseTarget", "fuse", "normalize_weights", "temper", "TAIL_FLOOR", "build_targets", "rest_logprob"]

@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 import re
 
-from .codec import Encoding
-from .errors import FormatError
-from .hashing import canonical_json_hash
+from logitstore.format.codec import Encoding
+from logitstore.errors import FormatError
+from logitstore.format.hashing import canonical_json_hash
 
 FORMAT_NAME = "logitstore"
 FORMAT_VERSION = 1

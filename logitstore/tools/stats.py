@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .reader import Store
+from logitstore.format.reader import Store
 
 PERCENTILES = (10, 50, 90)
 

@@ -6,10 +6,10 @@ the other backend, and nothing else changes: the encoding, the values and the st
 
 from __future__ import annotations
 
-from .backends import BACKENDS
-from .derive import ShardJob, check_out, header_of, source_ref, write_derived
-from .errors import ConfigError
-from .reader import Store
+from logitstore.format.backends import BACKENDS
+from logitstore.tools.derive import ShardJob, check_out, header_of, source_ref, write_derived
+from logitstore.errors import ConfigError
+from logitstore.format.reader import Store
 
 
 def convert(src: str, out: str, to: str, *, progress: bool = True) -> dict:

@@ -9,7 +9,7 @@ positions at a time (so a ``[B, L, V]`` float32 tensor never exists):
 - ``gold_logprob``: log-prob of the actual next token (0 at a sequence's last position);
 - ``entropy``: of the full distribution, in nats.
 
-Which logits (:mod:`logitstore.lm_head`): for a model family on the allow-list the body runs once
+Which logits (:mod:`logitstore.capture.lm_head`): for a model family on the allow-list the body runs once
 per batch and the output layer (with the family's own transform: Granite's ``logits_scaling``,
 Cohere's ``logit_scale``, Gemma's soft-cap) runs per chunk; the first batch checks that path against
 the model's own forward and falls back to it, with a warning, if they differ. Any other family
@@ -33,9 +33,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import ConfigError, LogitStoreError
-from .hashing import config_hash, tokenizer_fingerprint, weights_hash
-from .lm_head import check_against_forward, forward_logits, head_for
+from logitstore.errors import ConfigError, LogitStoreError
+from logitstore.format.hashing import config_hash, tokenizer_fingerprint, weights_hash
+from logitstore.capture.lm_head import check_against_forward, forward_logits, head_for
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 #: log-probs below this (``-inf`` from masked logits) are stored as this value.

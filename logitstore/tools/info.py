@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import posixpath
 
-from .dump import summarize
-from .manifest import store_id
-from .reader import Store
+from logitstore.format.commit import summarize
+from logitstore.format.manifest import store_id
+from logitstore.format.reader import Store
 
 
 def info(url: str) -> dict:
@@ -64,13 +64,13 @@ def list_stores(url: str, max_depth: int = 4) -> list[dict]:
     one row each with its id, teachers, tokens, k and size, or the error that keeps it from opening.
     A store that was started but has no manifest yet (a dump, merge, fuse or convert that is still
     running, crashed or was interrupted) is listed with ``"unfinished": true`` and
-    ``"in_progress"``: whether a live writer holds its lock (:mod:`logitstore.lock`)."""
+    ``"in_progress"``: whether a live writer holds its lock (:mod:`logitstore.storage.lock`)."""
     import json
 
-    from .errors import LogitStoreError
-    from .fsio import StoreFS
-    from .lock import describe, lock_is_live, read_lock
-    from .manifest import MANIFEST, PLAN
+    from logitstore.errors import LogitStoreError
+    from logitstore.storage.fsio import StoreFS
+    from logitstore.storage.lock import describe, lock_is_live, read_lock
+    from logitstore.format.manifest import MANIFEST, PLAN
 
     fs = StoreFS(url)
     if not fs.exists():

@@ -9,7 +9,7 @@ import uuid
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from .errors import FormatError, StorageError
+from logitstore.errors import FormatError, StorageError
 
 
 #: the most :meth:`StoreFS.read` returns when the caller gives no bound (JSON records, the manifest)

@@ -15,8 +15,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..errors import FormatError
-from . import PART_LEVEL, ArraySpecs, check_array
+from logitstore.errors import FormatError
+from logitstore.format.backends import PART_LEVEL
+from logitstore.format.backends import ArraySpecs
+from logitstore.format.backends import check_array
 
 ROWS = "part.parquet"
 #: Uncompressed bytes a column chunk may hold per value it must decode to: the widest physical

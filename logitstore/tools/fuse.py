@@ -26,13 +26,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from . import layout
-from .codec import SCALARS, Encoding
-from .derive import ShardJob, check_out, header_of, source_ref, write_derived
-from .dump import encode_teacher_part
-from .errors import ConfigError, FormatError
-from .manifest import teacher_identity
-from .reader import Store
+from logitstore.format import layout
+from logitstore.format.codec import SCALARS, Encoding
+from logitstore.tools.derive import ShardJob, check_out, header_of, source_ref, write_derived
+from logitstore.format.writer import encode_teacher_part
+from logitstore.errors import ConfigError, FormatError
+from logitstore.format.manifest import teacher_identity
+from logitstore.format.reader import Store
 
 BLOCK_POSITIONS = 1 << 14  # positions fused at once; bounds the [M, N, sum k] working set
 
@@ -61,8 +61,8 @@ def fuse_positions(teachers: list[dict], next_ids: np.ndarray, vocab: int, k: in
     """Fuse ``N`` positions. ``teachers``: per teacher ``ids``, ``logprobs`` [N, k_m], ``tail_mass`` [N];
     ``next_ids`` [N] the actual next token (negative: none). Returns ``ids``, ``logprobs`` [N, k]
     (descending) and ``tail_mass``, ``entropy``, ``gold_logprob`` [N] of the fused distribution."""
-    from .distributions.fusion import fuse
-    from .distributions.targets import build_targets
+    from logitstore.distributions.fusion import fuse
+    from logitstore.distributions.targets import build_targets
 
     f = build_targets(teachers, vocab)
     t = {name: torch.from_numpy(v) for name, v in f.items()}
@@ -92,7 +92,7 @@ def fuse_store(sources: list[str], out: str, *, teachers: list[str] | None = Non
                name: str = "fused", progress: bool = True) -> dict:
     """Fuse the teachers of ``sources`` (all of them, or those named in ``teachers``) into a new
     single-teacher store at ``out``; return its manifest."""
-    from .distributions.fusion import MODES, normalize_weights
+    from logitstore.distributions.fusion import MODES, normalize_weights
 
     if mode not in MODES:
         raise ConfigError(f"--mode: expected one of {', '.join(MODES)}, got {mode!r}")

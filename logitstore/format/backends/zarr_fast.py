@@ -21,7 +21,7 @@ import struct
 import numpy as np
 from numcodecs import blosc
 
-from ..errors import FormatError
+from logitstore.errors import FormatError
 
 _BLOSC_HEADER = struct.Struct("<BBBBIII")
 _EMPTY = np.uint64(2**64 - 1)

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import FormatError
+from logitstore.errors import FormatError
 
 ENCODINGS = ("compact", "lossless")
 SCALARS = ("tail_mass", "gold_logprob", "entropy")

@@ -1,6 +1,6 @@
 """Storage backends: how a part's named arrays become files, and back.
 
-A *part* is a set of named numpy arrays (see :mod:`logitstore.codec`); a backend turns it into a
+A *part* is a set of named numpy arrays (see :mod:`logitstore.format.codec`); a backend turns it into a
 few files (relative path -> bytes) and parses such files back. Backends never touch the
 filesystem: the writer stores the bytes and the reader fetches them (and checks their checksums)
 before a backend parses anything, so backends only ever see verified bytes.
@@ -12,7 +12,7 @@ from typing import Protocol
 
 import numpy as np
 
-from ..errors import FormatError
+from logitstore.errors import FormatError
 
 #: name -> (dtype, shape); a dimension is an int (exact), an :class:`AtMost` (variable, bounded) or
 #: ``None`` (variable, unbounded).
@@ -41,11 +41,11 @@ PART_LEVEL = ("id_order",)
 
 def get_backend(name: str) -> Backend:
     if name == "zarr":
-        from .zarr_backend import ZarrBackend
+        from logitstore.format.backends.zarr_backend import ZarrBackend
 
         return ZarrBackend()
     if name == "arrow":
-        from .arrow_backend import ArrowBackend
+        from logitstore.format.backends.arrow_backend import ArrowBackend
 
         return ArrowBackend()
     raise FormatError(f"backend: expected one of {BACKENDS}, got {name!r}")

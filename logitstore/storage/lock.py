@@ -26,8 +26,8 @@ import time
 import uuid
 from contextlib import contextmanager
 
-from .errors import ConfigError, LogitStoreError
-from .fsio import StoreFS
+from logitstore.errors import ConfigError, LogitStoreError
+from logitstore.storage.fsio import StoreFS
 
 LOCK = "lock.json"
 #: tokens of the locks this process holds now

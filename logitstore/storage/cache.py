@@ -10,13 +10,13 @@ store and its inputs) share cache entries. Nothing is ever evicted: delete the d
 
 from __future__ import annotations
 
+import hashlib
 import os
 import uuid
 from pathlib import Path
 
-from .errors import FormatError, StorageError
-from .fsio import read_regular_file
-from .hashing import sha256_hex
+from logitstore.errors import FormatError, StorageError
+from logitstore.storage.fsio import read_regular_file
 
 
 class FileCache:
@@ -35,7 +35,7 @@ class FileCache:
             data = read_regular_file(p, size, size)
         except (OSError, FormatError):
             return None
-        if verify and sha256_hex(data) != sha256:
+        if verify and hashlib.sha256(data).hexdigest() != sha256:
             return None
         self.hits += 1
         return data

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .codec import id_dtype
-from .errors import ConfigError, LogitStoreError
-from .hashing import canonical_json_hash, file_sha256, sha256_hex
+from logitstore.format.codec import id_dtype
+from logitstore.errors import ConfigError, LogitStoreError
+from logitstore.format.hashing import canonical_json_hash, file_sha256, sha256_hex
 
 
 @dataclass

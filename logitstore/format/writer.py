@@ -16,12 +16,12 @@ from typing import Callable
 
 import numpy as np
 
-from . import layout
-from .backends import get_backend
-from .codec import Encoding
-from .fsio import StoreFS
-from .hashing import sha256_hex
-from .manifest import check_relpath
+from logitstore.format import layout
+from logitstore.format.backends import get_backend
+from logitstore.format.codec import SCALARS, Encoding
+from logitstore.storage.fsio import StoreFS
+from logitstore.format.hashing import sha256_hex
+from logitstore.format.manifest import check_relpath
 
 
 class PartWriter:
@@ -120,3 +120,12 @@ class BackgroundWriter:
         """Stop after the pending jobs without raising (used while another error propagates)."""
         self._q.put(None)
         self._thread.join()
+
+
+def encode_teacher_part(encoding: Encoding, vocab: int, res: dict) -> dict[str, np.ndarray]:
+    """The arrays of a teacher part from ``ids``/``logprobs`` [n, L, k] (log-probs descending) and
+    ``tail_mass``, ``gold_logprob``, ``entropy`` [n, L]."""
+    n, L, k = res["ids"].shape
+    scal = {s: res[s].reshape(-1) for s in SCALARS}
+    enc = encoding.encode(res["ids"].reshape(n * L, k), res["logprobs"].reshape(n * L, k), scal, vocab)
+    return {name: (v if name == "id_order" else v.reshape(n, L, *v.shape[1:])) for name, v in enc.items()}

@@ -13,14 +13,15 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from . import __version__, layout
-from .dump import CHUNK_TOKENS, check_or_write_plan, refuse_foreign
-from .errors import ConfigError, LogitStoreError
-from .fsio import StoreFS
-from .lock import store_lock
-from .manifest import MANIFEST, PLAN, dumps, store_id, validate_manifest
-from .progress import progress_bar
-from .writer import BackgroundWriter, PartWriter
+from logitstore.version import __version__
+from logitstore.format import layout
+from logitstore.format.commit import CHUNK_TOKENS, check_or_write_plan, refuse_foreign
+from logitstore.errors import ConfigError, LogitStoreError
+from logitstore.storage.fsio import StoreFS
+from logitstore.storage.lock import store_lock
+from logitstore.format.manifest import MANIFEST, PLAN, dumps, store_id, validate_manifest
+from logitstore.progress import progress_bar
+from logitstore.format.writer import BackgroundWriter, PartWriter
 
 #: fields of a manifest that describe how and when it was made, not what it holds
 VOLATILE = ("created_by", "created_at", "total_bytes", "shards", "dump")
@@ -55,7 +56,7 @@ def write_derived(out: str, header: dict, jobs: list[ShardJob], *, progress: boo
     """Write the store whose manifest is ``header`` + shards produced by ``jobs``; return the manifest.
 
     ``header`` holds every manifest field except ``shards``, ``total_bytes`` and ``created_*``; its
-    ``teachers`` entries name the parts to produce. Holds the store's lock (:mod:`logitstore.lock`)
+    ``teachers`` entries name the parts to produce. Holds the store's lock (:mod:`logitstore.storage.lock`)
     while it writes."""
     fs = StoreFS(out)
     refuse_foreign(fs, out)

@@ -26,13 +26,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .codec import SCALARS
-from .derive import header_of, source_ref
-from .errors import ConfigError, StorageError
-from .fsio import StoreFS
-from .hashing import sha256_hex
-from .progress import progress_bar
-from .reader import Store
+from logitstore.format.codec import SCALARS
+from logitstore.tools.derive import header_of, source_ref
+from logitstore.errors import ConfigError, StorageError
+from logitstore.storage.fsio import StoreFS
+from logitstore.format.hashing import sha256_hex
+from logitstore.progress import progress_bar
+from logitstore.format.reader import Store
 
 TARGETS = ("parquet", "hf")
 

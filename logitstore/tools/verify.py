@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import layout
-from .errors import FormatError
-from .hashing import sequence_hashes, sha256_hex
-from .reader import Store
+from logitstore.format import layout
+from logitstore.errors import FormatError
+from logitstore.format.hashing import sequence_hashes, sha256_hex
+from logitstore.format.reader import Store
 
 #: float16 scalars carry ~1e-3 relative error; checks on them allow this much slack.
 TOL = 2e-3

@@ -18,7 +18,7 @@ silently different. ``tests/test_model_families.py`` checks every listed family 
 ``forward`` for the teacher and the student.
 
 The teacher additionally proves the chunked path at load time (:func:`check_against_forward`,
-called by :class:`logitstore.teacher.TeacherRunner` on its first batch): it compares the chunked
+called by :class:`logitstore.capture.teacher.TeacherRunner` on its first batch): it compares the chunked
 log-probs with the model's own forward on up to 64 positions and falls back to the forward, with a
 one-line warning, if they differ beyond rounding (a ``transformers`` release that changed a family's
 ``forward`` is caught there). The student is not checked at run time: a freshly initialised

@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import sys
 
-from . import layout
-from .derive import ShardJob, check_out, header_of, source_ref, write_derived
-from .errors import ConfigError
-from .hashing import canonical_json_hash
-from .manifest import teacher_identity
-from .reader import Store
+from logitstore.format import layout
+from logitstore.tools.derive import ShardJob, check_out, header_of, source_ref, write_derived
+from logitstore.errors import ConfigError
+from logitstore.format.hashing import canonical_json_hash
+from logitstore.format.manifest import teacher_identity
+from logitstore.format.reader import Store
 
 _SAME = ("encoding", "seq_len", "packed", "bos", "tokenizer")
 #: fields that older stores may lack, read as these values (FORMAT.md)

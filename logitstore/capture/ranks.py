@@ -15,7 +15,7 @@ from datetime import timedelta
 
 import torch
 
-from .errors import ConfigError
+from logitstore.errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -16,9 +16,11 @@ from zarr.codecs import BloscCodec, Crc32cCodec
 from zarr.core.buffer import default_buffer_prototype
 from zarr.storage import MemoryStore
 
-from ..errors import FormatError
-from . import PART_LEVEL, ArraySpecs, check_array
-from .zarr_fast import decode_array
+from logitstore.errors import FormatError
+from logitstore.format.backends import PART_LEVEL
+from logitstore.format.backends import ArraySpecs
+from logitstore.format.backends import check_array
+from logitstore.format.backends.zarr_fast import decode_array
 
 ALLOWED_CODECS = frozenset({"bytes", "blosc", "zstd", "gzip", "crc32c", "sharding_indexed", "transpose"})
 

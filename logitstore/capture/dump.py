@@ -1,0 +1,314 @@
+"""``logitstore dump``: run teachers once over a corpus and write their top-k distributions.
+
+Work is committed part by part (the shared ``inputs`` of a shard, then one part per teacher), so a
+re-run of the same command after a crash skips what was committed and ends with the same content
+as an uninterrupted run. Teachers run one at a time, so only one is ever resident on the device.
+Under ``torchrun`` (``WORLD_SIZE`` = W > 1) rank ``r`` writes shards ``r, r + W, ...``; rank 0 writes
+the plan before the others start and the manifest after every rank has finished. A rank that
+crashed resumes its own shards when the command is run again (with any number of processes:
+what is committed is skipped, whoever owns it now).
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import time
+from dataclasses import asdict, dataclass, field, fields, replace
+
+import numpy as np
+import torch
+
+from logitstore.format import layout
+from logitstore.format.codec import ENCODINGS, SCALARS, Encoding
+from logitstore.capture.corpus import BOS_MODES, adds_bos, describe_source, load_texts, pack, resolve_bos
+from logitstore.capture.ranks import Ranks, barrier, process_group, rank_device, ranks_from_env
+from logitstore.errors import ConfigError
+from logitstore.storage.fsio import StoreFS
+from logitstore.storage.lock import store_lock
+from logitstore.format.hashing import sequence_hashes, tokenizer_fingerprint
+from logitstore.format.commit import CHUNK_TOKENS, build_manifest, check_or_write_plan, refuse_foreign, summarize
+from logitstore.format.manifest import FORMAT_NAME, FORMAT_VERSION, MANIFEST, dumps, parse_manifest
+from logitstore.progress import progress_bar
+from logitstore.capture.teacher import DTYPES, TeacherRunner, TeacherSpec, model_identity, position_limit, resolve_device
+from logitstore.format.writer import BackgroundWriter, PartWriter, encode_teacher_part
+
+SHARD_TOKENS = 1 << 18
+
+
+@dataclass(frozen=True)
+class DumpConfig:
+    """Everything ``logitstore dump`` needs. ``teachers`` entries are ``[NAME=]PATH_OR_ID``."""
+
+    teachers: tuple[str, ...]
+    data: str
+    out: str
+    top_k: int = 64
+    seq_len: int = 512
+    batch_size: int = 8
+    device: str = "auto"
+    dtype: str = "auto"
+    format: str = "zarr"
+    encoding: str = "compact"
+    max_tokens: int | None = None
+    text_field: str = "text"
+    pack: bool = True
+    shard_sequences: int | None = None
+    trust_remote_code: bool = False
+    progress: bool = True
+    #: start each document with BOS: ``auto`` (if the tokenizer adds one itself), ``always``, ``never``
+    bos: str = "auto"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "teachers", tuple(self.teachers))
+        if not self.teachers:
+            raise ConfigError("--teacher: at least one teacher is required")
+        if not isinstance(self.top_k, int) or self.top_k <= 0:
+            raise ConfigError(f"--top-k: expected a positive integer, got {self.top_k}")
+        if not isinstance(self.seq_len, int) or self.seq_len <= 0:
+            raise ConfigError(f"--seq-len: expected a positive integer, got {self.seq_len}")
+        if self.seq_len < 2:  # position t describes token t + 1: a 1-token window has no target
+            raise ConfigError(f"--seq-len: expected at least 2 (a window of {self.seq_len} token has no next token to learn), got {self.seq_len}")
+        if self.batch_size <= 0:
+            raise ConfigError(f"--batch-size: expected a positive integer, got {self.batch_size}")
+        if self.format == "parquet":  # the arrow backend writes Parquet files; both names mean it
+            object.__setattr__(self, "format", "arrow")
+        if self.format not in ("zarr", "arrow"):
+            raise ConfigError(f"--format: expected zarr, arrow or parquet (= arrow), got {self.format!r}")
+        if self.encoding not in ENCODINGS:
+            raise ConfigError(f"--encoding: expected one of {', '.join(ENCODINGS)}, got {self.encoding!r}")
+        if self.dtype not in ("auto", *DTYPES):
+            raise ConfigError(f"--dtype: expected auto, {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.max_tokens is not None and self.max_tokens <= 0:
+            raise ConfigError(f"--max-tokens: expected a positive integer, got {self.max_tokens}")
+        if self.shard_sequences is not None and self.shard_sequences <= 0:
+            raise ConfigError(f"--shard-sequences: expected a positive integer, got {self.shard_sequences}")
+        if self.bos not in BOS_MODES:
+            raise ConfigError(f"--bos: expected one of {', '.join(BOS_MODES)}, got {self.bos!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DumpConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError(f"dump config: unknown keys {sorted(unknown)}")
+        return cls(**d)
+
+
+@dataclass
+class DumpResult:
+    manifest: dict
+    wall_seconds: float
+    forward_seconds: float
+    tokens_this_run: int
+    resumed_parts: int = 0
+    summary: dict = field(default_factory=dict)
+    #: wall time of the teacher loop and writes, without model loading or corpus preparation
+    pipeline_seconds: float = 0.0
+
+
+def _log(cfg: DumpConfig, msg: str) -> None:
+    if cfg.progress:
+        print(msg, flush=True)
+
+
+def dump(cfg: DumpConfig, ranks: Ranks | None = None) -> DumpResult:
+    """Run the dump described by ``cfg``; return the manifest and timings. Idempotent.
+
+    ``ranks``: this process's place among several (default: from ``torchrun``'s environment). With
+    more than one, a gloo process group is set up for the barriers unless one exists already. Only
+    rank 0's result holds the manifest."""
+    ranks = ranks or ranks_from_env()
+    if ranks.distributed and not ranks.is_main:
+        cfg = replace(cfg, progress=False)  # one progress bar and summary, from rank 0
+    with process_group(ranks):
+        return _dump(cfg, ranks)
+
+
+def _dump(cfg: DumpConfig, ranks: Ranks) -> DumpResult:
+    rank = ranks.rank
+    t_start = time.perf_counter()
+    specs = [TeacherSpec.parse(t, trust_remote_code=cfg.trust_remote_code) for t in cfg.teachers]
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"--teacher: duplicate teacher names {names}; name them with NAME=PATH")
+
+    # Everything that can fail cheaply fails before any teacher runs.
+    tokenizers = [s.load_tokenizer() for s in specs]
+    fps = [tokenizer_fingerprint(t) for t in tokenizers]
+    for s, fp in zip(specs[1:], fps[1:]):
+        if fp != fps[0]:
+            raise ConfigError(f"--teacher {s.source}: tokenizer differs from {specs[0].source}'s (fingerprints {fp[:12]} vs {fps[0][:12]}); all teachers in one store must share a tokenizer")
+    tok = tokenizers[0]
+    if cfg.bos == "auto":
+        conventions = [adds_bos(t) for t in tokenizers]
+        for s, c in zip(specs[1:], conventions[1:]):
+            if c != conventions[0]:
+                raise ConfigError(f"--teacher {s.source}: its tokenizer {'adds' if c else 'does not add'} a BOS token and "
+                                  f"{specs[0].source}'s {'does' if conventions[0] else 'does not'}; choose with --bos always|never")
+    bos = resolve_bos(tok, cfg.bos)
+    vocab = len(tok)
+    if cfg.top_k > vocab:
+        raise ConfigError(f"--top-k: {cfg.top_k} is larger than the vocabulary ({vocab} tokens)")
+    for s in specs:  # configs only (no weights): a too-long window fails here, before anything is written
+        limit = position_limit(s.load_config())
+        if limit is not None and cfg.seq_len > limit[0]:
+            raise ConfigError(f"--seq-len {cfg.seq_len}: teacher {s.name} ({s.source}) takes at most {limit[0]} positions "
+                              f"({limit[1]}); use --seq-len {limit[0]} or less")
+    device = resolve_device(rank_device(cfg.device, ranks))
+    dtype_name = cfg.dtype if cfg.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    dtype = DTYPES[dtype_name]
+
+    texts = load_texts(cfg.data, cfg.text_field)
+    packed = pack(tok, texts, cfg.seq_len, packed=cfg.pack, max_tokens=cfg.max_tokens, bos=bos)
+    del texts
+    n_seq = len(packed.lengths)
+    S = cfg.shard_sequences or max(1, math.ceil(SHARD_TOKENS / cfg.seq_len))
+    n_shards = math.ceil(n_seq / S)
+    encoding = Encoding(cfg.encoding)
+    teacher_ids = [{**s.identity(t), "dtype": dtype_name, "k": cfg.top_k, "part": layout.teacher_part(i)}
+                   for i, (s, t) in enumerate(zip(specs, tokenizers))]
+    plan = {
+        "format": FORMAT_NAME, "format_version": FORMAT_VERSION,
+        "backend": cfg.format, "encoding": encoding.to_dict(),
+        "seq_len": cfg.seq_len, "packed": cfg.pack, "bos": bos, "shard_sequences": S,
+        "n_sequences": n_seq, "n_tokens": packed.n_tokens,
+        "tokenizer": {"fingerprint": fps[0], "vocab_size": vocab, "eos_token_id": tok.eos_token_id,
+                      "pad_token_id": tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id},
+        "data": {"fingerprint": packed.fingerprint(), "source": describe_source(cfg.data, cfg.text_field),
+                 "max_tokens": cfg.max_tokens},
+        "teachers": teacher_ids,
+    }
+    fs = StoreFS(cfg.out)
+    if rank == 0:
+        refuse_foreign(fs, cfg.out)  # before a lock file is put into someone else's directory
+    with store_lock(fs, cfg.out, "dump", enabled=rank == 0):  # one writer per store (logitstore/storage/lock.py)
+        return _write_store(cfg, ranks, fs, plan, t_start, specs, teacher_ids, packed, S, n_shards, encoding, vocab,
+                            device, dtype)
+
+
+def _write_store(cfg: DumpConfig, ranks: Ranks, fs: StoreFS, plan: dict, t_start: float, specs: list, teacher_ids: list,
+                 packed, S: int, n_shards: int, encoding: Encoding, vocab: int, device, dtype) -> DumpResult:
+    rank, world_size = ranks.rank, ranks.world_size
+    if rank == 0:
+        resumed = check_or_write_plan(fs, plan, cfg.out)
+    barrier(ranks)  # the other ranks check the plan rank 0 wrote (or found)
+    if rank != 0:
+        resumed = check_or_write_plan(fs, plan, cfg.out)
+    if fs.exists(MANIFEST):
+        manifest = parse_manifest(fs.read(MANIFEST), f"{cfg.out}/{MANIFEST}")
+        _log(cfg, f"{cfg.out}: already complete ({manifest['n_tokens']:,} tokens); nothing to do")
+        return DumpResult(manifest, time.perf_counter() - t_start, 0.0, 0, summary=summarize(manifest))
+
+    pw = PartWriter(fs, cfg.format, chunk_rows=max(1, CHUNK_TOKENS // cfg.seq_len))
+    mine = list(range(rank, n_shards, world_size))
+    bg = BackgroundWriter(depth=2)
+    t_pipeline = time.perf_counter()
+    load_seconds = 0.0
+    forward_total = 0.0
+    tokens_run = 0
+    skipped = 0
+    try:
+        skipped += _write_inputs(pw, bg, packed, mine, S)
+        for spec, ident in zip(specs, teacher_ids):
+            todo = [j for j in mine if not pw.committed(j, ident["part"])]
+            skipped += len(mine) - len(todo)
+            if todo:
+                t = _run_teacher(cfg, spec, ident["part"], todo, pw, bg, packed, S, encoding, vocab, device, dtype)
+                load_seconds, forward_total, tokens_run = load_seconds + t[0], forward_total + t[1], tokens_run + t[2]
+        bg.close()
+    except BaseException:
+        bg.abort()
+        raise
+    barrier(ranks)  # every rank's parts are committed before rank 0 collects them
+    if rank != 0:
+        return DumpResult({}, time.perf_counter() - t_start, forward_total, tokens_run, skipped,
+                          pipeline_seconds=time.perf_counter() - t_pipeline - load_seconds)
+    manifest = build_manifest(fs, plan, n_shards, cfg.to_dict())
+    fs.write_atomic(MANIFEST, dumps(manifest))
+    wall = time.perf_counter() - t_start
+    pipeline = time.perf_counter() - t_pipeline - load_seconds
+    result = DumpResult(manifest, wall, forward_total, tokens_run, skipped, summarize(manifest), pipeline)
+    if resumed and skipped:
+        _log(cfg, f"resumed: {skipped} committed part(s) reused")
+    _log(cfg, format_summary(result))
+    return result
+
+
+def _write_inputs(pw: PartWriter, bg: BackgroundWriter, packed, mine: list[int], S: int) -> int:
+    """Queue the ``inputs`` part of each of this rank's shards not yet committed; return how many were."""
+    n_seq, skipped = len(packed.lengths), 0
+    for j in mine:
+        pw.clean_debris(j)
+        if pw.committed(j, layout.INPUTS):
+            skipped += 1
+            continue
+        a, b = j * S, min(n_seq, (j + 1) * S)
+        ids, lens = packed.input_ids[a:b], packed.lengths[a:b]
+        arrays = {"input_ids": ids, "length": lens, "seq_hash": sequence_hashes(ids, lens)}
+        bg.submit(lambda j=j, arrays=arrays, a=a, lens=lens: pw.write(
+            j, layout.INPUTS, arrays, {"start": a, "n_sequences": len(lens), "n_tokens": int(lens.sum())}))
+    return skipped
+
+
+def _run_teacher(cfg: DumpConfig, spec: TeacherSpec, part: str, todo: list[int], pw: PartWriter, bg: BackgroundWriter,
+                 packed, S: int, encoding: Encoding, vocab: int, device, dtype) -> tuple[float, float, int]:
+    """Load one teacher, run it over shards ``todo`` and queue their parts; unload it (only one
+    teacher is resident at a time). Returns (load seconds, forward seconds, tokens run)."""
+    n_seq = len(packed.lengths)
+    t_load = time.perf_counter()
+    model = spec.load_model(device, dtype)
+    runner = TeacherRunner(model, vocab, cfg.top_k)
+    load_seconds = time.perf_counter() - t_load
+    mid = model_identity(model, dtype)
+    tokens_run = 0
+    total = sum(int(packed.lengths[j * S:(j + 1) * S].sum()) for j in todo)
+    with progress_bar(total, f"{spec.name}", enabled=cfg.progress) as bar:
+        for j in todo:
+            t_shard = time.perf_counter()
+            fwd0 = runner.forward_seconds
+            a, b = j * S, min(n_seq, (j + 1) * S)
+            res = _run_shard(runner, packed.input_ids[a:b], packed.lengths[a:b], cfg.batch_size, bar)
+            lens = packed.lengths[a:b]
+            valid = np.arange(cfg.seq_len)[None, :] < lens[:, None]
+            stats = {"n_positions": int(valid.sum()), "sum_tail_mass": float(res["tail_mass"][valid].sum(dtype=np.float64)),
+                     "sum_entropy": float(res["entropy"][valid].sum(dtype=np.float64)),
+                     "forward_seconds": runner.forward_seconds - fwd0, "wall_seconds": time.perf_counter() - t_shard,
+                     **mid}
+            bg.submit(lambda j=j, res=res, stats=stats: _write_teacher_part(pw, encoding, vocab, j, part, res, stats))
+            tokens_run += int(lens.sum())
+    forward = runner.forward_seconds
+    del model, runner
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return load_seconds, forward, tokens_run
+
+
+def _run_shard(runner: TeacherRunner, input_ids: np.ndarray, lengths: np.ndarray, batch_size: int, bar) -> dict:
+    n, L = input_ids.shape
+    k = runner.k
+    out = {"ids": np.zeros((n, L, k), np.int64), "logprobs": np.zeros((n, L, k), np.float32)}
+    for s in SCALARS:
+        out[s] = np.zeros((n, L), np.float32)
+    for s in range(0, n, batch_size):
+        r = runner.run(input_ids[s:s + batch_size], lengths[s:s + batch_size])
+        for name, v in r.items():
+            out[name][s:s + batch_size] = v
+        bar.update(int(lengths[s:s + batch_size].sum()))
+    return out
+
+
+def _write_teacher_part(pw: PartWriter, encoding: Encoding, vocab: int, j: int, part: str, res: dict, stats: dict) -> None:
+    pw.write(j, part, encode_teacher_part(encoding, vocab, res), {"stats": stats})
+
+
+def format_summary(r: DumpResult) -> str:
+    s = r.summary
+    share = f"{100 * r.forward_seconds / r.wall_seconds:.0f}%" if r.wall_seconds and r.tokens_this_run else "n/a"
+    return (f"dump: {s['tokens']:,} tokens in {s['sequences']:,} sequences, {s['total_bytes'] / 1e6:.2f} MB "
+            f"({s['bytes_per_token']:.1f} B/token), wall {r.wall_seconds:.1f}s, teacher forward+top-k {share} of wall"
+            + (f", {r.tokens_this_run / r.wall_seconds:,.0f} tokens/s" if r.tokens_this_run and r.wall_seconds else ""))

@@ -1,0 +1,134 @@
+"""The writer's commit protocol, shared by ``dump`` and the tools that derive stores.
+
+A store is written in three stages, each visible to a reader only when it is whole:
+
+1. ``plan.json`` (:func:`check_or_write_plan`): the manifest's header, written before any data, so a
+   re-run with different settings into the same directory is refused rather than mixed in;
+2. parts (:class:`~logitstore.format.writer.PartWriter`): each written under a temporary name and
+   committed by its ``commit.json``;
+3. ``manifest.json`` (:func:`build_manifest`): assembled from every part's commit record and
+   written last; its presence is what makes the directory a store (see FORMAT.md).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+from logitstore.version import __version__
+from logitstore.errors import ConfigError, FormatError, LogitStoreError
+from logitstore.format import layout
+from logitstore.format.manifest import PLAN, dumps, validate_manifest
+from logitstore.storage.fsio import StoreFS
+from logitstore.storage.lock import LOCK
+
+#: rows of a chunk hold about this many tokens (``chunk_rows = CHUNK_TOKENS // seq_len``)
+CHUNK_TOKENS = 1 << 15
+
+
+def check_or_write_plan(fs: StoreFS, plan: dict, out: str) -> bool:
+    """Refuse to mix settings in one store; return True if the store was already started."""
+    if fs.exists(PLAN):
+        try:
+            old = json.loads(fs.read(PLAN))
+        except ValueError:
+            raise FormatError(f"{out}/{PLAN}: not valid JSON; remove the store or choose another --out") from None
+        if isinstance(old, dict):  # a plan written before "bos" existed holds no BOS
+            old, plan = {"bos": False, **old}, {"bos": False, **plan}
+        if old != plan:
+            diff = plan_differences(old, plan)
+            hint = f" (it was dumped with --bos {'always' if old.get('bos') else 'never'})" if old.get("bos") != plan.get("bos") else ""
+            shown = "; ".join(diff[:3]) + (f"; and {len(diff) - 3} more" if len(diff) > 3 else "")
+            raise ConfigError(f"--out {out}: holds a store made with different settings ({shown}){hint}; "
+                              f"choose another --out or remove it")
+        return True
+    refuse_foreign(fs, out)
+    fs.write_atomic(PLAN, dumps(plan))
+    return False
+
+
+def refuse_foreign(fs: StoreFS, out: str) -> None:
+    """Refuse an ``--out`` that holds something other than a (started) store."""
+    if not fs.exists(PLAN) and fs.exists() and [n for n in fs.ls("") if n != LOCK]:
+        raise ConfigError(f"--out {out}: exists, is not empty and is not a logitstore store; choose another --out")
+
+
+def plan_differences(old, new, where: str = "") -> list[str]:
+    """What differs between two plans, as ``path: old -> new`` (``teachers[0].k: 8 -> 16``)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new), key=str):
+            out += plan_differences(old.get(key), new.get(key), f"{where}.{key}" if where else str(key))
+        return out
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        return [d for i, (a, b) in enumerate(zip(old, new)) for d in plan_differences(a, b, f"{where}[{i}]")]
+    if old == new:
+        return []
+
+    def short(v) -> str:
+        r = json.dumps(v) if not isinstance(v, str) else v
+        return r if len(r) <= 40 else r[:16] + "..." + r[-8:]
+
+    if isinstance(old, list) and isinstance(new, list):
+        return [f"{where}: {len(old)} -> {len(new)} entries"]
+    return [f"{where}: {short(old)} -> {short(new)}"]
+
+
+def build_manifest(fs: StoreFS, plan: dict, n_shards: int, settings: dict | None = None) -> dict:
+    """Collect every part's commit record into the manifest; fail if any part is missing.
+    ``settings``: what made the store (a dump's config), recorded as the manifest's ``dump``."""
+    shards = []
+    agg = {t["part"]: {"n_positions": 0, "sum_tail_mass": 0.0, "sum_entropy": 0.0, "forward_seconds": 0.0, "wall_seconds": 0.0}
+           for t in plan["teachers"]}
+    model_info: dict = {}
+    for j in range(n_shards):
+        parts = {}
+        for part in [layout.INPUTS] + [t["part"] for t in plan["teachers"]]:
+            rel = layout.commit_path(j, part)
+            if not fs.exists(rel):
+                raise LogitStoreError(f"{fs.url}: part {layout.part_dir(j, part)} was never committed (a writer is unfinished)")
+            rec = json.loads(fs.read(rel))
+            parts[part] = {"files": rec["files"]}
+            if part == layout.INPUTS:
+                start, n, tokens = rec["start"], rec["n_sequences"], rec["n_tokens"]
+            else:
+                st = rec["stats"]
+                for key in agg[part]:
+                    agg[part][key] += st[key]
+                model_info[part] = {k: st[k] for k in ("config_hash", "model_type", "model_vocab_size", "n_parameters")}
+        shards.append({"index": j, "path": layout.shard_dir(j), "start": start, "n_sequences": n, "n_tokens": tokens, "parts": parts})
+    teachers = []
+    for t in plan["teachers"]:
+        a = agg[t["part"]]
+        npos = max(a["n_positions"], 1)
+        teachers.append({**t, **model_info.get(t["part"], {}),
+                         "stats": {"mean_topk_mass": 1.0 - a["sum_tail_mass"] / npos, "mean_entropy": a["sum_entropy"] / npos},
+                         "timings": {"forward_seconds": a["forward_seconds"], "wall_seconds": a["wall_seconds"],
+                                     "tokens_per_second": a["n_positions"] / a["wall_seconds"] if a["wall_seconds"] else None}})
+    total_bytes = sum(m["bytes"] for s in shards for p in s["parts"].values() for m in p["files"].values())
+    manifest = {
+        **{k: v for k, v in plan.items() if k != "teachers"},
+        "created_by": f"logitstore {__version__}",
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "teachers": teachers,
+        "dump": {k: v for k, v in (settings or {}).items() if k not in ("teachers", "out", "progress")},
+        "total_bytes": total_bytes,
+        "shards": shards,
+    }
+    return validate_manifest(manifest)
+
+
+def summarize(manifest: dict) -> dict:
+    """Per-store and per-teacher sizes derived from a manifest."""
+    tokens = max(manifest["n_tokens"], 1)
+    part_bytes: dict[str, int] = {}
+    for s in manifest["shards"]:
+        for p, meta in s["parts"].items():
+            part_bytes[p] = part_bytes.get(p, 0) + sum(f["bytes"] for f in meta["files"].values())
+    return {
+        "sequences": manifest["n_sequences"], "tokens": manifest["n_tokens"],
+        "total_bytes": sum(part_bytes.values()), "bytes_per_token": sum(part_bytes.values()) / tokens,
+        "inputs_bytes_per_token": part_bytes.get(layout.INPUTS, 0) / tokens,
+        "teachers": {t["name"]: {"k": t["k"], "bytes_per_token": part_bytes.get(t["part"], 0) / tokens, **t["stats"]}
+                     for t in manifest["teachers"]},
+    }

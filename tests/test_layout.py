@@ -1,0 +1,91 @@
+"""The package layout is an architecture: which subsystem may import which. Read from the source
+(every ``import`` statement, at any depth), so a lazy import inside a function counts too."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+#: subpackage -> what its modules may import from this repository (besides themselves)
+ALLOWED = {
+    "logitstore.distributions": {"logitstore.errors"},
+    "logitstore.storage": {"logitstore.errors", "logitstore.progress"},
+    "logitstore.format": {"logitstore.errors", "logitstore.version", "logitstore.storage"},
+    "logitstore.capture": {"logitstore.errors", "logitstore.version", "logitstore.progress", "logitstore.storage",
+                           "logitstore.format"},
+    "logitstore.tools": {"logitstore.errors", "logitstore.version", "logitstore.progress", "logitstore.storage",
+                         "logitstore.format", "logitstore.distributions", "logitstore"},
+}
+READER_SIDE = ["logitstore/format/reader.py", "logitstore/format/opening.py", "logitstore/format/index.py",
+               "logitstore/format/decode.py", "logitstore/storage/fetch.py"]
+WRITER_SIDE = {"logitstore.format.writer", "logitstore.format.commit", "logitstore.capture", "logitstore.tools"}
+
+
+def imports_of(path: Path) -> set[str]:
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # relative imports are not used in logitstore; say so if one appears
+                out.add("." * node.level + (node.module or ""))
+            elif node.module == "logitstore":  # from logitstore import x: x may be a module
+                out |= {f"logitstore.{a.name}" for a in node.names}
+            else:
+                out.add(node.module)
+    return {m for m in out if m.startswith(("logitstore", "trainer", "."))}
+
+
+def module_name(path: Path) -> str:
+    return ".".join(path.relative_to(ROOT).with_suffix("").parts)
+
+
+def inside(mod: str, prefix: str) -> bool:
+    return mod == prefix or mod.startswith(prefix + ".")
+
+
+@pytest.mark.parametrize("package", sorted(ALLOWED))
+def test_each_subsystem_imports_only_what_lies_below_it(package):
+    bad = []
+    for path in sorted((ROOT / package.replace(".", "/")).rglob("*.py")):
+        for mod in imports_of(path):
+            ok = inside(mod, package) or any(inside(mod, a) if a != "logitstore" else mod == "logitstore"
+                                             for a in ALLOWED[package])
+            if not ok:
+                bad.append(f"{path.relative_to(ROOT)} imports {mod}")
+    assert not bad, "\n".join(bad)
+
+
+def test_no_module_of_logitstore_imports_trainer():
+    bad = [f"{p.relative_to(ROOT)} imports {m}" for p in (ROOT / "logitstore").rglob("*.py")
+           for m in imports_of(p) if inside(m, "trainer")]
+    assert not bad, "\n".join(bad)
+
+
+def test_the_reading_side_never_imports_the_writing_side():
+    bad = [f"{rel} imports {m}" for rel in READER_SIDE for m in imports_of(ROOT / rel)
+           if any(inside(m, w) for w in WRITER_SIDE)]
+    assert not bad, "\n".join(bad)
+
+
+def test_no_module_over_400_lines_and_no_function_over_80():
+    long = []
+    for path in sorted(list((ROOT / "logitstore").rglob("*.py")) + list((ROOT / "trainer").rglob("*.py"))):
+        src = path.read_text()
+        if src.count("\n") > 400:
+            long.append(f"{path.relative_to(ROOT)}: {src.count(chr(10))} lines")
+        for node in ast.walk(ast.parse(src)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 80:
+                long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}: {node.end_lineno - node.lineno + 1} lines")
+    assert not long, "\n".join(long)
+
+
+def test_the_public_api_keeps_its_names():
+    import logitstore
+    from logitstore.dump import DumpConfig, dump
+    from trainer.fit import fit
+
+    assert callable(logitstore.open) and logitstore.Store.__module__ == "logitstore.format.reader"
+    assert DumpConfig.__module__ == "logitstore.capture.dump" and callable(dump) and callable(fit)
