@@ -194,3 +194,81 @@ def test_manifest_without_bos_field_reads_as_no_bos(stores):
     validate_manifest(m)  # a store written before the field existed
     with pytest.raises(FormatError, match="bos"):
         validate_manifest({**m, "bos": "yes"})
+
+
+# --- joins by content hash when stores hold the sequences in another order; pickling; resume -------
+
+@pytest.fixture(scope="module")
+def reordered(tmp_path_factory, llama_dir, gpt2_dir, corpus):
+    """Store ``ab`` (teacher llama) holds corpus halves 1 then 2; ``ba`` (teacher gpt2) 2 then 1."""
+    import json
+
+    from logitstore.tools.merge import merge
+
+    root = tmp_path_factory.mktemp("reordered")
+    lines = corpus.read_text().splitlines()
+    halves = [root / "h1.jsonl", root / "h2.jsonl"]
+    halves[0].write_text("\n".join(lines[: len(lines) // 2]) + "\n")
+    halves[1].write_text("\n".join(lines[len(lines) // 2:]) + "\n")
+    assert all(json.loads(x) for x in lines)
+    base = dict(top_k=5, seq_len=20, max_tokens=300, shard_sequences=4, progress=False)
+    parts = {}
+    for t, d in (("llama", llama_dir), ("gpt2", gpt2_dir)):
+        for h, path in enumerate(halves):
+            parts[t, h] = root / f"{t}{h}"
+            dump(DumpConfig(teachers=(f"{t}={d}",), data=str(path), out=str(parts[t, h]), **base))
+    ab, ba = root / "ab", root / "ba"
+    merge([str(parts["llama", 0]), str(parts["llama", 1])], str(ab), progress=False)
+    merge([str(parts["gpt2", 1]), str(parts["gpt2", 0])], str(ba), progress=False)
+    return ab, ba
+
+
+def test_stores_holding_the_sequences_in_another_order_are_joined_by_content_hash(reordered):
+    ab, ba = reordered
+    sa, sb = logitstore.open(str(ab)), logitstore.open(str(ba))
+    by_hash = {sb[i]["seq_hash"]: i for i in range(len(sb))}
+    assert [by_hash[sa[i]["seq_hash"]] for i in range(len(sa))] != list(range(len(sa))), "the orders must differ"
+    ds = DistillDataset([ab, ba], batch_size=3, shuffle=False)
+    L, rows = ds.seq_len, 0
+    for bt in ds:
+        for row in range(len(bt["index"])):
+            i = int(bt["index"][row])
+            n = len(sa[i]["input_ids"])
+            assert torch.equal(bt["input_ids"][row, :n], torch.from_numpy(sa[i]["input_ids"].astype(np.int64)))
+            tb = sb[by_hash[sa[i]["seq_hash"]]]["teachers"]["gpt2"]  # the same sequence, wherever it lies in ba
+            for t in range(n):
+                flat = row * L + t
+                sup = bt["support"][flat][bt["valid"][flat]].tolist()
+                got = dict(zip(sup, bt["teacher_lp"][1, flat][bt["valid"][flat]].tolist()))
+                for tid, lp in zip(tb["ids"][t].tolist(), tb["logprobs"][t].tolist()):
+                    assert got[tid] == pytest.approx(lp, abs=1e-6)
+            rows += 1
+    assert rows == len(sa)
+
+
+def test_iterating_without_set_epoch_is_epoch_zero(stores):
+    a, b, _ = stores
+    fresh = [bt["index"].tolist() for bt in DistillDataset([a, b], batch_size=4, seed=5)]
+    ds = DistillDataset([a, b], batch_size=4, seed=5)
+    ds.set_epoch(0)
+    assert fresh == [bt["index"].tolist() for bt in ds]
+
+
+def test_a_dataset_pickles_without_its_decoded_shards_and_reopens_its_stores(stores):
+    import pickle
+
+    a, b, _ = stores
+    ds = DistillDataset([a, b], batch_size=4, seed=5, cache_shards=8)
+    ref = [bt["index"].tolist() for bt in ds]  # fills the stores' shard caches
+    decoded = sum(v.nbytes for s in ds.stores for sh in s._cache.values() for v in sh.values() if isinstance(v, np.ndarray))
+    blob = pickle.dumps(ds)  # what a "spawn" DataLoader worker receives
+    assert len(blob) < decoded / 4, (len(blob), decoded)
+    back = pickle.loads(blob)
+    assert [bt["index"].tolist() for bt in back] == ref
+
+
+def test_resume_with_another_batch_size_is_refused_naming_it(stores):
+    a, b, _ = stores
+    state = DistillDataset([a, b], batch_size=3, seed=1).state_dict()
+    with pytest.raises(LogitStoreError, match=r"batch_size=3, now 4"):
+        DistillDataset([a, b], batch_size=4, seed=1).load_state_dict(state)

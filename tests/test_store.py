@@ -127,3 +127,76 @@ def test_a_missing_store_is_named_as_such(tmp_path):
 
     with pytest.raises(FormatError, match="no such store"):
         logitstore.open(str(tmp_path / "nowhere"))
+
+
+# --- the reader's paths beyond one sequential pass: batches across shards, prefetch, file cache ---
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory, llama_dir, corpus):
+    out = tmp_path_factory.mktemp("reader") / "s"
+    dump(DumpConfig(teachers=(f"a={llama_dir}",), data=str(corpus), out=str(out), top_k=5, seq_len=20, max_tokens=700,
+                    shard_sequences=6, progress=False))
+    return out
+
+
+@pytest.mark.parametrize("as_torch", [False, True])
+def test_batches_span_shards_and_the_last_one_is_short(small, as_torch):
+    store = logitstore.open(str(small))
+    n, B = len(store), 4
+    assert n % B and n > 6, "the fixture must end in a short batch and hold several shards"
+    batches = list(store.iter_batches(B, torch=as_torch))
+    assert [len(b["length"]) for b in batches] == [B] * (n // B) + [n % B]
+    i = 0
+    for b in batches:
+        for r in range(len(b["length"])):
+            want = store[i]
+            m = int(b["length"][r])
+            got_ids = np.asarray(b["input_ids"][r, :m])
+            np.testing.assert_array_equal(got_ids, want["input_ids"])
+            assert bytes(np.asarray(b["seq_hash"][r])) == want["seq_hash"]
+            for a in ("ids", "logprobs", "tail_mass", "entropy", "gold_logprob"):
+                np.testing.assert_array_equal(np.asarray(b["teachers"]["a"][a][r, :m]), want["teachers"]["a"][a], err_msg=a)
+            i += 1
+    assert i == n
+
+
+def test_prefetch_fetches_every_planned_part_ahead_on_its_threads(small):
+    import threading
+
+    ref = logitstore.open(str(small))
+    store = logitstore.open(str(small), cache_shards=0)
+    real, threads = store.fetcher.fetch, []
+
+    def spy(key):
+        threads.append((key, threading.current_thread().name))
+        return real(key)
+
+    store.fetcher.fetch = spy
+    order = list(range(store.n_shards))[::-1]
+    store.prefetch(order, depth=1)  # one part in flight at a time still prefetches
+    for j in order:
+        np.testing.assert_array_equal(store.load_shard(j)["teachers"]["a"]["logprobs"], ref.load_shard(j)["teachers"]["a"]["logprobs"])
+    store.close()
+    assert [k for k, _ in threads] == [(j, p) for j in order for p in ("inputs", "t0")], "each part once, in plan order"
+    assert all(name.startswith("logitstore-prefetch") for _, name in threads), threads
+    store.prefetch(order, depth=0)  # depth 0: no prefetching, fetched by the reader itself
+    threads.clear()
+    store.load_shard(order[0])
+    assert threads and all(not name.startswith("logitstore-prefetch") for _, name in threads)
+
+
+def test_the_file_cache_serves_reads_once_filled(small, tmp_path):
+    import shutil
+
+    copy, cache = tmp_path / "copy", tmp_path / "cache"
+    shutil.copytree(small, copy)
+    first = logitstore.open(str(copy), cache_dir=str(cache))
+    ref = store_arrays(first, "a")
+    for f in (copy / "shards").rglob("*"):  # every data file damaged: only the cache can serve them now
+        if f.is_file() and f.name != "commit.json":
+            f.write_bytes(b"\0" * f.stat().st_size)
+    again = logitstore.open(str(copy), cache_dir=str(cache))
+    np.testing.assert_array_equal(store_arrays(again, "a")["logprobs"], ref["logprobs"])
+    assert again.file_cache.misses == 0 and again.file_cache.hits > 0
+    with pytest.raises(logitstore.FormatError, match="sha256 mismatch"):  # without the cache they are refused
+        store_arrays(logitstore.open(str(copy)), "a")
