@@ -272,3 +272,81 @@ def test_resume_with_another_batch_size_is_refused_naming_it(stores):
     state = DistillDataset([a, b], batch_size=3, seed=1).state_dict()
     with pytest.raises(LogitStoreError, match=r"batch_size=3, now 4"):
         DistillDataset([a, b], batch_size=4, seed=1).load_state_dict(state)
+
+
+def _damage(store_dir, shard: int, part: str) -> None:
+    """Flip bytes of every data file of one part (the manifest's sha256 no longer matches)."""
+    files = [f for f in (store_dir / "shards" / f"{shard:06d}" / part).rglob("*") if f.is_file() and f.name != "commit.json"]
+    assert files, (store_dir, shard, part)
+    for f in files:
+        data = bytearray(f.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        f.write_bytes(bytes(data))
+
+
+def test_skip_bad_shards_leaves_out_exactly_the_damaged_sequences(reordered, tmp_path):
+    import shutil
+
+    from logitstore.errors import FormatError
+
+    ab, ba = tmp_path / "ab", tmp_path / "ba"
+    shutil.copytree(reordered[0], ab)
+    shutil.copytree(reordered[1], ba)
+    sa, sb = logitstore.open(str(reordered[0])), logitstore.open(str(reordered[1]))  # the undamaged originals
+    _damage(ab, 0, "inputs")  # the primary's inputs: its sequences cannot even be named
+    _damage(ba, 1, "t0")  # a secondary's teacher part, in a store holding the sequences in another order
+    with pytest.raises(FormatError, match="sha256 mismatch"):  # without the flag, damage is an error
+        list(DistillDataset([ab, ba], batch_size=3))
+    ds = DistillDataset([ab, ba], batch_size=3, skip_bad_shards=True)
+    got = sorted((b["store"], b["shard"], b["inputs_ok"]) for b in ds.skipped)
+    assert got == sorted([(str(ab), 0, False), (str(ba), 1, True)])
+    e0, e1 = sa.manifest["shards"][0], sb.manifest["shards"][1]
+    lost_a = set(range(e0["start"], e0["start"] + e0["n_sequences"]))
+    lost_b = {sb[i]["seq_hash"] for i in range(e1["start"], e1["start"] + e1["n_sequences"])}
+    mapped = {i for i in range(len(sa)) if i not in lost_a and sa[i]["seq_hash"] in lost_b}
+    assert mapped and mapped != set(range(e1["start"], e1["start"] + e1["n_sequences"])), "positions must differ between stores"
+    seen = [int(i) for bt in ds for i, w in zip(bt["index"], bt["weight"]) if w > 0]
+    assert sorted(seen) == sorted(set(range(len(sa))) - lost_a - mapped)
+
+
+def test_prefetch_plans_the_shards_in_the_order_batches_first_read_them(stores, monkeypatch):
+    from logitstore.format.reader import Store
+
+    a, b, _ = stores
+    planned, loaded = {}, {}
+    real_prefetch, real_load = Store.prefetch, Store.load_shard
+
+    def prefetch(self, shards, teachers=None, depth=4):
+        planned[self.url] = (list(shards), depth)
+        return real_prefetch(self, shards, teachers, depth)
+
+    def load_shard(self, shard, teachers=None):
+        loaded.setdefault(self.url, [])
+        if shard not in loaded[self.url]:
+            loaded[self.url].append(shard)
+        return real_load(self, shard, teachers)
+
+    monkeypatch.setattr(Store, "prefetch", prefetch)
+    monkeypatch.setattr(Store, "load_shard", load_shard)
+    ds = DistillDataset([a, b], batch_size=4, seed=9, prefetch=3)
+    ds.set_epoch(1)
+    loaded.clear()  # opening read every inputs part; what counts is what the epoch reads
+    list(ds)
+    for url in (str(a), str(b)):
+        assert planned[url] == (loaded[url], 3), url
+
+
+def test_eval_weights_follow_teacher_identity_and_missing_teachers_are_named(stores):
+    from trainer.data import match_teachers
+
+    a, b, _ = stores
+    train = DistillDataset([a, b], batch_size=2)
+    assert match_teachers(train, DistillDataset([b, a], batch_size=2), [0.25, 0.75], "EV") == [0.75, 0.25]
+    with pytest.raises(ConfigError, match=r"--eval-logits EV: lacks training teacher\(s\) gpt2"):
+        match_teachers(train, DistillDataset([a], batch_size=2), [0.25, 0.75], "EV")
+
+
+def test_batch_fields_have_the_dtypes_models_take(stores):
+    a, b, _ = stores
+    bt = next(iter(DistillDataset([a, b], batch_size=2)))
+    assert bt["attention_mask"].dtype == bt["input_ids"].dtype == bt["labels"].dtype == bt["index"].dtype == torch.int64

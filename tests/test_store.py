@@ -200,3 +200,32 @@ def test_the_file_cache_serves_reads_once_filled(small, tmp_path):
     assert again.file_cache.misses == 0 and again.file_cache.hits > 0
     with pytest.raises(logitstore.FormatError, match="sha256 mismatch"):  # without the cache they are refused
         store_arrays(logitstore.open(str(copy)), "a")
+
+
+def test_prefetch_keeps_at_most_depth_parts_in_flight_and_batch_size_is_checked(small):
+    import threading
+    import time
+
+    for depth in (1, 2):
+        store = logitstore.open(str(small), cache_shards=0)
+        real, lock, now, peak = store.fetcher.fetch, threading.Lock(), [0], [0]
+
+        def slow(key):
+            with lock:
+                now[0] += 1
+                peak[0] = max(peak[0], now[0])
+            time.sleep(0.02)
+            try:
+                return real(key)
+            finally:
+                with lock:
+                    now[0] -= 1
+
+        store.fetcher.fetch = slow
+        store.prefetch(list(range(store.n_shards)), depth=depth)
+        for j in range(store.n_shards):
+            store.load_shard(j)
+        store.close()
+        assert 1 <= peak[0] <= depth, (depth, peak[0])
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        next(logitstore.open(str(small)).iter_batches(0))
