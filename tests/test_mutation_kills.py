@@ -238,3 +238,82 @@ def test_target_fields_have_the_documented_dtypes():
     b = build_targets([{"ids": ids, "logprobs": lp, "tail_mass": np.full(5, 0.2, np.float32)}], 30)
     assert b["support"].dtype == np.int64 and b["valid"].dtype == bool
     assert b["teacher_lp"].dtype == b["rest_lp"].dtype == b["n_out"].dtype == np.float32
+
+
+def test_off_support_gradient_is_zero_where_only_padded_rows_lie_off_the_support():
+    """At k = real vocabulary the support holds every real token; a padded student vocabulary's extra
+    rows have log-prob -inf, so the off-support mass is exactly 0 (log: -inf) and its gradient 0,
+    not NaN (the backward's -inf - -inf)."""
+    from trainer.losses import off_support_logmass
+
+    lp = torch.log_softmax(torch.randn(1, 6, dtype=torch.float64), -1)
+    lp = torch.cat([lp, torch.full((1, 2), -math.inf, dtype=torch.float64)], -1).requires_grad_()  # V = 8, 2 padded
+    support = torch.arange(6)[None]
+    valid = torch.ones(1, 6, dtype=torch.bool)
+    out = off_support_logmass(lp, support, valid)
+    assert out.item() == -math.inf
+    (out * 1.0).sum().backward()
+    assert (lp.grad == 0).all(), lp.grad
+
+
+# ------------------------------------------------------------------------------------- codec
+
+
+def test_lossless_encoding_bounds_and_description_are_exact():
+    from logitstore.format.codec import Encoding, tail_error_bound
+
+    enc = Encoding.from_dict({"name": "lossless"})
+    lp = np.log(np.full((5, 3), 1 / 3, np.float32))
+    assert enc.error_bound(lp).shape == (5,) and not enc.error_bound(lp).any()
+    assert not tail_error_bound(np.array([0.5, 1e-9, 0.0]), enc).any()
+    assert enc.to_dict() == {"name": "lossless"}
+    assert set(enc.array_specs(3, 500)) == {"ids", "logprobs", "tail_mass", "gold_logprob", "entropy"}
+
+
+def test_zero_tails_encode_without_warnings():
+    import warnings
+
+    from logitstore.format.codec import encode_tail
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # log(0) of an exact zero tail is expected, not a warning for the user
+        code = encode_tail(np.array([0.0, 0.25, 1.0], np.float32))
+    assert code[0] == 65535 and code[2] == 0
+
+
+# ----------------------------------------------------------------------------- fusion, targets
+
+
+def _two_teachers(V=50, k=(4, 3), N=3, seed=0):
+    rng = np.random.default_rng(seed)
+    out = []
+    for kk in k:
+        ids = np.stack([rng.choice(V, kk, replace=False) for _ in range(N)])
+        lp = np.sort(np.log(rng.dirichlet(np.ones(kk + 1), N)[:, :kk]), 1)[:, ::-1].astype(np.float32)
+        out.append({"ids": ids, "logprobs": np.ascontiguousarray(lp), "tail_mass": (1 - np.exp(lp).sum(1)).astype(np.float32)})
+    return out
+
+
+def test_padding_of_the_support_carries_minus_infinity_for_every_teacher():
+    from logitstore.distributions.targets import build_targets
+
+    b = build_targets(_two_teachers(), 50)
+    assert (~b["valid"]).any(), "the union of 4 and 3 ids over 3 rows must leave some padding"
+    assert np.isneginf(b["teacher_lp"][:, ~b["valid"]]).all()
+    assert np.isfinite(b["teacher_lp"][:, b["valid"]]).all()
+
+
+def test_fuse_checks_its_arguments_and_a_single_teacher_keeps_the_support():
+    from logitstore.distributions.fusion import fuse
+    from logitstore.distributions.targets import build_targets
+
+    b = {k: torch.from_numpy(np.asarray(v)) for k, v in build_targets(_two_teachers(), 50).items()}
+    args = (b["teacher_lp"], b["rest_lp"], b["support"], b["valid"], b["n_out"])
+    with pytest.raises(ValueError, match="--fuse: expected one of"):
+        fuse(*args, temperatures=[1.0, 1.0], weights=[0.5, 0.5], mode="median")
+    with pytest.raises(ValueError, match="2 teachers but 1 temperatures and 2 weights"):
+        fuse(*args, temperatures=[1.0], weights=[0.5, 0.5])
+    with pytest.raises(ValueError, match="2 teachers but 2 temperatures and 3 weights"):
+        fuse(*args, temperatures=[1.0, 1.0], weights=[0.2, 0.3, 0.5])
+    one = fuse(b["teacher_lp"][:1], b["rest_lp"][:1], b["support"], b["valid"], b["n_out"], temperatures=[1.0], weights=[1.0])
+    assert torch.equal(one.support, b["support"]) and torch.equal(one.valid, b["valid"])
