@@ -9,6 +9,9 @@
 from logitstore.version import __version__  # noqa: E402
 from logitstore.errors import ConfigError, FormatError, LogitStoreError  # noqa: E402
 from logitstore.format.reader import Store  # noqa: E402
+from logitstore.moved import install as _install_moved  # noqa: E402
+
+_install_moved()  # logitstore.dump and the flat module names of earlier versions (logitstore/moved.py)
 
 
 def open(url: str, **kwargs) -> Store:  # noqa: A001 - mirrors zarr.open / fsspec.open

@@ -31,10 +31,9 @@ def imports_of(path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             if node.level:  # relative imports are not used in logitstore; say so if one appears
                 out.add("." * node.level + (node.module or ""))
-            elif node.module == "logitstore":  # from logitstore import x: x may be a module
-                out |= {f"logitstore.{a.name}" for a in node.names}
-            else:
+            else:  # from pkg import x: x may be a module of pkg, so both count
                 out.add(node.module)
+                out |= {f"{node.module}.{a.name}" for a in node.names}
     return {m for m in out if m.startswith(("logitstore", "trainer", "."))}
 
 
@@ -56,6 +55,19 @@ def test_each_subsystem_imports_only_what_lies_below_it(package):
             if not ok:
                 bad.append(f"{path.relative_to(ROOT)} imports {mod}")
     assert not bad, "\n".join(bad)
+
+
+#: the top-level modules: the leaves everything may use, and what lies above the subsystems
+TOP = {
+    "logitstore/errors.py": set(), "logitstore/version.py": set(), "logitstore/progress.py": set(),
+    "logitstore/moved.py": set(),  # resolves old names at import time, imports nothing of them itself
+}
+
+
+@pytest.mark.parametrize("rel", sorted(TOP))
+def test_the_leaf_modules_import_nothing_of_this_repository(rel):
+    bad = sorted(m for m in imports_of(ROOT / rel) if m not in TOP[rel])
+    assert not bad, f"{rel} imports {bad}"
 
 
 def test_no_module_of_logitstore_imports_trainer():
@@ -84,8 +96,24 @@ def test_no_module_over_400_lines_and_no_function_over_80():
 
 def test_the_public_api_keeps_its_names():
     import logitstore
-    from logitstore.dump import DumpConfig, dump
+    from logitstore.dump import DumpConfig, dump, summarize
     from trainer.fit import fit
 
     assert callable(logitstore.open) and logitstore.Store.__module__ == "logitstore.format.reader"
-    assert DumpConfig.__module__ == "logitstore.capture.dump" and callable(dump) and callable(fit)
+    assert DumpConfig.__module__ == "logitstore.capture.dump" and callable(dump) and callable(fit) and callable(summarize)
+
+
+@pytest.mark.parametrize("old, new, name", [
+    ("logitstore.merge", "logitstore.tools.merge", "merge"), ("logitstore.fuse", "logitstore.tools.fuse", "fuse_store"),
+    ("logitstore.export", "logitstore.tools.export", "export"), ("logitstore.convert", "logitstore.tools.convert", "convert"),
+    ("logitstore.reader", "logitstore.format.reader", "Store"), ("logitstore.verify", "logitstore.tools.verify", "verify"),
+])
+def test_earlier_module_names_still_import_the_same_objects_with_a_warning(old, new, name):
+    import importlib
+    import sys
+
+    sys.modules.pop(old, None)
+    with pytest.warns(DeprecationWarning, match=f"{old} is now {new}"):
+        mod = importlib.import_module(old)
+    assert mod is importlib.import_module(new) and mod.__spec__.name == new
+    assert getattr(mod, name) is getattr(importlib.import_module(new), name)

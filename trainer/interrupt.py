@@ -63,7 +63,8 @@ def ignore_in_worker(_worker_id: int) -> None:
     each rank's group), SLURM's ``scancel`` (every process of the step) or Ctrl-C would kill the
     workers first, and the main process would die on "DataLoader worker ... killed by signal"
     before it could write its checkpoint. Workers still exit when the main process does: it shuts
-    them down (:mod:`trainer.loader`), or they see it gone (torch's worker watchdog)."""
+    them down (:mod:`trainer.loader`); if it dies first (SIGKILL, the OOM killer), Linux kills them
+    (``PR_SET_PDEATHSIG``), even one blocked where torch's watchdog cannot see the parent gone."""
     import os
 
     try:
@@ -72,3 +73,22 @@ def ignore_in_worker(_worker_id: int) -> None:
         pass
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _die_with_parent()
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when its parent dies; elsewhere nothing (the watchdog of
+    torch's worker loop remains)."""
+    import ctypes
+    import ctypes.util
+    import os
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    PR_SET_PDEATHSIG = 1
+    parent = os.getppid()
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(1)

@@ -1,5 +1,5 @@
-"""The on-disk format: the public contract specified in ``FORMAT.md`` (at the top of the repository,
-where users look for it) and everything that reads or writes it.
+"""The on-disk format: the public contract specified in ``FORMAT.md`` (in this folder, shipped with
+the package) and everything that reads or writes it.
 
 - :mod:`~logitstore.format.manifest`: the manifest schema, its version and validators;
 - :mod:`~logitstore.format.layout`: names of shards, parts and commit records;

@@ -62,9 +62,17 @@ class Store:
     def verify_checksums(self) -> bool:
         return self.fetcher.verify_checksums
 
+    @verify_checksums.setter
+    def verify_checksums(self, value: bool) -> None:
+        self.fetcher.verify_checksums = bool(value)
+
     @property
     def file_cache(self):
         return self.fetcher.file_cache
+
+    @file_cache.setter
+    def file_cache(self, cache) -> None:
+        self.fetcher.file_cache = cache
 
     def __len__(self) -> int:
         return self.manifest["n_sequences"]
@@ -83,6 +91,7 @@ class Store:
     def prefetch(self, shards: list[int], teachers: list[str] | None = None, depth: int = 4) -> None:
         """Fetch the parts of ``shards`` (in that order) ahead of :meth:`load_shard`, ``depth`` parts
         in flight on as many threads. Replaces any earlier plan; ``depth=0`` stops prefetching."""
+        self.fetcher.close()  # the earlier plan ends even if this one is refused
         parts = [layout.INPUTS] + [self.teacher(n)["part"] for n in (self.teachers if teachers is None else teachers)]
         self.fetcher.prefetch([(j, p) for j in shards for p in parts], depth)
 

@@ -1,0 +1,80 @@
+"""The training loader's workers ignore SIGTERM (so a run can checkpoint first): whatever happens to
+their iterator, the process must still exit promptly."""
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+SCRIPT = """
+import sys, time
+import torch
+from torch.utils.data import IterableDataset
+from trainer.loader import epoch_batches, make_loader
+
+class Slow(IterableDataset):
+    def __init__(self, nap): self.nap = nap
+    def __iter__(self):
+        for i in range(10**6):
+            if i == 2:
+                time.sleep(self.nap)  # busy (or stuck in I/O) when told to stop
+            yield torch.tensor([i])
+
+case = sys.argv[1]
+if case == "kept":  # an iterator made by hand and kept in a global: only the exit hook can stop its workers
+    KEEP = iter(make_loader(Slow(0.0), 2, False))
+    next(KEEP)
+elif case == "busy":  # leave an epoch early while a worker sleeps: it is killed, not waited for
+    with epoch_batches(make_loader(Slow(600.0), 2, False)) as it:
+        next(it); next(it)
+print("returned", flush=True)
+"""
+
+
+@pytest.mark.parametrize("case", ["kept", "busy"])
+def test_the_process_exits_promptly(case):
+    t0 = time.time()
+    p = subprocess.run([sys.executable, "-c", SCRIPT, case], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and "returned" in p.stdout, p.stderr[-2000:]
+    assert time.time() - t0 < 60, f"{case}: exit took {time.time() - t0:.0f} s"
+    assert "Exception ignored" not in p.stderr, p.stderr[-2000:]
+
+
+KILLED_PARENT = """
+import os, signal, sys, time
+import torch
+from torch.utils.data import IterableDataset
+from trainer.loader import make_loader
+
+class Stuck(IterableDataset):
+    def __iter__(self):
+        print(os.getpid(), flush=True)  # the worker's pid, for the test
+        time.sleep(600)  # blocked: torch's watchdog in the worker loop never runs
+        yield torch.tensor([0])
+
+it = iter(make_loader(Stuck(), 1, False))
+time.sleep(3)  # the worker is asleep in __iter__ now
+os.kill(os.getpid(), signal.SIGKILL)  # as the OOM killer would
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_workers_die_with_a_killed_main_process_even_when_blocked():
+    import os
+
+    p = subprocess.run([sys.executable, "-c", KILLED_PARENT], capture_output=True, text=True, timeout=120)
+    assert p.returncode == -9, p.stderr[-2000:]
+    pid = int(p.stdout.split()[0])
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            return
+        if state == "Z":  # dead, waiting to be reaped by whoever adopted it
+            return
+        time.sleep(0.2)
+    os.kill(pid, 9)
+    pytest.fail(f"worker {pid} outlived its killed main process (state {state})")
