@@ -350,3 +350,14 @@ def test_batch_fields_have_the_dtypes_models_take(stores):
     a, b, _ = stores
     bt = next(iter(DistillDataset([a, b], batch_size=2)))
     assert bt["attention_mask"].dtype == bt["input_ids"].dtype == bt["labels"].dtype == bt["index"].dtype == torch.int64
+    assert bt["weight"].dtype == torch.float32
+
+
+def test_the_same_teacher_given_twice_is_refused_naming_both(stores, tmp_path):
+    import shutil
+
+    a, _, _ = stores
+    twin = tmp_path / "twin"
+    shutil.copytree(a, twin)
+    with pytest.raises(LogitStoreError, match=rf"--logits {twin}: teacher 'llama' is the same model as teacher 'llama' of {a}"):
+        DistillDataset([a, twin], batch_size=2)

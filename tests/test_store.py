@@ -229,3 +229,18 @@ def test_prefetch_keeps_at_most_depth_parts_in_flight_and_batch_size_is_checked(
         assert 1 <= peak[0] <= depth, (depth, peak[0])
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         next(logitstore.open(str(small)).iter_batches(0))
+
+
+def test_stored_lengths_outside_the_window_are_refused_at_either_end():
+    from logitstore.format.decode import check_lengths
+
+    check_lengths(np.array([1, 20], np.uint32), 20, "s")
+    for bad in ([0, 5], [5, 21]):
+        with pytest.raises(logitstore.FormatError, match=r"s/inputs/length: values must lie in \[1, 20\]"):
+            check_lengths(np.array(bad, np.uint32), 20, "s")
+
+
+def test_a_shard_out_of_range_is_named(small):
+    store = logitstore.open(str(small))
+    with pytest.raises(IndexError, match=rf"shard {store.n_shards} out of range \[0, {store.n_shards}\)"):
+        store.load_shard(store.n_shards)
