@@ -34,7 +34,8 @@ OUT = ROOT / "tools" / "results" / "mutation.json"
 KILLS = "tests/test_mutation_kills.py"
 
 #: name: (module or modules, tests that guard them, mutant-name globs to run; None = every mutant).
-#: Tests that train a student or launch torchrun are left out: seconds per mutant, hundreds of mutants.
+#: Tests that train a student for many steps or launch torchrun are left out (seconds per mutant, hundreds
+#: of mutants); fit's step is checked by one step against a plain reimplementation (tests/test_step.py).
 READER = ["logitstore/format/reader.py", "logitstore/format/opening.py", "logitstore/format/index.py",
           "logitstore/format/decode.py", "logitstore/storage/fetch.py"]
 GROUPS: dict[str, tuple[str | list[str], list[str], list[str] | None]] = {
@@ -50,7 +51,8 @@ GROUPS: dict[str, tuple[str | list[str], list[str], list[str] | None]] = {
     "stream": ("trainer/data.py", ["tests/test_data.py", "tests/test_properties.py::test_stream_covers_every_sequence_once", KILLS], None),
     "schedules": ("trainer/schedules.py", ["tests/test_fit.py::test_temperature_and_lr_schedules", KILLS], None),
     "resume": ("trainer/resume.py", [KILLS], ["trainer.resume.x_setting_changes__mutmut_*"]),
-    "fit": ("trainer/fit.py", [KILLS], ["trainer.fit.x_set_schedule_step__mutmut_*", "trainer.fit.x__all_sum__mutmut_*"]),
+    "fit": ("trainer/fit.py", ["tests/test_step.py", KILLS], ["trainer.fit.xǁRunǁstep__mutmut_*", "trainer.fit.x__clip__mutmut_*",
+                                                          "trainer.fit.x_set_schedule_step__mutmut_*", "trainer.fit.x__all_sum__mutmut_*"]),
 }
 
 STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests", 34: "skipped", 36: "timeout",
