@@ -317,3 +317,76 @@ def test_fuse_checks_its_arguments_and_a_single_teacher_keeps_the_support():
         fuse(*args, temperatures=[1.0, 1.0], weights=[0.2, 0.3, 0.5])
     one = fuse(b["teacher_lp"][:1], b["rest_lp"][:1], b["support"], b["valid"], b["n_out"], temperatures=[1.0], weights=[1.0])
     assert torch.equal(one.support, b["support"]) and torch.equal(one.valid, b["valid"])
+
+
+def _full_support_target(V=12, N=5, seed=0, teachers=1, weights=None, mode="mean-probs"):
+    """Teachers that keep every token (k = V): the sparse target is then the dense distribution."""
+    from logitstore.distributions.fusion import fuse
+    from logitstore.distributions.targets import build_targets
+
+    rng = np.random.default_rng(seed)
+    dense, cached = [], []
+    for _ in range(teachers):
+        lp = np.log(rng.dirichlet(np.ones(V), N))
+        ids = np.argsort(-lp, 1)
+        cached.append({"ids": ids, "logprobs": np.take_along_axis(lp, ids, 1).astype(np.float32),
+                       "tail_mass": np.zeros(N, np.float32)})
+        dense.append(torch.from_numpy(lp))
+    b = {k: torch.from_numpy(np.asarray(v)) for k, v in build_targets(cached, V).items()}
+    w = weights or [1.0 / teachers] * teachers
+    return dense, fuse(b["teacher_lp"], b["rest_lp"], b["support"], b["valid"], b["n_out"], temperatures=[1.0] * teachers,
+                       weights=w, mode=mode)
+
+
+def test_jsd_beta_reaches_both_the_logits_and_the_chunked_head_paths():
+    from trainer.losses import kd_ce_loss
+
+    V, N, H, beta = 12, 5, 6, 0.2
+    (t,), target = _full_support_target(V, N)
+    torch.manual_seed(0)
+    head = torch.nn.Linear(H, V, bias=False).double()
+    h = torch.randn(N, H, dtype=torch.float64)
+    labels = torch.randint(0, V, (N,))
+    s = torch.log_softmax(head(h), -1)
+    t = t.double()
+    m = torch.logsumexp(torch.stack([t + math.log(beta), s + math.log(1 - beta)]), 0)
+    want = (beta * (t.exp() * (t - m)).sum(-1) + (1 - beta) * (s.exp() * (s - m)).sum(-1)).sum()
+    for x, hd in ((head(h), None), (h, head)):
+        _, kd, _ = kd_ce_loss(x, labels, target, head=hd, loss="jsd", beta=beta, chunk_positions=2)
+        torch.testing.assert_close(kd.double(), want, rtol=1e-4, atol=1e-6)
+
+
+def test_dense_divergence_defaults_to_forward_kl():
+    from trainer.losses import dense_divergence
+
+    s = torch.log_softmax(torch.randn(3, 7, dtype=torch.float64), -1)
+    t = torch.log_softmax(torch.randn(3, 7, dtype=torch.float64), -1)
+    torch.testing.assert_close(dense_divergence(s, t), (t.exp() * (t - s)).sum(-1))
+
+
+def test_mean_logits_with_a_zero_weight_teacher_and_no_token_off_the_support():
+    (a, b), fused = _full_support_target(teachers=2, weights=[1.0, 0.0], mode="mean-logits")
+    assert (fused.n_out == 0).all() and torch.isneginf(fused.out_lp).all()
+    lp = torch.where(fused.valid, fused.lp, torch.tensor(-math.inf))
+    assert torch.isfinite(lp[fused.valid]).all()
+    got = torch.full_like(lp, -math.inf).scatter(1, fused.support, lp)
+    torch.testing.assert_close(got.double(), a.double(), rtol=1e-5, atol=1e-5)  # teacher a alone
+
+
+def test_codec_refuses_ids_beyond_the_vocabulary_and_keeps_zero_entropy_exact():
+    from logitstore.errors import FormatError
+    from logitstore.format.codec import Encoding, check_values
+
+    lossless = Encoding.from_dict({"name": "lossless"})
+    ids = np.array([[3, 1, 9]], np.int64)
+    lp = np.log(np.array([[0.5, 0.3, 0.1]], np.float32))
+    scal = {"tail_mass": np.array([0.1], np.float32), "gold_logprob": np.array([-0.7], np.float32), "entropy": np.zeros(1, np.float32)}
+    enc = lossless.encode(ids, lp, scal, 10)
+    with pytest.raises(FormatError, match="ids: found id 9 >= vocab_size 9"):
+        lossless.decode(enc, 9)
+    compact = Encoding.from_dict({"name": "compact", "value_bits": 7, "tail": "log"})
+    _, _, back = compact.decode(compact.encode(ids, lp, scal, 10), 10)
+    assert back["entropy"][0] == 0.0  # a one-hot teacher's entropy is 0, not one quantisation step
+    assert lossless.error_bound(lp).dtype == np.float32
+    with pytest.raises(FormatError, match=r"entropy.*\[0, inf\)"):
+        check_values(None, {"entropy": np.array([-1.0], np.float32)})
