@@ -1,10 +1,11 @@
 """Module paths from before the package was organised by subsystem, kept importable.
 
 ``logitstore.dump`` is the public name of :mod:`logitstore.capture.dump` and imports silently.
-The other flat names (``logitstore.merge``, ``logitstore.reader``, ...) were documented or used
-before 0.2 and now import the module that replaced them with a :class:`DeprecationWarning` naming
-it. The module object is the new one (``logitstore.merge is logitstore.tools.merge``), so
-monkeypatching either name patches the same function.
+The other flat names (``logitstore.merge``, ``logitstore.reader``, ...), documented or used before
+the package had subsystem folders, now import the module that replaced them with a
+:class:`DeprecationWarning` naming it. The module object is the new one
+(``logitstore.merge is logitstore.tools.merge``), so monkeypatching either name patches the same
+function.
 """
 
 from __future__ import annotations
