@@ -390,3 +390,51 @@ def test_codec_refuses_ids_beyond_the_vocabulary_and_keeps_zero_entropy_exact():
     assert lossless.error_bound(lp).dtype == np.float32
     with pytest.raises(FormatError, match=r"entropy.*\[0, inf\)"):
         check_values(None, {"entropy": np.array([-1.0], np.float32)})
+
+
+def test_id_dtypes_are_the_smallest_that_hold_the_vocabulary():
+    from logitstore.format.codec import id_dtype
+
+    assert [id_dtype(v) for v in (2, 256, 257, 65536, 65537, 200_000)] == \
+        [np.uint8, np.uint8, np.uint16, np.uint16, np.uint32, np.uint32]
+
+
+def test_log_tail_bound_is_half_a_step_and_float32_rounding():
+    from logitstore.format.codec import Encoding, tail_error_bound
+
+    enc = Encoding.from_dict({"name": "compact", "value_bits": 7, "tail": "log"})
+    t = np.array([1.0, 0.5, 1e-6, 1e-20])
+    rel = math.expm1(0.5 / 1024) + 2.0**-23  # FORMAT.md
+    np.testing.assert_allclose(tail_error_bound(t, enc)[:3], rel * t[:3], rtol=1e-12)
+    assert tail_error_bound(t, enc)[3] == pytest.approx(math.exp(-65534 / 1024))  # below e^-64: the floor's size
+
+
+def test_equal_weights_by_default_sum_to_one():
+    from logitstore.distributions.fusion import normalize_weights
+
+    assert normalize_weights(None, 4) == [0.25] * 4 and normalize_weights([2, 6], 2) == [0.25, 0.75]
+
+
+def test_targets_of_no_positions_and_rest_logprob_dtypes():
+    from logitstore.distributions.targets import build_targets, rest_logprob
+
+    empty = {"ids": np.zeros((0, 3), np.int64), "logprobs": np.zeros((0, 3), np.float32), "tail_mass": np.zeros(0, np.float32)}
+    b = build_targets([empty], 10)
+    assert b["support"].shape == (0, 0) and b["teacher_lp"].shape == (1, 0, 0)
+    tails = np.array([0.2, 0.0], np.float32)
+    assert rest_logprob(tails, 10, 3).dtype == np.float32 and rest_logprob(tails, 10, 10).dtype == np.float32
+    assert np.isneginf(rest_logprob(tails, 10, 10)).all()
+
+
+def test_evaluation_argmax_and_ce_ignore_a_padded_vocabulary():
+    from trainer.losses import kd_ce_loss
+
+    V, N = 7, 6
+    torch.manual_seed(1)
+    x = torch.randn(N, V)
+    padded = torch.cat([x, torch.full((N, 3), 50.0)], -1)  # rows beyond the store's vocabulary, very likely
+    labels = torch.randint(0, V, (N,))
+    with torch.no_grad():
+        ce, _, _, pred = kd_ce_loss(padded, labels, None, vocab_size=V, return_argmax=True, chunk_positions=4)
+    assert torch.equal(pred, x.argmax(-1))
+    torch.testing.assert_close(ce, torch.nn.functional.cross_entropy(x, labels, reduction="sum"))

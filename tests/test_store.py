@@ -244,3 +244,15 @@ def test_a_shard_out_of_range_is_named(small):
     store = logitstore.open(str(small))
     with pytest.raises(IndexError, match=rf"shard {store.n_shards} out of range \[0, {store.n_shards}\)"):
         store.load_shard(store.n_shards)
+
+
+def test_errors_and_repr_name_the_store(small, tmp_path):
+    store = logitstore.open(str(small))
+    assert str(small) in repr(store)
+    with pytest.raises(KeyError, match=f"no teacher 'zz' in {small}"):
+        store.teacher("zz")
+    stray = tmp_path / "stray"
+    stray.mkdir()
+    (stray / "notes.txt").write_text("x")
+    with pytest.raises(logitstore.FormatError, match=r"no manifest.json; not a complete logitstore store$"):
+        logitstore.open(str(stray))
