@@ -361,3 +361,14 @@ def test_the_same_teacher_given_twice_is_refused_naming_both(stores, tmp_path):
     shutil.copytree(a, twin)
     with pytest.raises(LogitStoreError, match=rf"--logits {twin}: teacher 'llama' is the same model as teacher 'llama' of {a}"):
         DistillDataset([a, twin], batch_size=2)
+
+
+def test_a_shuffle_buffer_of_one_keeps_each_shard_together_and_checksums_can_be_skipped(stores):
+    a, b, _ = stores
+    ds = DistillDataset([a], batch_size=2, seed=3, shuffle_buffer=1)
+    starts = [e["start"] for e in ds.stores[0].manifest["shards"]]
+    shard_of = np.searchsorted(starts, ds.epoch_order(0), side="right") - 1
+    runs = [int(s) for i, s in enumerate(shard_of) if i == 0 or s != shard_of[i - 1]]
+    assert len(runs) == len(starts) == len(set(runs)), "a buffer of 1 only permutes shards and rows within them"
+    assert all(not s.verify_checksums for s in DistillDataset([a, b], batch_size=2, verify_checksums=False).stores)
+    assert all(s.verify_checksums for s in DistillDataset([a, b], batch_size=2).stores)
