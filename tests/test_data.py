@@ -372,3 +372,17 @@ def test_a_shuffle_buffer_of_one_keeps_each_shard_together_and_checksums_can_be_
     assert len(runs) == len(starts) == len(set(runs)), "a buffer of 1 only permutes shards and rows within them"
     assert all(not s.verify_checksums for s in DistillDataset([a, b], batch_size=2, verify_checksums=False).stores)
     assert all(s.verify_checksums for s in DistillDataset([a, b], batch_size=2).stores)
+
+
+def test_a_ce_only_dataset_prefetches_inputs_only(stores, monkeypatch):
+    from logitstore.format.reader import Store
+
+    a, b, _ = stores
+    asked = []
+    real = Store.prefetch
+    monkeypatch.setattr(Store, "prefetch", lambda self, shards, teachers=None, depth=4: asked.append(teachers) or real(self, shards, teachers, depth))
+    list(DistillDataset([a, b], batch_size=4, with_targets=False))
+    assert asked and all(t == [] for t in asked)
+    asked.clear()
+    list(DistillDataset([a, b], batch_size=4))
+    assert sorted(map(tuple, asked)) == [("gpt2",), ("llama",)]

@@ -438,3 +438,30 @@ def test_evaluation_argmax_and_ce_ignore_a_padded_vocabulary():
         ce, _, _, pred = kd_ce_loss(padded, labels, None, vocab_size=V, return_argmax=True, chunk_positions=4)
     assert torch.equal(pred, x.argmax(-1))
     torch.testing.assert_close(ce, torch.nn.functional.cross_entropy(x, labels, reduction="sum"))
+
+
+def test_a_rank_just_past_id_order_is_refused_not_wrapped():
+    from logitstore.errors import FormatError
+    from logitstore.format.codec import _ids_from_deltas
+
+    id_order = np.array([5, 2, 7], np.uint16)
+    assert _ids_from_deltas(np.array([[0, 1, 1]], np.uint16), id_order).tolist() == [[5, 2, 7]]
+    with pytest.raises(FormatError, match="ids: rank 3 outside id_order of length 3"):
+        _ids_from_deltas(np.array([[0, 1, 2]], np.uint16), id_order)  # rank 3 would wrap to id 5
+
+
+def test_check_values_names_the_tail_range():
+    from logitstore.errors import FormatError
+    from logitstore.format.codec import check_values
+
+    with pytest.raises(FormatError, match=r"tail_mass.*\[0, 1\]"):
+        check_values(None, {"tail_mass": np.array([1.5], np.float32)})
+
+
+def test_dense_divergence_is_infinite_where_the_student_gives_zero_to_a_teacher_token():
+    from trainer.losses import dense_divergence
+
+    t = torch.log(torch.tensor([[0.5, 0.5, 0.0]], dtype=torch.float64))
+    s = torch.log(torch.tensor([[1.0, 0.0, 0.0]], dtype=torch.float64))
+    assert torch.isposinf(dense_divergence(s, t)).all()  # the teacher's token 1 has no student mass
+    assert dense_divergence(t, t).item() == 0.0  # tokens both give 0 contribute nothing

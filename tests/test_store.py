@@ -256,3 +256,23 @@ def test_errors_and_repr_name_the_store(small, tmp_path):
     (stray / "notes.txt").write_text("x")
     with pytest.raises(logitstore.FormatError, match=r"no manifest.json; not a complete logitstore store$"):
         logitstore.open(str(stray))
+
+
+def test_single_sequence_batches_lru_shards_and_errors_that_name_the_part(small, monkeypatch):
+    store = logitstore.open(str(small), cache_shards=2)
+    assert sum(len(b["length"]) for b in store.iter_batches(1)) == len(store)
+    fetched = []
+    real = store.fetcher.fetch
+    store.fetcher.fetch = lambda key: fetched.append(key) or real(key)
+    store._cache.clear()
+    for j in (0, 1, 0, 2, 0):  # least recently used is 1 when 2 arrives: 0 stays cached
+        store.load_shard(j)
+    assert [j for j, p in fetched if p == "inputs"] == [0, 1, 2]
+    from logitstore.format.codec import Encoding
+
+    def broken(self, arrays, vocab):
+        raise logitstore.FormatError("ids: planted")
+
+    monkeypatch.setattr(Encoding, "decode", broken)
+    with pytest.raises(logitstore.FormatError, match=r"^shards/000003/t0/ids: planted$"):
+        store.load_shard(3)

@@ -130,9 +130,6 @@ class Store:
             self._cache.popitem(last=False)
         return out
 
-    def _locate(self, i: int) -> tuple[int, int]:
-        return self.index.locate(i)
-
     def __getitem__(self, i: int) -> dict:
         """Sequence ``i``: ``input_ids`` [n], ``seq_hash`` (16 bytes) and ``teachers`` {name: {``ids``,
         ``logprobs`` [n, k]; ``tail_mass``, ``gold_logprob``, ``entropy`` [n]}} with ``n`` its length.

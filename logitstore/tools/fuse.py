@@ -40,7 +40,7 @@ BLOCK_POSITIONS = 1 << 14  # positions fused at once; bounds the [M, N, sum k] w
 def _rows(store: Store, a: int, b: int, names: list[str]) -> dict:
     """Sequences ``a:b`` of ``store`` as one shard-like dict (they may span several shards)."""
     out = []
-    j = store._locate(a)[0]
+    j = store.index.locate(a)[0]
     while a < b:
         sh = store.load_shard(j, names)
         s0 = store.manifest["shards"][j]["start"]
