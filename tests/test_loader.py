@@ -25,7 +25,7 @@ case = sys.argv[1]
 if case == "kept":  # an iterator made by hand and kept in a global: only the exit hook can stop its workers
     KEEP = iter(make_loader(Slow(0.0), 2, False))
     next(KEEP)
-elif case == "busy":  # leave an epoch early while a worker sleeps: it is killed, not waited for
+elif case == "busy":  # leave an epoch early while a worker sleeps: after torch's joins time out it is killed
     with epoch_batches(make_loader(Slow(600.0), 2, False)) as it:
         next(it); next(it)
 print("returned", flush=True)
@@ -47,34 +47,47 @@ import torch
 from torch.utils.data import IterableDataset
 from trainer.loader import make_loader
 
+PID_FILE = sys.argv[1]
+
 class Stuck(IterableDataset):
     def __iter__(self):
-        print(os.getpid(), flush=True)  # the worker's pid, for the test
+        with open(PID_FILE + ".tmp", "w") as f:
+            f.write(str(os.getpid()))
+        os.replace(PID_FILE + ".tmp", PID_FILE)  # the worker's pid, for the test
         time.sleep(600)  # blocked: torch's watchdog in the worker loop never runs
         yield torch.tensor([0])
 
 it = iter(make_loader(Stuck(), 1, False))
-time.sleep(3)  # the worker is asleep in __iter__ now
+deadline = time.time() + 60
+while not os.path.exists(PID_FILE) and time.time() < deadline:  # the worker is asleep in __iter__ now
+    time.sleep(0.05)
 os.kill(os.getpid(), signal.SIGKILL)  # as the OOM killer would
 """
 
 
+def _state(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return None
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
-def test_workers_die_with_a_killed_main_process_even_when_blocked():
+def test_workers_die_with_a_killed_main_process_even_when_blocked(tmp_path):
     import os
 
-    p = subprocess.run([sys.executable, "-c", KILLED_PARENT], capture_output=True, text=True, timeout=120)
-    assert p.returncode == -9, p.stderr[-2000:]
-    pid = int(p.stdout.split()[0])
+    pid_file = tmp_path / "worker.pid"
+    with open(tmp_path / "stderr", "w") as err:  # not a pipe: a surviving worker must not block the test
+        p = subprocess.Popen([sys.executable, "-c", KILLED_PARENT, str(pid_file)], stdout=subprocess.DEVNULL, stderr=err,
+                             start_new_session=True)
+        assert p.wait(timeout=120) == -9, (tmp_path / "stderr").read_text()[-2000:]
+    pid = int(pid_file.read_text())
     deadline = time.time() + 10
     while time.time() < deadline:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                state = f.read().rsplit(")", 1)[1].split()[0]
-        except FileNotFoundError:
-            return
-        if state == "Z":  # dead, waiting to be reaped by whoever adopted it
+        if _state(pid) in (None, "Z"):  # gone, or dead and waiting to be reaped by whoever adopted it
             return
         time.sleep(0.2)
+    state = _state(pid)
     os.kill(pid, 9)
     pytest.fail(f"worker {pid} outlived its killed main process (state {state})")

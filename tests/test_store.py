@@ -202,31 +202,39 @@ def test_the_file_cache_serves_reads_once_filled(small, tmp_path):
         store_arrays(logitstore.open(str(copy)), "a")
 
 
-def test_prefetch_keeps_at_most_depth_parts_in_flight_and_batch_size_is_checked(small):
+def test_prefetcher_keeps_exactly_depth_parts_ahead():
+    """``depth`` fetches run at once (not fewer), and the next starts only after a take (not more)."""
     import threading
     import time
 
-    for depth in (1, 2):
-        store = logitstore.open(str(small), cache_shards=0)
-        real, lock, now, peak = store.fetcher.fetch, threading.Lock(), [0], [0]
+    from logitstore.storage.prefetch import Prefetcher
 
-        def slow(key):
-            with lock:
-                now[0] += 1
-                peak[0] = max(peak[0], now[0])
-            time.sleep(0.02)
-            try:
-                return real(key)
-            finally:
-                with lock:
-                    now[0] -= 1
+    for depth in (1, 2, 3):
+        keys = list(range(depth + 3))
+        started, release, cond = [], {k: threading.Event() for k in keys}, threading.Condition()
 
-        store.fetcher.fetch = slow
-        store.prefetch(list(range(store.n_shards)), depth=depth)
-        for j in range(store.n_shards):
-            store.load_shard(j)
-        store.close()
-        assert 1 <= peak[0] <= depth, (depth, peak[0])
+        def fetch(key):
+            with cond:
+                started.append(key)
+                cond.notify_all()
+            assert release[key].wait(10)
+            return key
+
+        p = Prefetcher(fetch, keys, depth=depth)
+        with cond:  # all of the first `depth` start concurrently (each blocks until released)
+            assert cond.wait_for(lambda: len(started) == depth, 10), (depth, started)
+        release[0].set()
+        time.sleep(0.2)  # a finished fetch frees a thread: nothing more may start before a take
+        assert sorted(started) == keys[:depth], (depth, started)
+        assert p.take(0) == 0
+        with cond:
+            assert cond.wait_for(lambda: len(started) == depth + 1, 10), (depth, started)
+        for e in release.values():
+            e.set()
+        p.close()
+
+
+def test_batch_size_is_checked(small):
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         next(logitstore.open(str(small)).iter_batches(0))
 

@@ -56,7 +56,7 @@ class StopRequests:
         self._previous.clear()
 
 
-def ignore_in_worker(_worker_id: int) -> None:
+def ignore_in_worker(_worker_id: int, parent: int | None = None) -> None:
     """``DataLoader(worker_init_fn=...)``: stop requests are the main process's to handle (it stops
     at a step boundary and shuts the workers down itself), so a worker leaves its rank's process
     group and ignores SIGINT and SIGTERM. Otherwise ``torchrun``'s shutdown (``killpg(SIGTERM)`` of
@@ -64,7 +64,9 @@ def ignore_in_worker(_worker_id: int) -> None:
     workers first, and the main process would die on "DataLoader worker ... killed by signal"
     before it could write its checkpoint. Workers still exit when the main process does: it shuts
     them down (:mod:`trainer.loader`); if it dies first (SIGKILL, the OOM killer), Linux kills them
-    (``PR_SET_PDEATHSIG``), even one blocked where torch's watchdog cannot see the parent gone."""
+    (``PR_SET_PDEATHSIG``), even one blocked where torch's watchdog cannot see the parent gone.
+    ``parent``: the main process's pid, taken before the fork (``functools.partial``), so that a
+    parent that died before this runs is noticed."""
     import os
 
     try:
@@ -73,12 +75,13 @@ def ignore_in_worker(_worker_id: int) -> None:
         pass
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    _die_with_parent()
+    _die_with_parent(parent)
 
 
-def _die_with_parent() -> None:
+def _die_with_parent(parent: int | None = None) -> None:
     """Ask Linux to SIGKILL this process when its parent dies; elsewhere nothing (the watchdog of
-    torch's worker loop remains)."""
+    torch's worker loop remains). If the parent (``parent``, or else the current parent) is
+    already gone once the request is in place, exit at once."""
     import ctypes
     import ctypes.util
     import os
@@ -88,7 +91,7 @@ def _die_with_parent() -> None:
         return
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
     PR_SET_PDEATHSIG = 1
-    parent = os.getppid()
+    parent = os.getppid() if parent is None else parent
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != parent:  # the parent died before the request took effect
         os._exit(1)

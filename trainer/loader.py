@@ -16,6 +16,8 @@ still busy when it was told to stop) would make the process hang at exit. Hence:
 from __future__ import annotations
 
 import atexit
+import functools
+import os
 import sys
 import weakref
 from contextlib import contextmanager
@@ -44,7 +46,8 @@ def make_loader(ds, workers: int, pin: bool, seed: int = 0) -> DataLoader:
     from the global torch RNG, which would shift dropout masks after a resume (the checkpoint
     restores the RNG at a step, not at the start of the epoch's iterator)."""
     return _TrackedLoader(ds, batch_size=None, num_workers=workers, pin_memory=pin, prefetch_factor=4 if workers else None,
-                          generator=torch.Generator().manual_seed(seed), worker_init_fn=ignore_in_worker if workers else None)
+                          generator=torch.Generator().manual_seed(seed),
+                          worker_init_fn=functools.partial(ignore_in_worker, parent=os.getpid()) if workers else None)
 
 
 @contextmanager
