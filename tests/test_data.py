@@ -386,3 +386,29 @@ def test_a_ce_only_dataset_prefetches_inputs_only(stores, monkeypatch):
     asked.clear()
     list(DistillDataset([a, b], batch_size=4))
     assert sorted(map(tuple, asked)) == [("gpt2",), ("llama",)]
+
+
+def test_eval_teachers_match_across_k_the_cache_dir_reaches_the_stores_and_idle_workers_are_fine(stores, llama_dir, corpus, tmp_path):
+    a, b, _ = stores
+    k3 = tmp_path / "k3"  # the same teacher at another k, on other data: the same teacher for evaluation
+    dump(DumpConfig(teachers=(f"llama={llama_dir}",), data=str(corpus), out=str(k3), top_k=3, seq_len=20, max_tokens=200, progress=False))
+    from trainer.data import match_teachers
+
+    assert match_teachers(DistillDataset([a], batch_size=2), DistillDataset([k3], batch_size=2), [1.0], "EV") == [1.0]
+    ds = DistillDataset([a, b], batch_size=2, cache_dir=str(tmp_path / "cache"))
+    assert all(s.file_cache is not None and s.file_cache.root == tmp_path / "cache" for s in ds.stores)
+    n = DistillDataset([a], batch_size=2).n
+    one = DistillDataset([a], batch_size=n, num_workers=3)  # one batch: two of three workers have none
+    got = list(DataLoader(one, batch_size=None, num_workers=3))
+    assert len(got) == 1 and sorted(got[0]["index"].tolist()) == list(range(n))
+
+
+def test_skip_bad_shards_refuses_a_secondary_store_with_damaged_inputs(reordered, tmp_path):
+    import shutil
+
+    ab, ba = tmp_path / "ab", tmp_path / "ba"
+    shutil.copytree(reordered[0], ab)
+    shutil.copytree(reordered[1], ba)
+    _damage(ba, 0, "inputs")
+    with pytest.raises(LogitStoreError, match=rf"--skip-bad-shards: {ba}: shard 0 has damaged inputs, so its sequences cannot be aligned with {ab}"):
+        DistillDataset([ab, ba], batch_size=2, skip_bad_shards=True)

@@ -403,10 +403,10 @@ def test_log_tail_bound_is_half_a_step_and_float32_rounding():
     from logitstore.format.codec import Encoding, tail_error_bound
 
     enc = Encoding.from_dict({"name": "compact", "value_bits": 7, "tail": "log"})
-    t = np.array([1.0, 0.5, 1e-6, 1e-20])
+    t = np.array([1.0, 0.5, 1e-6, 1e-20, 1e-30])
     rel = math.expm1(0.5 / 1024) + 2.0**-23  # FORMAT.md
-    np.testing.assert_allclose(tail_error_bound(t, enc)[:3], rel * t[:3], rtol=1e-12)
-    assert tail_error_bound(t, enc)[3] == pytest.approx(math.exp(-65534 / 1024))  # below e^-64: the floor's size
+    np.testing.assert_allclose(tail_error_bound(t, enc)[:4], rel * t[:4], rtol=1e-12)
+    assert tail_error_bound(t, enc)[4] == pytest.approx(math.exp(-65534 / 1024))  # below e^-64 (1.6e-28): the floor's size
 
 
 def test_equal_weights_by_default_sum_to_one():
@@ -465,3 +465,24 @@ def test_dense_divergence_is_infinite_where_the_student_gives_zero_to_a_teacher_
     s = torch.log(torch.tensor([[1.0, 0.0, 0.0]], dtype=torch.float64))
     assert torch.isposinf(dense_divergence(s, t)).all()  # the teacher's token 1 has no student mass
     assert dense_divergence(t, t).item() == 0.0  # tokens both give 0 contribute nothing
+
+
+def test_compact_decodes_more_rows_than_one_block():
+    from logitstore.format.codec import Encoding
+
+    rng = np.random.default_rng(0)
+    N, k, V = 4096 * 2 + 7, 4, 300  # several decode blocks of 4096 rows and a partial one
+    ids = np.stack([rng.choice(V, k, replace=False) for _ in range(N)])
+    lp = np.sort(np.log(rng.dirichlet(np.ones(k + 1), N)[:, :k]), 1)[:, ::-1].astype(np.float32)
+    scal = {"tail_mass": (1 - np.exp(lp).sum(1)).astype(np.float32), "gold_logprob": lp[:, 0].copy(), "entropy": np.ones(N, np.float32)}
+    enc = Encoding.from_dict({"name": "compact", "value_bits": 7, "tail": "log"})
+    got, _, _ = enc.decode(enc.encode(ids, np.ascontiguousarray(lp), scal, V), V)
+    assert np.array_equal(np.sort(got.astype(np.int64), 1), np.sort(ids, 1))  # each row's ids, in the encoding's order
+
+
+def test_divergence_defaults_to_forward_kl_with_the_tail_bucket():
+    from trainer.losses import divergence
+
+    (t,), target = _full_support_target()
+    s = torch.log_softmax(torch.randn(t.shape, dtype=torch.float64), -1)
+    torch.testing.assert_close(divergence(s, target).double(), (t.exp() * (t - s)).sum(-1), rtol=1e-4, atol=1e-6)

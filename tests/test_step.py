@@ -25,6 +25,7 @@ CASES = {
     "tempered": (16, 0, dict(batch_size=2, grad_accum=1, alpha=0.6, temperature=2.0, teacher_temperatures=(0.5,))),
     "one target, padded student": (2, 16, dict(batch_size=1, grad_accum=1, alpha=0.4)),
     "online teacher": (16, 0, dict(batch_size=2, grad_accum=2, alpha=0.5, temperature=1.5)),
+    "labels only": (16, 0, dict(batch_size=2, grad_accum=2, alpha=0.0)),
 }
 
 
@@ -54,6 +55,9 @@ def reference_loss(model, micro, vocab, alpha, T, t_temp, teacher=None):
         labels = mb["labels"].reshape(-1)
         m = labels != -100
         ce = -torch.log_softmax(logits, -1)[m].gather(1, labels[m][:, None]).sum()
+        if alpha == 0:  # labels only
+            ce_sum = ce_sum + ce
+            continue
         lq = torch.log_softmax(logits / T, -1)
         if teacher is not None:  # the teacher's whole distribution at T
             with torch.no_grad():
@@ -99,7 +103,7 @@ def test_one_step_equals_the_plain_computation(case, stores, llama_dir, tokenize
     (micro,) = captured
     assert len(micro) == settings["grad_accum"]
     row = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()][0]
-    assert row["step"] == 1 and row["epoch"] == 0
+    assert row["step"] == 1 and row["epoch"] == 0 and row["data_wait_s"] >= 0
     assert row["tokens"] == sum(int(mb["attention_mask"].sum()) for mb in micro)
     assert 0 < row["tokens_per_s"] < float("inf")
     if seq_len == "short":
@@ -115,7 +119,10 @@ def test_one_step_equals_the_plain_computation(case, stores, llama_dir, tokenize
     t_temp = (settings.get("teacher_temperatures") or (T,))[0]
     loss, kd, ce = reference_loss(model, micro, vocab, settings["alpha"], T, t_temp, teacher)
     assert row["loss"] == pytest.approx(float(loss.detach()), rel=1e-5)
-    assert row["kd_loss"] == pytest.approx(float(kd.detach()), rel=1e-5)
+    if settings["alpha"] == 0:  # labels only: no KD is computed (nor its targets read), and none is logged
+        assert row["kd_loss"] == 0 and "support" not in micro[0]
+    else:
+        assert row["kd_loss"] == pytest.approx(float(kd.detach()), rel=1e-5)
     assert row["ce_loss"] == pytest.approx(float(ce.detach()), rel=1e-5)
     assert row["lr"] == pytest.approx(LR / WARMUP)  # step 0 of a 4-step warm-up
     assert row["temperature"] == T
@@ -144,3 +151,12 @@ def test_one_step_equals_the_plain_computation(case, stores, llama_dir, tokenize
         torch.testing.assert_close(trained[name][keep], p.detach()[keep], rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
     before = LlamaForCausalLM.from_pretrained(student, dtype=torch.float32).state_dict()
     assert any(not torch.equal(before[k], trained[k]) for k in before), "the step must change the weights"
+
+
+def test_the_temperature_schedule_reaches_the_step(stores, tokenizer, tmp_path):
+    student = save_llama(tmp_path / "student", tokenizer, seed=3)
+    run = tmp_path / "run"
+    fit(FitConfig(logits=(str(stores[16]),), student=str(student), out=str(run), max_steps=3, batch_size=2, num_workers=0,
+                  progress=False, temperature=2.0, temperature_schedule="exp", temperature_gamma=0.25))
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    assert [r["temperature"] for r in rows] == pytest.approx([2.0 * 0.25 ** (s / 3) for s in range(3)])

@@ -284,3 +284,17 @@ def test_single_sequence_batches_lru_shards_and_errors_that_name_the_part(small,
     monkeypatch.setattr(Encoding, "decode", broken)
     with pytest.raises(logitstore.FormatError, match=r"^shards/000003/t0/ids: planted$"):
         store.load_shard(3)
+
+
+def test_parts_whose_k_differs_from_the_manifest_are_refused_and_batches_default_to_numpy(small, tmp_path):
+    import json
+    import shutil
+
+    assert isinstance(next(logitstore.open(str(small)).iter_batches(2))["input_ids"], np.ndarray)
+    copy = tmp_path / "copy"
+    shutil.copytree(small, copy)
+    m = json.loads((copy / "manifest.json").read_text())
+    m["teachers"][0]["k"] += 1  # the parts hold k = 5 per position; the manifest now promises 6
+    (copy / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(logitstore.FormatError, match=r"shards/000000/t0/ids: expected shape \(6, 20, 6\)"):
+        logitstore.open(str(copy)).load_shard(0)
