@@ -486,3 +486,22 @@ def test_divergence_defaults_to_forward_kl_with_the_tail_bucket():
     (t,), target = _full_support_target()
     s = torch.log_softmax(torch.randn(t.shape, dtype=torch.float64), -1)
     torch.testing.assert_close(divergence(s, target).double(), (t.exp() * (t - s)).sum(-1), rtol=1e-4, atol=1e-6)
+
+
+def test_online_jsd_takes_beta_and_compact_log_probs_are_float32():
+    from logitstore.format.codec import Encoding
+    from trainer.losses import kd_ce_loss
+
+    torch.manual_seed(0)
+    V, N, beta = 9, 4, 0.2
+    x, tl = torch.randn(N, V, dtype=torch.float64), torch.randn(N, V, dtype=torch.float64)
+    s, t = torch.log_softmax(x, -1), torch.log_softmax(tl, -1)
+    m = torch.logsumexp(torch.stack([t + math.log(beta), s + math.log(1 - beta)]), 0)
+    want = (beta * (t.exp() * (t - m)).sum(-1) + (1 - beta) * (s.exp() * (s - m)).sum(-1)).sum()
+    _, kd, _ = kd_ce_loss(x, torch.randint(0, V, (N,)), None, teacher_logits=tl, loss="jsd", beta=beta)
+    torch.testing.assert_close(kd.double(), want)
+    enc = Encoding.from_dict({"name": "compact", "value_bits": 7, "tail": "log"})
+    lp = np.log(np.array([[0.6, 0.3]], np.float32))
+    scal = {"tail_mass": np.array([0.1], np.float32), "gold_logprob": lp[:, 0].copy(), "entropy": np.ones(1, np.float32)}
+    _, back, _ = enc.decode(enc.encode(np.array([[4, 2]]), lp, scal, 10), 10)
+    assert back.dtype == np.float32

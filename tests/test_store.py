@@ -84,6 +84,7 @@ def test_two_teachers_share_inputs_and_reader_api(tmp_path, llama_dir, gpt2_dir,
                                       store[seen]["input_ids"])
         seen += B
     assert seen == len(store)
+    assert set(next(store.iter_batches(2, ["b"]))["teachers"]) == {"b"}  # a subset of teachers, decoded alone
     d = info(str(out))
     assert d["tokens"] == store.manifest["n_tokens"] and [t["name"] for t in d["teachers"]] == ["a", "b"]
     # the statistics equal a direct computation over every real position of the stored values
