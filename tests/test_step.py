@@ -153,10 +153,16 @@ def test_one_step_equals_the_plain_computation(case, stores, llama_dir, tokenize
     assert any(not torch.equal(before[k], trained[k]) for k in before), "the step must change the weights"
 
 
-def test_the_temperature_schedule_reaches_the_step(stores, tokenizer, tmp_path):
+@pytest.mark.parametrize("schedule, extra, want", [
+    ("exp", {"temperature_gamma": 0.25}, [2.0 * 0.25 ** (s / 3) for s in range(3)]),
+    ("linear", {"temperature_final": 1.0}, [2.0 - s / 3 for s in range(3)]),
+])
+def test_the_temperature_schedule_reaches_the_step_and_tokens_accumulate(schedule, extra, want, stores, tokenizer, tmp_path):
     student = save_llama(tmp_path / "student", tokenizer, seed=3)
     run = tmp_path / "run"
     fit(FitConfig(logits=(str(stores[16]),), student=str(student), out=str(run), max_steps=3, batch_size=2, num_workers=0,
-                  progress=False, temperature=2.0, temperature_schedule="exp", temperature_gamma=0.25))
+                  progress=False, temperature=2.0, temperature_schedule=schedule, **extra))
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    assert [r["temperature"] for r in rows] == pytest.approx([2.0 * 0.25 ** (s / 3) for s in range(3)])
+    assert [r["temperature"] for r in rows] == pytest.approx(want)
+    steps = [rows[0]["tokens"]] + [b["tokens"] - a["tokens"] for a, b in zip(rows, rows[1:])]
+    assert all(t > 0 for t in steps), "the logged tokens count every step so far"
