@@ -7,8 +7,8 @@ mutmut runs, per mutant, only those of them that call the mutated function. Prin
 with every survivor.
 
     .venv/bin/pip install 'mutmut>=3.8,<4'
-    nice -n 10 .venv/bin/python tools/mutation.py              # every module (~3,300 mutants: hours on 2 cores)
-    nice -n 10 .venv/bin/python tools/mutation.py codec losses  # some modules; merged into the JSON
+    nice -n 10 .venv/bin/python tools/mutation.py              # every module (~3,500 mutants: hours on 2 cores)
+    nice -n 10 .venv/bin/python tools/mutation.py codec losses --sample 40 --seed 8  # a fresh sample of some modules
 
 The code mutated is the last commit (``git archive HEAD``), with the guarding tests as they are in
 the working tree; ``--worktree`` takes every tracked and untracked, not ignored, file as it is now.
