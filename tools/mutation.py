@@ -23,6 +23,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -129,8 +130,15 @@ def run_group(name: str, worktree: bool, children: int, sample: int = 0, seed: i
             generated = len(every)
         cmd = [sys.executable, "-m", "mutmut", "run", "--max-children", str(children)] + names
         log = work / "mutmut.log"
-        with open(log, "w") as f:
-            rc = subprocess.run(cmd, cwd=work, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
+        with open(log, "w") as f:  # in its own process group: a timed-out mutant's processes go with it
+            proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+            try:
+                rc = proc.wait()
+            finally:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:  # nothing of the group is left
+                    pass
         try:
             status = results(work, module, names if sample else globs)
         except FileNotFoundError:
