@@ -33,7 +33,6 @@ read-through cache checked against the manifest's checksums (see :mod:`logitstor
 
 from __future__ import annotations
 
-import bisect
 import json
 import math
 
@@ -157,7 +156,6 @@ class DistillDataset(IterableDataset):
                 mapping[i] = lst.pop(0)
             self._maps.append(mapping)
         self._lengths = inputs[0][1]
-        self._starts = [[e["start"] for e in s.manifest["shards"]] for s in self.stores]
         self._excluded = self._excluded_indices()
 
     def _refuse_repeated_teachers(self) -> None:
@@ -302,7 +300,7 @@ class DistillDataset(IterableDataset):
         flat = np.concatenate(batches)
         for si, store in enumerate(self.stores):
             idx = flat if self._maps[si] is None else self._maps[si][flat]
-            shards = np.searchsorted(np.asarray(self._starts[si]), idx, side="right") - 1
+            shards = store.index.shards_of(idx)
             _, first = np.unique(shards, return_index=True)
             order = shards[np.sort(first)].tolist()
             names = [n for s2, n in self.teachers if s2 == si] if self.with_targets else []
@@ -310,9 +308,8 @@ class DistillDataset(IterableDataset):
 
     def _row(self, si: int, i: int):
         idx = int(self._maps[si][i]) if self._maps[si] is not None else i
-        starts = self._starts[si]
-        j = bisect.bisect_right(starts, idx) - 1
-        return self.stores[si].load_shard(j, None if self.with_targets else []), idx - starts[j]
+        j, r = self.stores[si].index.locate(idx)
+        return self.stores[si].load_shard(j, None if self.with_targets else []), r
 
     def make_batch(self, indices: np.ndarray, weights: np.ndarray) -> dict:
         B, L = len(indices), self.seq_len

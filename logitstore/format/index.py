@@ -38,6 +38,10 @@ class ShardIndex:
         j = bisect.bisect_right(self._starts, i) - 1
         return j, i - self._starts[j]
 
+    def shards_of(self, indices: np.ndarray) -> np.ndarray:
+        """The shard of each sequence index in ``indices`` (in range, non-negative) [n], vectorised."""
+        return np.searchsorted(np.asarray(self._starts), indices, side="right") - 1
+
     def where(self, shard: int, part: str | None = None) -> str:
         """The path of a shard (or of one of its parts) inside the store, for error messages."""
         path = self.shards[shard]["path"]
