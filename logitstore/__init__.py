@@ -15,7 +15,8 @@ _install_moved()  # logitstore.dump and the flat module names of earlier version
 
 
 def open(url: str, **kwargs) -> Store:  # noqa: A001 - mirrors zarr.open / fsspec.open
-    """Open a complete store for reading. ``verify_checksums=False`` skips sha256 checks."""
+    """Open a store for reading. ``verify_checksums=False`` skips sha256 checks; ``follow=True`` also
+    opens a store still being written, as the shards committed so far (``Store.refresh``)."""
     return Store(str(url), **kwargs)
 
 

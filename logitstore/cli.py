@@ -54,7 +54,7 @@ def dump(
     text_field: str = typer.Option("text", "--text-field"),
     pack: bool = typer.Option(True, "--pack/--no-pack", help="pack documents into full windows, or one document per window"),
     bos: str = typer.Option("auto", "--bos", help="start each document with BOS: auto (the tokenizer's own convention), always or never"),
-    shard_sequences: Optional[int] = typer.Option(None, "--shard-sequences", help="sequences per shard (default: ~262k tokens)"),
+    shard_sequences: Optional[int] = typer.Option(None, "--shard-sequences", help="sequences per shard (default: ~524k tokens)"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="run custom model code from teacher repositories (off unless given)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars, summary or library warnings; errors still print"),
 ) -> None:

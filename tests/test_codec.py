@@ -162,6 +162,7 @@ def test_stores_of_the_first_version_with_float16_tails_still_read(tmp_path, lla
     import logitstore
     from logitstore.dump import DumpConfig, dump
     from logitstore.tools.verify import verify
+    from storeindex import entries, rewrite
 
     out = tmp_path / "s"
     dump(DumpConfig(teachers=(f"t={llama_dir}",), data=str(corpus), out=str(out), top_k=4, seq_len=16, max_tokens=200,
@@ -171,7 +172,8 @@ def test_stores_of_the_first_version_with_float16_tails_still_read(tmp_path, lla
     new_tails = np.concatenate([store.load_shard(j)["teachers"]["t"]["tail_mass"] for j in range(store.n_shards)])
     old = Encoding.from_dict({"name": "compact", "value_bits": 7})
     m = json.loads((out / "manifest.json").read_text())
-    for j, entry in enumerate(m["shards"]):
+    shards = entries(out)
+    for j, entry in enumerate(shards):
         td = store.load_shard(j)["teachers"]["t"]
         n, L, k = td["ids"].shape
         flat = old.encode(td["ids"].reshape(-1, k), td["logprobs"].reshape(-1, k),
@@ -185,7 +187,7 @@ def test_stores_of_the_first_version_with_float16_tails_still_read(tmp_path, lla
             (part_dir / rel).write_bytes(data)
         entry["parts"]["t0"]["files"] = {rel: {"bytes": len(d), "sha256": hashlib.sha256(d).hexdigest()} for rel, d in files.items()}
     m["encoding"] = {"name": "compact", "value_bits": 7}
-    (out / "manifest.json").write_text(json.dumps(m))
+    rewrite(out, shards, m)
     again = logitstore.open(str(out))
     assert again.encoding.tail == "float16" and "tail_mass" in again.part_specs(0, "t0")
     old_tails = np.concatenate([again.load_shard(j)["teachers"]["t"]["tail_mass"] for j in range(again.n_shards)])

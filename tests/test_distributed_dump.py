@@ -7,6 +7,7 @@ import sys
 import pytest
 
 import logitstore
+from storeindex import entries
 from logitstore.format.manifest import store_id
 from logitstore.tools.verify import verify
 
@@ -28,8 +29,7 @@ def torchrun(nproc, args, **kw):
 
 def data_files(url):
     """Every part's files and checksums (the content), leaving out timings and creation time."""
-    m = logitstore.open(str(url)).manifest
-    return [(s["start"], s["n_sequences"], {p: v["files"] for p, v in s["parts"].items()}) for s in m["shards"]]
+    return [(s["start"], s["n_sequences"], {p: v["files"] for p, v in s["parts"].items()}) for s in entries(url)]
 
 
 @pytest.fixture(scope="module")
@@ -58,17 +58,17 @@ def test_crashed_rank_resumes_its_own_shards(tmp_path, single, llama_dir, gpt2_d
     out = tmp_path / "store"
     args = dump_args([f"a={llama_dir}", f"b={gpt2_dir}"], corpus, out)
     assert torchrun(2, args).returncode == 0
-    m = logitstore.open(str(out)).manifest
+    shards = entries(out)
     (out / "manifest.json").unlink()
-    rank1 = [s["path"] for s in m["shards"][1::2]]
+    rank1 = [s["path"] for s in shards[1::2]]
     for p in rank1:
         for f in (out / p).parent.glob(f"{os.path.basename(p)}/*.commit.json"):
             f.unlink()
-    before = os.stat(out / m["shards"][0]["path"] / "t0").st_mtime_ns
+    before = os.stat(out / shards[0]["path"] / "t0").st_mtime_ns
     r = torchrun(2, args)
     assert r.returncode == 0, r.stderr[-3000:]
     assert data_files(out) == data_files(single)
-    assert os.stat(out / m["shards"][0]["path"] / "t0").st_mtime_ns == before  # rank 0's work was reused
+    assert os.stat(out / shards[0]["path"] / "t0").st_mtime_ns == before  # rank 0's work was reused
 
 
 def test_rank_error_fails_the_whole_run(tmp_path, llama_dir, corpus):

@@ -1,6 +1,7 @@
 """Bad input: one clear line naming the file/field, a non-zero exit, nothing that looks complete."""
 
 import json
+from pathlib import Path
 import re
 
 import numpy as np
@@ -96,6 +97,9 @@ def test_other_store_at_output(tmp_path, llama_dir, corpus, small_store):
     assert_one_line_error(r, "different settings")
 
 
+V1_STORE = Path(__file__).parent / "data" / "v1" / "zarr"
+
+
 def tampered_copy(small_store, dest, edit):
     """A copy of the store whose manifest went through ``edit(manifest_dict)``."""
     import shutil
@@ -108,8 +112,8 @@ def tampered_copy(small_store, dest, edit):
 
 
 def test_newer_format_version_refused(tmp_path, small_store):
-    s = tampered_copy(small_store, tmp_path / "newer", lambda m: m.update(format_version=2))
-    with pytest.raises(FormatError, match="format_version: 2 is newer"):
+    s = tampered_copy(small_store, tmp_path / "newer", lambda m: m.update(format_version=3))
+    with pytest.raises(FormatError, match="format_version: 3 is newer"):
         logitstore.open(str(s))
     assert_one_line_error(run_cli("info", s), "newer than this logitstore reads")
 
@@ -128,19 +132,30 @@ def test_truncated_manifest_refused(tmp_path, small_store):
 
 @pytest.mark.parametrize("path", ["../../etc/passwd", "/etc/passwd", "s3://elsewhere/x", "a/./b"])
 def test_paths_outside_store_refused(tmp_path, small_store, path):
-    def add_path(m):
-        files = m["shards"][0]["parts"]["inputs"]["files"]
-        files[path] = next(iter(files.values()))
-
-    s = tampered_copy(small_store, tmp_path / "evil", add_path)
+    s = tampered_copy(small_store, tmp_path / "evil", lambda m: m["index"]["file_names"].append(path))
     with pytest.raises(FormatError, match="not a plain relative path"):
         logitstore.open(str(s))
+    v1 = tampered_copy(V1_STORE, tmp_path / "evil-v1", lambda m: m["shards"][0]["parts"]["inputs"]["files"].update(
+        {path: next(iter(m["shards"][0]["parts"]["inputs"]["files"].values()))}))
+    with pytest.raises(FormatError, match="not a plain relative path"):
+        logitstore.open(str(v1))
 
 
 def test_huge_declared_sizes_refused_without_allocating(tmp_path, small_store):
-    s = tampered_copy(small_store, tmp_path / "huge", lambda m: m["shards"][0].update(n_sequences=10**12))
+    import shutil
+
+    from storeindex import entries, rewrite
+
+    s = tmp_path / "huge"
+    shutil.copytree(small_store, s)
+    shards = entries(s)
+    shards[0]["n_sequences"] = 10**12
+    rewrite(s, shards)
+    with pytest.raises(FormatError, match=r"n_sequences: expected integers in \[1, 1048576\]"):
+        logitstore.open(str(s)).index
+    v1 = tampered_copy(V1_STORE, tmp_path / "huge-v1", lambda m: m["shards"][0].update(n_sequences=10**12))
     with pytest.raises(FormatError, match=r"n_sequences: expected an integer in"):
-        logitstore.open(str(s))
+        logitstore.open(str(v1))
     s = tampered_copy(small_store, tmp_path / "long", lambda m: m.update(seq_len=10**9))
     with pytest.raises(FormatError, match="seq_len"):
         logitstore.open(str(s))
@@ -194,25 +209,11 @@ def test_fp16_overflow_in_the_teacher_is_one_clear_line(tmp_path, tokenizer, cor
 
 
 def _rewrite_array(store_dir, shard_path, part, array, mutate):
-    """Change one array of a part in place (through zarr) and re-sign the manifest, as a hostile
-    store would: every checksum matches, only the values are wrong."""
-    import hashlib
+    """Change one stored array of a part and re-sign it, as a hostile store would: every checksum
+    matches, only the values are wrong."""
+    from storeindex import rewrite_arrays
 
-    import zarr
-
-    part_dir = store_dir / shard_path / part
-    arr = zarr.open_array(str(part_dir / array), mode="r+")
-    data = arr[...]
-    mutate(data)
-    arr[...] = data
-    m = json.loads((store_dir / "manifest.json").read_text())
-    entry = next(s for s in m["shards"] if s["path"] == shard_path)
-    files = {}
-    for f in sorted(p for p in part_dir.rglob("*") if p.is_file()):
-        raw = f.read_bytes()
-        files[str(f.relative_to(part_dir))] = {"bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
-    entry["parts"][part]["files"] = files
-    (store_dir / "manifest.json").write_text(json.dumps(m))
+    rewrite_arrays(store_dir, int(shard_path.rsplit("/", 1)[1]), part, lambda arrays: mutate(arrays[array]))
 
 
 @pytest.mark.parametrize("part,array,mutate,needle", [
@@ -227,7 +228,7 @@ def test_well_signed_but_invalid_values_are_named(tmp_path, llama_dir, corpus, p
     store = tmp_path / "s"
     dump(DumpConfig(teachers=(str(llama_dir),), data=str(corpus), out=str(store), top_k=4, seq_len=16, max_tokens=200,
                     shard_sequences=4, encoding="lossless", progress=False))
-    shard = logitstore.open(str(store)).manifest["shards"][0]["path"]
+    shard = logitstore.open(str(store)).index.entries()[0]["path"]
     _rewrite_array(store, shard, part, array, mutate)
     problems = verify(str(store))
     assert any(needle in p and f"{shard}/{part}" in p for p in problems), problems

@@ -15,6 +15,7 @@ import pytest
 from fsspec.implementations.local import LocalFileSystem
 
 import logitstore
+from storeindex import entries
 from logitstore.dump import DumpConfig, dump
 from logitstore.errors import LogitStoreError
 from logitstore.tools.verify import verify
@@ -43,7 +44,7 @@ fsspec.register_implementation("failfs", FailingFS, clobber=True)
 
 
 def part_hashes(url):
-    return [{p: v["files"] for p, v in s["parts"].items()} for s in logitstore.open(str(url)).manifest["shards"]]
+    return [{p: v["files"] for p, v in s["parts"].items()} for s in logitstore.open(str(url)).index.entries()]
 
 
 @pytest.mark.parametrize("fail_at,error", [
@@ -149,7 +150,7 @@ def test_fit_skip_bad_shards_leaves_them_out_and_logs_them(damaged):
 
     ds = DistillDataset([str(damaged["bad"])], batch_size=4, skip_bad_shards=True, num_workers=0)
     assert [(b["shard"], b["inputs_ok"]) for b in ds.skipped] == [(1, True)]
-    entry = logitstore.open(str(damaged["good"])).manifest["shards"][1]
+    entry = logitstore.open(str(damaged["good"])).index.entries()[1]
     lost = set(range(entry["start"], entry["start"] + entry["n_sequences"]))
     seen = [i for bt in DataLoader(ds, batch_size=None) for i in bt["index"][bt["weight"] > 0].tolist()]
     assert sorted(seen) == sorted(set(range(ds.n)) - lost)
@@ -172,8 +173,7 @@ def test_a_damaged_file_is_refused_when_read_through_the_cache(damaged, tmp_path
 
     bad = tmp_path / "bad"
     shutil.copytree(damaged["good"], bad)
-    m = json.loads((bad / "manifest.json").read_text())
-    files = [(s["path"], part, rel, meta) for s in m["shards"] for part, p in s["parts"].items() for rel, meta in p["files"].items()]
+    files = [(s["path"], part, rel, meta) for s in entries(bad) for part, p in s["parts"].items() for rel, meta in p["files"].items()]
     shas = [f[3]["sha256"] for f in files]
     path, part, rel, meta = max((f for f in files if shas.count(f[3]["sha256"]) == 1), key=lambda f: f[3]["bytes"])
     victim = bad / path / part / rel

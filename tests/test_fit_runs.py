@@ -367,7 +367,7 @@ def test_rows_are_shuffled_within_each_shard(setup):
 
     ds = DistillDataset([str(setup["store"])], batch_size=2, shuffle_buffer=1, seed=0)
     order = ds.epoch_order(0)
-    starts = [e["start"] for e in ds.stores[0].manifest["shards"]]
+    starts = [e["start"] for e in ds.stores[0].index.entries()]
     shard_of = np.searchsorted(starts, order, side="right") - 1
     runs = np.split(order, np.flatnonzero(np.diff(shard_of)) + 1)
     assert len(runs) == len(starts), "with buffer 1 each shard is visited in one run"

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 import logitstore
+from storeindex import entries, resign, unzip_part
 from logitstore.dump import DumpConfig, dump
 from logitstore.errors import FormatError
 
@@ -64,8 +65,7 @@ def store(request, tmp_path_factory, llama_dir, corpus):
 
 
 def biggest_teacher_file(store_dir) -> str:
-    m = json.loads((store_dir / "manifest.json").read_text())
-    entry = m["shards"][0]
+    entry = entries(store_dir)[0]
     files = entry["parts"]["t0"]["files"]
     rel = max((r for r in files if not r.endswith("zarr.json")), key=lambda r: files[r]["bytes"])
     return f"{entry['path']}/t0/{rel}"
@@ -176,18 +176,6 @@ def test_remote_reads_are_bounded_by_the_declared_size(monkeypatch):
 # ---------------------------------------------------------------- item: bombs and chunk shapes
 
 
-def resign(store_dir, shard_path: str, part: str) -> None:
-    """Re-sign one part in the manifest from the files on disk, as a hostile store would: every
-    size and sha256 matches, only the content is crafted."""
-    part_dir = store_dir / shard_path / part
-    m = json.loads((store_dir / "manifest.json").read_text())
-    entry = next(s for s in m["shards"] if s["path"] == shard_path)
-    entry["parts"][part]["files"] = {
-        str(f.relative_to(part_dir)): {"bytes": f.stat().st_size, "sha256": hashlib.sha256(f.read_bytes()).hexdigest()}
-        for f in sorted(p for p in part_dir.rglob("*") if p.is_file())}
-    (store_dir / "manifest.json").write_text(json.dumps(m))
-
-
 @pytest.fixture(scope="module")
 def arrow_store(tmp_path_factory, llama_dir, corpus):
     out = tmp_path_factory.mktemp("bomb-arrow") / "store"
@@ -232,13 +220,14 @@ def test_parquet_bomb_is_refused_from_the_footer_before_decoding(tmp_path, arrow
 
     s = tmp_path / "s"
     shutil.copytree(arrow_store, s)
-    shard = json.loads((s / "manifest.json").read_text())["shards"][0]["path"]
+    shard = entries(s)[0]["path"]
     f = s / shard / "t0" / ROWS
     bomb = _write(_bomb_table(pq.read_table(f), how))
     f.write_bytes(bomb)
     resign(s, shard, "t0")
 
     store = logitstore.open(str(s))
+    assert len(store.index)  # the index files are read (decoded) before the patches count decodes
     decoded = []
     for cls_method in ("read", "read_row_group", "read_row_groups", "iter_batches"):
         real = getattr(pq.ParquetFile, cls_method)
@@ -303,8 +292,9 @@ def test_zarr_chunk_shapes_are_checked_before_opening(tmp_path, zarr_store, case
 
     s = tmp_path / "s"
     shutil.copytree(zarr_store, s)
-    shard = json.loads((s / "manifest.json").read_text())["shards"][0]["path"]
+    shard = entries(s)[0]["path"]
     part_dir = s / shard / "t0"
+    unzip_part(part_dir)
     if case == "inner-zero":
         _set_inner_chunk(part_dir, "ids", 0)
     elif case == "inner-negative":

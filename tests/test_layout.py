@@ -11,6 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 #: subpackage -> what its modules may import from this repository (besides themselves)
 ALLOWED = {
     "logitstore.distributions": {"logitstore.errors"},
+    "logitstore.sampling": {"logitstore.errors"},
     "logitstore.storage": {"logitstore.errors", "logitstore.progress"},
     "logitstore.format": {"logitstore.errors", "logitstore.version", "logitstore.storage"},
     "logitstore.capture": {"logitstore.errors", "logitstore.version", "logitstore.progress", "logitstore.storage",
@@ -19,6 +20,7 @@ ALLOWED = {
                          "logitstore.format", "logitstore.distributions", "logitstore"},
 }
 READER_SIDE = ["logitstore/format/reader.py", "logitstore/format/opening.py", "logitstore/format/index.py",
+               "logitstore/format/index_files.py", "logitstore/format/live.py", "logitstore/format/backends/container.py",
                "logitstore/format/decode.py", "logitstore/storage/fetch.py"]
 WRITER_SIDE = {"logitstore.format.writer", "logitstore.format.commit", "logitstore.capture", "logitstore.tools"}
 

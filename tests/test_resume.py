@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 import logitstore
+from storeindex import entries
 from logitstore.format import layout
 from logitstore.dump import DumpConfig, dump
 from logitstore.errors import ConfigError, FormatError
@@ -18,8 +19,7 @@ from logitstore.format.writer import PartWriter
 
 
 def part_hashes(url):
-    m = logitstore.open(str(url)).manifest
-    return [{p: v["files"] for p, v in s["parts"].items()} for s in m["shards"]]
+    return [{p: v["files"] for p, v in s["parts"].items()} for s in entries(url)]
 
 
 def config(teachers, corpus, out, **kw):

@@ -35,7 +35,7 @@ def test_dump_to_s3_equals_local_dump(tmp_path, s3_store, llama_dir, gpt2_dir, c
                     max_tokens=1200, shard_sequences=8, progress=False))
     remote = logitstore.open(s3_store)
     assert remote.n_shards >= 3
-    for s_remote, s_local in zip(remote.manifest["shards"], logitstore.open(str(local)).manifest["shards"]):
+    for s_remote, s_local in zip(remote.index.entries(), logitstore.open(str(local)).index.entries()):
         assert s_remote["parts"] == s_local["parts"]  # the same bytes, by checksum
     fs, root = fsspec.core.url_to_fs(s3_store)
     assert not [p for p in fs.find(root) if "/.tmp-" in p]  # no temporary objects left behind
@@ -54,8 +54,8 @@ def test_verify_on_s3_finds_a_damaged_object(tmp_path, s3_store, s3_bucket):
     copy = f"{s3_bucket}/stores/damaged"
     fs, root = fsspec.core.url_to_fs(s3_store)
     fs.copy(root, fsspec.core.url_to_fs(copy)[1], recursive=True)
-    m = logitstore.open(copy).manifest
-    victim = f"{m['shards'][1]['path']}/t0/{sorted(m['shards'][1]['parts']['t0']['files'])[0]}"
+    e = logitstore.open(copy).index.entries()[1]
+    victim = f"{e['path']}/t0/{sorted(e['parts']['t0']['files'])[0]}"
     path = fsspec.core.url_to_fs(copy)[1] + "/" + victim
     data = bytearray(fs.cat_file(path))
     data[len(data) // 2] ^= 0x10

@@ -63,7 +63,8 @@ def test_two_teachers_share_inputs_and_reader_api(tmp_path, llama_dir, gpt2_dir,
     store = logitstore.open(str(out))
     assert store.teachers == ["a", "b"]
     # one copy of input_ids, one part per teacher in every shard
-    assert all(set(s["parts"]) == {"inputs", "t0", "t1"} for s in store.manifest["shards"])
+    assert all(set(s["parts"]) == {"inputs", "t0", "t1"} for s in store.index.entries())
+    assert all(len(s["parts"][p]["files"]) == 1 for s in store.index.entries() for p in s["parts"])  # one file per part
     seq = store[len(store) - 1]
     n = len(seq["input_ids"])
     assert seq["seq_hash"] == sequence_hash(seq["input_ids"])

@@ -7,6 +7,7 @@ import pytest
 from typer.testing import CliRunner
 
 import logitstore
+from storeindex import entries
 from logitstore.cli import app
 from logitstore.tools.convert import convert
 from logitstore.dump import DumpConfig, dump
@@ -68,8 +69,7 @@ def test_merge_equals_dumping_the_whole_corpus(tmp_path, halves):
     assert verify(str(out)) == []
     assert m["derived"]["op"] == "merge" and len(m["data"]["sources"]) == 2
     # the shards were copied byte for byte
-    first = logitstore.open(str(halves["first"])).manifest
-    assert m["shards"][0]["parts"] == first["shards"][0]["parts"]
+    assert entries(out)[0]["parts"] == entries(halves["first"])[0]["parts"]
 
 
 def test_merge_refuses_incompatible_stores(tmp_path, halves, llama_dir, gpt2_dir):
@@ -244,7 +244,7 @@ def test_interrupted_merge_resumes_to_the_same_store(tmp_path, halves, monkeypat
     assert not (out / "manifest.json").exists()
     monkeypatch.setattr(PartWriter, "write_files", real)
     m = merge([str(halves["first"]), str(halves["second"])], str(out), progress=False)
-    assert [s["parts"] for s in m["shards"]] == [s["parts"] for s in ref["shards"]]
+    assert m["index"]["files"] == ref["index"]["files"]  # the same index files: the same parts, byte for byte
     with pytest.raises(ConfigError, match="different settings"):
         merge([str(halves["second"]), str(halves["first"])], str(out), progress=False)
 
@@ -283,8 +283,7 @@ def test_merge_refuses_a_damaged_input_shard(tmp_path, halves, part):
 
     damaged = tmp_path / "second"
     shutil.copytree(halves["second"], damaged)
-    m = logitstore.open(str(damaged)).manifest
-    shard = m["shards"][-1]
+    shard = entries(damaged)[-1]
     rel = max(shard["parts"][part]["files"], key=lambda f: shard["parts"][part]["files"][f]["bytes"])
     victim = damaged / shard["path"] / part / rel
     data = bytearray(victim.read_bytes())
@@ -321,7 +320,7 @@ def test_interrupted_convert_resumes_to_the_same_store(tmp_path, halves, monkeyp
     assert not (out / "manifest.json").exists() and not (out / "lock.json").exists()
     restore()
     m = convert(str(halves["whole"]), str(out), "arrow", progress=False)
-    assert [s["parts"] for s in m["shards"]] == [s["parts"] for s in ref["shards"]]
+    assert m["index"]["files"] == ref["index"]["files"]  # the same index files: the same parts, byte for byte
     assert store_id(m) == store_id(ref) and verify(str(out)) == []
 
 
@@ -334,7 +333,7 @@ def test_interrupted_fuse_resumes_to_the_same_store(tmp_path, halves, monkeypatc
     assert not (out / "manifest.json").exists()
     restore()
     m = fuse_store([str(halves["whole"])], str(out), weights=[0.6, 0.4], progress=False)
-    assert [s["parts"] for s in m["shards"]] == [s["parts"] for s in ref["shards"]]
+    assert m["index"]["files"] == ref["index"]["files"]  # the same index files: the same parts, byte for byte
     assert store_id(m) == store_id(ref) and verify(str(out)) == []
     with pytest.raises(ConfigError, match=r"different settings \(.*weights"):
         fuse_store([str(halves["whole"])], str(out), weights=[0.5, 0.5], progress=False)

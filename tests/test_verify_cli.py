@@ -5,6 +5,8 @@ import shutil
 
 import numpy as np
 import pytest
+
+from storeindex import entries
 from typer.testing import CliRunner
 
 from logitstore.cli import app
@@ -36,8 +38,8 @@ def test_info_and_verify_cli(cli_store):
 
 def test_flipped_byte_is_found_and_named(tmp_path, cli_store):
     rng = np.random.default_rng(0)
-    m = json.loads((cli_store / "manifest.json").read_text())
-    files = [f"{s['path']}/{p}/{rel}" for s in m["shards"] for p, v in s["parts"].items() for rel in v["files"]]
+    files = [f"{s['path']}/{p}/{rel}" for s in entries(cli_store) for p, v in s["parts"].items() for rel in v["files"]]
+    files += ["index/shards.parquet", "index/files.parquet", "index/sequences.parquet"]  # the index is data too
     for trial in range(6):
         s = tmp_path / f"flip{trial}"
         shutil.copytree(cli_store, s)
@@ -66,8 +68,7 @@ def test_reader_refuses_corrupt_data_by_default(tmp_path, cli_store):
 
     s = tmp_path / "corrupt"
     shutil.copytree(cli_store, s)
-    m = json.loads((s / "manifest.json").read_text())
-    rel = next(iter(m["shards"][0]["parts"]["t0"]["files"]))
+    rel = next(iter(entries(s)[0]["parts"]["t0"]["files"]))
     p = s / "shards/000000/t0" / rel
     data = bytearray(p.read_bytes())
     data[len(data) // 2] ^= 0xFF

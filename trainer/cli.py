@@ -73,6 +73,8 @@ def fit(
                                          help="leave out shards that fail their checksums (logged) instead of stopping"),
     cache_dir: Optional[str] = typer.Option(None, "--cache-dir", help=_help("cache_dir", "local read-through cache of remote stores' files")),
     prefetch: Optional[int] = typer.Option(None, "--prefetch", help=_help("prefetch", "store parts fetched ahead per data worker (0: off)")),
+    follow: bool = typer.Option(False, "--follow", help="train while the stores are still written (each epoch: the shards committed so far)"),
+    streams: Optional[int] = typer.Option(None, "--streams", help=_help("streams", "streams of the epoch order (default: ranks x workers)")),
     fsdp: bool = typer.Option(False, "--fsdp", help="shard the student across ranks (FSDP) instead of replicating it (DDP)"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
@@ -86,13 +88,15 @@ def fit(
                      epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, lr=lr, seed=seed, alpha=alpha, temperature=temperature,
                      temperature_schedule=temperature_schedule, loss=loss, beta=beta, tail=tail, fuse=fuse, online_teacher=online_teacher, device=device,
                      precision=precision, param_dtype=param_dtype, save_dtype=save_dtype, num_workers=num_workers, eval_every=eval_every, checkpoint_every=checkpoint_every,
-                     cache_dir=cache_dir, prefetch=prefetch)
+                     cache_dir=cache_dir, prefetch=prefetch, streams=streams)
         if resume:
             flags["resume"] = True
         if skip_bad_shards:
             flags["skip_bad_shards"] = True
         if fsdp:
             flags["fsdp"] = True
+        if follow:
+            flags["follow"] = True
         if quiet:
             flags["progress"] = False
         cfg = load_config(config, {**{k: v for k, v in flags.items() if v is not None}, **overrides})

@@ -76,6 +76,14 @@ class FitConfig:
     #: read every shard before training and leave out those that fail their checksums (logged to
     #: RUN_DIR/skipped_shards.json) instead of stopping at the first damaged file
     skip_bad_shards: bool = False
+    #: train while the stores are still being dumped: each epoch covers the shards committed when it
+    #: starts; needs --max-steps (the length of an epoch is not known in advance)
+    follow: bool = False
+    #: seconds between looks for newly committed shards while there is nothing to train on (--follow)
+    follow_poll: float = 30.0
+    #: streams of the epoch order (logitstore.sampling); default ranks x workers of the first launch;
+    #: a run resumes on any layout with ranks x workers <= streams
+    streams: int | None = None
     #: local read-through cache of the stores' files (for remote stores), checked against their checksums
     cache_dir: str | None = None
     #: parts fetched ahead of decoding per data worker (0: off)
@@ -119,6 +127,9 @@ class FitConfig:
         _check(self.eval_batches is None or self.eval_batches >= 1, f"--eval-batches: expected a positive integer, got {self.eval_batches}")
         _check(self.keep_checkpoints >= 0, f"--keep-checkpoints: expected >= 0 (0: keep all), got {self.keep_checkpoints}")
         _check(self.chunk_positions >= 1, f"--chunk-positions: expected a positive integer, got {self.chunk_positions}")
+        _check(not self.follow or self.max_steps is not None, "--follow: needs --max-steps (a store still being written has no known length)")
+        _check(self.follow_poll > 0, f"--follow-poll: expected a positive number of seconds, got {self.follow_poll}")
+        _check(self.streams is None or self.streams >= 1, f"--streams: expected a positive integer, got {self.streams}")
         _check(self.shuffle_buffer >= 1, f"--shuffle-buffer: expected a positive integer, got {self.shuffle_buffer}")
         _check(self.checkpoint_every >= 0, f"--checkpoint-every: expected >= 0 (0: only at the end), got {self.checkpoint_every}")
         _check(self.precision in ("auto", "no", "bf16", "fp16"), f"--precision: expected auto, no, bf16 or fp16, got {self.precision!r}")

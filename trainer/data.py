@@ -7,25 +7,26 @@ sets run in the workers; the training step receives padded tensors ready for the
 Several stores are joined **by the per-sequence content hash** (never by position): the first store
 is the primary, every other store must hold exactly the same sequences (as a multiset of hashes),
 the same tokenizer fingerprint and the same ``seq_len``; otherwise construction fails with a clear
-error before any training.
+error before any training. Stores over the same data and shards join by position without reading
+anything (:mod:`trainer.joins`); each batch checks that the joined rows' hashes agree.
 
-Order and partition of an epoch (all deterministic in ``seed`` and ``epoch``):
-1. shards are visited in a seeded random order and the rows of each shard are permuted;
-2. a shuffle buffer of ``shuffle_buffer`` sequences mixes neighbouring shards;
-3. the order is cut into global batches of ``world_size * batch_size``; rank ``r`` takes slice ``r``
-   of each, so the sequences of every step do not depend on the number of ranks (a run on N ranks
-   equals one process with an N times larger batch, up to float rounding). The price: every rank
-   reads every shard (a shard is decoded once per rank and worker that needs rows of it);
-4. batch ``i`` of a rank goes to worker ``(i - consumed) % num_workers``, which is exactly the order
-   in which ``DataLoader`` returns them.
+Order and partition of an epoch: :class:`logitstore.sampling.EpochPlan` (a pure function of
+``seed``, ``epoch`` and ``n_streams``). The shuffled shards are cut into ``n_streams`` streams, each
+mixed by a bounded-displacement shuffle of ``shuffle_buffer`` sequences; each (rank, loader worker)
+reads only its own streams, so it fetches and decodes only the shards that hold its sequences,
+each once per epoch (:mod:`trainer.shard_cache`), and a rank reads about ``1 / world_size`` of the
+store. ``n_streams`` defaults to ``world_size * max(1, num_workers)`` and is kept in checkpoints: a
+run resumes exactly on any layout with ``world_size * num_workers <= n_streams`` (the checkpoint
+records, per stream, how far it was read). With one worker per rank and ``n_streams`` a multiple of
+the world size, the sequences of every optimizer step do not depend on the number of ranks (N
+ranks equal one process with an N times larger batch).
+Batch ``i`` of a rank comes from worker ``i % num_workers``, exactly the order in which ``DataLoader``
+returns them, and every rank yields the same number of batches (DDP needs equal steps): rows a
+rank lacks are fillers whose ``weight`` is 0 and whose labels are ignored, so each sequence counts
+exactly once per epoch, and trailing steps that would hold only fillers are dropped.
 With ``skip_bad_shards`` every shard is read once at construction, and the sequences of shards that
 fail their checksums or decoding (in any store) are left out of every epoch and listed in
 ``skipped``; by default a damaged shard stops training with an error naming the file.
-Every rank yields the same number of full batches (DDP needs equal steps): the last global batch is
-filled with repeated sequences whose ``weight`` is 0 and whose labels are ignored, so each sequence
-counts exactly once per epoch. ``state_dict()`` records the epoch and how many batches the
-training loop has consumed; after ``load_state_dict`` each worker skips exactly its consumed batches
-(computed without decoding them), so a resumed epoch continues with the very next batch.
 Each worker knows its batches in advance, so it fetches the files of the shards they need ``prefetch``
 parts ahead of decoding (useful on object storage); ``cache_dir`` keeps fetched files in a local
 read-through cache checked against the manifest's checksums (see :mod:`logitstore.storage.cache`).
@@ -34,23 +35,25 @@ read-through cache checked against the manifest's checksums (see :mod:`logitstor
 from __future__ import annotations
 
 import json
-import math
 
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 import logitstore
-from logitstore.errors import ConfigError, LogitStoreError
-
 from logitstore.distributions.targets import build_targets
+from logitstore.errors import ConfigError, FormatError, LogitStoreError
+from logitstore.sampling import Layout
 
+from .epochs import EpochOrder
+from .joins import hash_map, same_layout
+from .shard_cache import ShardCache
 
-class DistillDataset(IterableDataset):
+class DistillDataset(EpochOrder, IterableDataset):
     def __init__(self, stores: list[str], *, batch_size: int, seed: int = 0, shuffle: bool = True, shuffle_buffer: int = 256,
                  rank: int = 0, world_size: int = 1, num_workers: int = 0, verify_checksums: bool = True,
                  with_targets: bool = True, cache_shards: int = 4, skip_bad_shards: bool = False,
-                 cache_dir: str | None = None, prefetch: int = 4):
+                 cache_dir: str | None = None, prefetch: int = 4, n_streams: int | None = None, follow: bool = False):
         if batch_size < 1:
             raise LogitStoreError(f"--batch-size: expected a positive integer, got {batch_size}")
         self.urls = [str(s) for s in stores]
@@ -67,9 +70,20 @@ class DistillDataset(IterableDataset):
         self.cache_shards = cache_shards
         self.cache_dir = cache_dir
         self.prefetch = prefetch
+        self.follow = follow
+        if follow and skip_bad_shards:
+            raise ConfigError("--follow: cannot be combined with --skip-bad-shards (it reads every shard before training)")
+        self._limit: int | None = None  # shards of the primary store in use (follow: the committed prefix)
+        self._streams_given = n_streams is not None
+        self.n_streams = n_streams if n_streams is not None else world_size * max(1, num_workers)
         self.epoch = 0
-        self.consumed = 0  # batches of this epoch the training loop has taken (set by the loop)
+        self.consumed = 0  # batches of this segment the training loop has taken (set by the loop)
+        self._pos: np.ndarray | None = None  # per-stream position where this segment started (None: epoch start)
+        #: decodes per (store, shard) in the last in-process iteration (benchmarks and tests)
+        self.decodes: dict[tuple[int, int], int] = {}
         self._open()
+        self.layout = Layout(world_size, num_workers, batch_size)
+        self.plan(0).n_batches(self.layout)  # refuses n_streams below world_size * workers, before training
         #: shards left out because they failed their checksums or decoding (``skip_bad_shards``)
         self.skipped: list[dict] = self._find_bad_shards() if skip_bad_shards else []
         self._check_and_join()
@@ -77,7 +91,27 @@ class DistillDataset(IterableDataset):
     # ------------------------------------------------------------------ stores
     def _open(self) -> None:
         self.stores = [logitstore.open(u, verify_checksums=self.verify_checksums, cache_shards=self.cache_shards,
-                                       cache_dir=self.cache_dir) for u in self.urls]
+                                       cache_dir=self.cache_dir, follow=self.follow) for u in self.urls]
+        if self.follow and self._limit is not None:
+            self._require_shards(self._limit)
+
+    def _require_shards(self, limit: int) -> None:
+        """Follow mode: the stores hold at least ``limit`` committed shards (a resumed or re-opened
+        epoch uses the prefix it started with)."""
+        for url, s in zip(self.urls, self.stores):
+            if s.n_shards < limit:
+                s.refresh()
+            if s.n_shards < limit:
+                raise LogitStoreError(f"--logits {url}: holds {s.n_shards} committed shards, the run was using {limit}")
+
+    def refresh(self) -> int:
+        """Follow mode: take in the shards committed since the last call (for the next epoch);
+        return the number of sequences now in use."""
+        for s in self.stores:
+            s.refresh()
+        self._limit = min(s.n_shards for s in self.stores)
+        self._check_and_join()
+        return self.n
 
     def __getstate__(self):  # workers reopen the stores; open file handles and caches do not travel
         d = dict(self.__dict__)
@@ -90,23 +124,21 @@ class DistillDataset(IterableDataset):
 
     def _find_bad_shards(self) -> list[dict]:
         """Read every shard of every store once (checksums on) and list those that fail."""
-        from logitstore.errors import FormatError
-
         bad = []
         for si, store in enumerate(self.stores):
             for j in range(store.n_shards):
                 try:
-                    store.load_shard(j)
+                    store.decode_shard(j)
                 except FormatError as e:
                     try:
-                        store.load_shard(j, [])
+                        store.decode_shard(j, [])
                         inputs_ok = True
                     except FormatError:
                         inputs_ok = False
-                    if si > 0 and not inputs_ok:
+                    if si > 0 and not inputs_ok and store.format_version == 1:
                         raise LogitStoreError(f"--skip-bad-shards: {self.urls[si]}: shard {j} has damaged inputs, so its sequences "
                                               f"cannot be aligned with {self.urls[0]} ({e})") from None
-                    entry = store.manifest["shards"][j]
+                    entry = store.index.shard_entry(j)
                     bad.append({"store": self.urls[si], "shard": j, "path": entry["path"], "sequences": entry["n_sequences"],
                                 "inputs_ok": inputs_ok, "error": str(e)})
         return bad
@@ -128,35 +160,44 @@ class DistillDataset(IterableDataset):
         self._refuse_repeated_teachers()
         names = [n for _, n in self.teachers]
         self.teacher_names = [n if names.count(n) == 1 else f"{self.urls[si]}:{n}" for si, n in self.teachers]
-        unreadable = {b["shard"] for b in self.skipped if b["store"] == self.urls[0] and not b["inputs_ok"]}
-        inputs = [self._inputs(s, unreadable if si == 0 else set()) for si, s in enumerate(self.stores)]
-        hashes = [h for h, _ in inputs]
-        self.n = len(hashes[0])
-        unknown = np.zeros(self.n, dtype=bool)
-        for j in unreadable:
-            e = m0["shards"][j]
-            unknown[e["start"] : e["start"] + e["n_sequences"]] = True
+        if self.follow:
+            self._limit = min(s.n_shards for s in self.stores) if self._limit is None else self._limit
+            for url, s in zip(self.urls[1:], self.stores[1:]):
+                if not same_layout(first, s, self._limit):
+                    raise LogitStoreError(f"--follow: {url} holds other data or shards than {self.urls[0]}; stores followed "
+                                          f"while written must be dumps of the same data with the same --shard-sequences")
+        self.n = len(first) if self._limit is None else int(first.index.sizes[:self._limit].sum())
         self._maps: list[np.ndarray | None] = [None]
-        for url, h in zip(self.urls[1:], hashes[1:]):
-            if len(h) != self.n:
-                raise LogitStoreError(f"--logits {url}: holds {len(h)} sequences, {self.urls[0]} holds {self.n}; stores must cover the same sequences")
-            if np.array_equal(h, hashes[0]):
-                self._maps.append(None)  # same order: no indirection
+        unreadable = {b["shard"] for b in self.skipped if b["store"] == self.urls[0] and not b["inputs_ok"]}
+        primary = None
+        for url, s in zip(self.urls[1:], self.stores[1:]):
+            if self._limit is None and len(s) != self.n:
+                raise LogitStoreError(f"--logits {url}: holds {len(s)} sequences, {self.urls[0]} holds {self.n}; stores must cover the same sequences")
+            if same_layout(first, s):
+                self._maps.append(None)  # same data, same order: joined by position (batches check the hashes)
                 continue
-            where: dict[bytes, list[int]] = {}
-            for i, x in enumerate(h):
-                where.setdefault(x.tobytes(), []).append(i)
-            mapping = np.full(self.n, -1, dtype=np.int64)
-            for i, x in enumerate(hashes[0]):
-                if unknown[i]:
-                    continue  # in a skipped shard whose hashes could not be read
-                lst = where.get(x.tobytes())
-                if not lst:
-                    raise LogitStoreError(f"--logits {url}: does not contain sequence {i} of {self.urls[0]} (content hash {x.tobytes().hex()}); stores must cover the same sequences")
-                mapping[i] = lst.pop(0)
-            self._maps.append(mapping)
-        self._lengths = inputs[0][1]
+            if primary is None:
+                primary, unknown = self._sequences(0, unreadable)
+            other, _ = self._sequences(len(self._maps), {b["shard"] for b in self.skipped if b["store"] == url and not b["inputs_ok"]})
+            self._maps.append(hash_map(primary, other, unknown, url, self.urls[0]))
         self._excluded = self._excluded_indices()
+
+    def _sequences(self, si: int, unreadable: set[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Hashes [n, 16] of store ``si`` and which are unknown [n] bool: from its sequence index, or,
+        in a version-1 store, from its inputs parts (those in ``unreadable`` skipped)."""
+        store = self.stores[si]
+        unknown = np.zeros(len(store), bool)
+        if store.format_version >= 2 or not unreadable:
+            return store.sequences()[0], unknown
+        hashes = []
+        for j in range(store.n_shards):
+            n = int(store.index.sizes[j])
+            if j in unreadable:
+                hashes.append(np.zeros((n, 16), np.uint8))
+                unknown[store.index.starts[j]:store.index.starts[j] + n] = True
+            else:
+                hashes.append(store.read_part(j, "inputs")["seq_hash"])
+        return (np.concatenate(hashes) if hashes else np.zeros((0, 16), np.uint8)), unknown
 
     def _refuse_repeated_teachers(self) -> None:
         """The same model (weights and config, whatever its name, k or dtype) in two stores would be
@@ -180,7 +221,7 @@ class DistillDataset(IterableDataset):
         out = []
         for b in self.skipped:
             si = self.urls.index(b["store"])
-            e = self.stores[si].manifest["shards"][b["shard"]]
+            e = self.stores[si].index.shard_entry(b["shard"])
             lo, hi = e["start"], e["start"] + e["n_sequences"]
             if si == 0 or self._maps[si] is None:
                 out.append(np.arange(lo, hi))
@@ -188,91 +229,9 @@ class DistillDataset(IterableDataset):
                 out.append(np.flatnonzero((self._maps[si] >= lo) & (self._maps[si] < hi)))
         return np.unique(np.concatenate(out)).astype(np.int64)
 
-    @staticmethod
-    def _inputs(store, unreadable: set[int] = frozenset()) -> tuple[np.ndarray, np.ndarray]:
-        """All sequence hashes [n, 16] and lengths [n] of a store, reading each inputs part once
-        (zeros for the shards in ``unreadable``, which are skipped)."""
-        hashes, lengths = [], []
-        for j in range(store.n_shards):
-            if j in unreadable:
-                n = store.manifest["shards"][j]["n_sequences"]
-                hashes.append(np.zeros((n, 16), np.uint8))
-                lengths.append(np.zeros(n, np.uint32))
-                continue
-            p = store.load_shard(j, [])
-            hashes.append(p["seq_hash"])
-            lengths.append(p["length"])
-        if not hashes:
-            return np.zeros((0, 16), np.uint8), np.zeros(0, np.uint32)
-        return np.concatenate(hashes), np.concatenate(lengths)
-
     @property
     def n_tokens(self) -> int:
-        return int(self._lengths.sum())
-
-    # ------------------------------------------------------------------ plan
-    def epoch_order(self, epoch: int) -> np.ndarray:
-        """Global sequence order of an epoch (same on every rank), without skipped shards."""
-        order = self._epoch_order(epoch)
-        return order[~np.isin(order, self._excluded)] if self._excluded.size else order
-
-    def _epoch_order(self, epoch: int) -> np.ndarray:
-        s0 = self.stores[0]
-        entries = s0.manifest["shards"]
-        if not self.shuffle:
-            return np.arange(self.n, dtype=np.int64)
-        rng = np.random.default_rng([self.seed, epoch])
-        order = np.concatenate([e["start"] + rng.permutation(e["n_sequences"]) for e in (entries[j] for j in rng.permutation(len(entries)))]) if entries else np.zeros(0, np.int64)
-        # shuffle buffer, simulated on indices: keep a buffer, emit a random element, refill
-        buf_size = self.shuffle_buffer
-        out = np.empty_like(order)
-        buf = list(order[:buf_size])
-        nxt = buf_size
-        for i in range(len(order)):
-            j = int(rng.integers(len(buf)))
-            out[i] = buf[j]
-            if nxt < len(order):
-                buf[j] = order[nxt]
-                nxt += 1
-            else:
-                buf[j] = buf[-1]
-                buf.pop()
-        return out
-
-    def rank_batches(self, epoch: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        """This rank's batches (sequence indices) and their weights (0 marks filler).
-
-        The epoch order is cut into global batches of ``world_size * batch_size`` sequences and rank
-        ``r`` takes slice ``r`` of each, so every step trains on the same sequences whatever the
-        number of ranks (a run on N ranks matches one process with an N times larger batch). The
-        last global batch is filled up with weight-0 repeats."""
-        order = self.epoch_order(epoch)
-        gb = self.world_size * self.batch_size
-        n_steps = math.ceil(len(order) / gb) if len(order) else 0
-        pad = n_steps * gb - len(order)
-        weights = np.concatenate([np.ones(len(order), np.float32), np.zeros(pad, np.float32)])
-        order = np.concatenate([order, np.resize(order, pad)]) if pad else order
-        lo, hi = self.rank * self.batch_size, (self.rank + 1) * self.batch_size
-        batches = [order[i * gb + lo:i * gb + hi] for i in range(n_steps)]
-        wts = [weights[i * gb + lo:i * gb + hi] for i in range(n_steps)]
-        return batches, wts
-
-    def batches_per_epoch(self) -> int:
-        return len(self.rank_batches(0)[0])
-
-    # ------------------------------------------------------------------ resume
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "consumed": self.consumed, "seed": self.seed, "world_size": self.world_size,
-                "num_workers": self.num_workers, "batch_size": self.batch_size, "n": self.n}
-
-    def load_state_dict(self, d: dict) -> None:
-        for key in ("seed", "world_size", "batch_size", "n"):  # not num_workers: batches do not depend on it
-            if d[key] != getattr(self, key):
-                raise LogitStoreError(f"--resume: checkpoint was made with {key}={d[key]}, now {getattr(self, key)}; exact resume needs the same value")
-        self.epoch, self.consumed = d["epoch"], d["consumed"]
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch, self.consumed = epoch, 0
+        return int(self.stores[0].manifest["n_tokens"])
 
     # ------------------------------------------------------------------ iteration
     def __iter__(self):
@@ -280,15 +239,22 @@ class DistillDataset(IterableDataset):
         wid, W = (info.id, info.num_workers) if info is not None else (0, 1)
         if W != max(1, self.num_workers):
             raise RuntimeError(f"DistillDataset was built for num_workers={self.num_workers}, DataLoader uses {W}")
-        batches, wts = self.rank_batches(self.epoch)
-        # DataLoader takes batches from workers round-robin starting at worker 0, so the batches still
-        # to come (from ``consumed`` on, after a resume) are dealt out from worker 0 as well
-        mine = range(self.consumed + wid, len(batches), W)
-        self._start_prefetch([batches[i] for i in mine])
+        idx, wts = self.worker_batches(self.epoch, wid)
+        flat = np.concatenate(idx) if idx else np.zeros(0, np.int64)
+        caches: list[ShardCache] = []
+        for si, store in enumerate(self.stores):
+            used = si == 0 or self.with_targets
+            rows = flat[:0] if not used else flat if self._maps[si] is None else self._maps[si][flat]
+            names = [n for s2, n in self.teachers if s2 == si] if self.with_targets else []
+            # the primary's plan bounds memory; a secondary in the same order needs as many, in another order it re-decodes
+            cap = None if si == 0 or self._maps[si] is None else max(self.cache_shards, caches[0].max_shards)
+            caches.append(ShardCache(store, rows, names, max_shards=cap))
+        self._start_prefetch(idx)
         try:
-            for i in mine:
-                yield self.make_batch(batches[i], wts[i])
+            for b, w in zip(idx, wts):
+                yield self.make_batch(b, w, caches)
         finally:
+            self.decodes = {(si, j): n for si, c in enumerate(caches) for j, n in c.decodes.items()}
             for store in self.stores:
                 store.close()
 
@@ -299,6 +265,8 @@ class DistillDataset(IterableDataset):
             return
         flat = np.concatenate(batches)
         for si, store in enumerate(self.stores):
+            if si and not self.with_targets:
+                continue  # only the primary's inputs are read
             idx = flat if self._maps[si] is None else self._maps[si][flat]
             shards = store.index.shards_of(idx)
             _, first = np.unique(shards, return_index=True)
@@ -306,24 +274,34 @@ class DistillDataset(IterableDataset):
             names = [n for s2, n in self.teachers if s2 == si] if self.with_targets else []
             store.prefetch(order, names, depth=self.prefetch)
 
-    def _row(self, si: int, i: int):
+    def _row(self, si: int, i: int, caches: list[ShardCache] | None):
         idx = int(self._maps[si][i]) if self._maps[si] is not None else i
+        if caches is not None:
+            return caches[si].row(idx)
         j, r = self.stores[si].index.locate(idx)
         return self.stores[si].load_shard(j, None if self.with_targets else []), r
 
-    def make_batch(self, indices: np.ndarray, weights: np.ndarray) -> dict:
+    def make_batch(self, indices: np.ndarray, weights: np.ndarray, caches: list[ShardCache] | None = None) -> dict:
+        """The padded batch of primary-store sequences ``indices`` [B] with ``weights`` [B] (0: filler).
+        ``caches``: the iterating worker's decoded shards; without, the stores' own LRU is used."""
         B, L = len(indices), self.seq_len
         input_ids = np.zeros((B, L), np.int64)
         lengths = np.zeros(B, np.int64)
         per_teacher = [{"ids": [], "logprobs": [], "tail_mass": []} for _ in self.teachers]
         for b, i in enumerate(indices):
-            sh, r = self._row(0, int(i))
+            sh, r = self._row(0, int(i), caches)
             lengths[b] = sh["length"][r]
             input_ids[b] = sh["input_ids"][r]
             if not self.with_targets:
                 continue
+            rows = {0: (sh, r)}
+            for si in range(1, len(self.stores)):
+                rows[si] = self._row(si, int(i), caches)
+                if bytes(rows[si][0]["seq_hash"][rows[si][1]]) != bytes(sh["seq_hash"][r]):
+                    raise LogitStoreError(f"--logits {self.urls[si]}: its sequence for {self.urls[0]}'s sequence {int(i)} has "
+                                          f"another content hash; the stores do not hold the same data")
             for t, (si, name) in enumerate(self.teachers):
-                tsh, tr = (sh, r) if si == 0 else self._row(si, int(i))
+                tsh, tr = rows[si]
                 td = tsh["teachers"][name]
                 for key in per_teacher[t]:
                     per_teacher[t][key].append(td[key][tr])
@@ -331,7 +309,7 @@ class DistillDataset(IterableDataset):
         labels = np.full((B, L), -100, np.int64)
         labels[:, :-1] = input_ids[:, 1:]
         labels[pos + 1 >= lengths[:, None]] = -100  # no next token inside the window
-        labels[weights == 0] = -100  # filler rows contribute nothing
+        labels[np.asarray(weights) == 0] = -100  # filler rows contribute nothing
         batch = {
             "input_ids": torch.from_numpy(input_ids),
             "attention_mask": torch.from_numpy((pos < lengths[:, None]).astype(np.int64)),

@@ -32,9 +32,10 @@ from logitstore.progress import quiet_libraries
 from .checkpoint import TrainState, save_checkpoint, save_final
 from .config import FitConfig
 from .data import DistillDataset, match_teachers
+from .follow import wait_for_shards
 from logitstore.distributions.fusion import normalize_weights
 from .interrupt import Interrupted, StopRequests
-from .loader import epoch_batches, make_loader
+from .loader import epoch_batches, make_loader, worker_message
 from .metrics import MetricsLog
 from .resume import STATE, check_resume, has_progress, latest_checkpoint, saved_store_ids
 from .schedules import lr_factor, temperature_at
@@ -90,7 +91,8 @@ class Run:
         self.train = DistillDataset(list(cfg.logits), batch_size=cfg.batch_size, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer,
                                     rank=rank, world_size=world, num_workers=cfg.num_workers, verify_checksums=cfg.verify_checksums,
                                     with_targets=cfg.alpha > 0 and not cfg.online_teacher, skip_bad_shards=cfg.skip_bad_shards,
-                                    cache_dir=cfg.cache_dir, prefetch=cfg.prefetch)
+                                    cache_dir=cfg.cache_dir, prefetch=cfg.prefetch, n_streams=cfg.streams, follow=cfg.follow)
+        wait_for_shards(self.train, cfg.follow_poll, rank == 0)  # --follow: at least one committed shard
         for b in self.train.skipped:
             print(f"warning: skipping {b['store']}/{b['path']} ({b['sequences']} sequences): {b['error']}", file=sys.stderr)
         self.M = len(self.train.teachers)
@@ -196,7 +198,7 @@ class Run:
                     try:
                         micro = list(islice(it, cfg.grad_accum))
                     except LogitStoreError as e:  # from a DataLoader worker: keep the original one-line message
-                        raise type(e)(_worker_message(e) + " (or pass --skip-bad-shards to leave damaged shards out)") from None
+                        raise type(e)(worker_message(e) + " (or pass --skip-bad-shards to leave damaged shards out)") from None
                     if not micro:
                         break  # the epoch's batches are exhausted
                     train.consumed += len(micro)
@@ -237,7 +239,8 @@ class Run:
             sums += torch.tensor([float(loss.detach()), float(kd.detach()), float(ce.detach())], dtype=torch.float64)
         grad_norm = _clip(acc, module, cfg) if cfg.grad_clip > 0 else None
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses (get_last_lr after step() is the next one's)
-        self.optimizer.step()
+        if n_global:  # a step of only filler rows (the end of an uneven epoch) leaves the weights and moments alone
+            self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         totals = _all_sum(acc, sums) / max(n_global, 1)
@@ -311,15 +314,6 @@ def set_schedule_step(scheduler, step: int) -> None:
     for group, lr in zip(inner.optimizer.param_groups, lrs):
         group["lr"] = lr
     inner._last_lr = lrs
-
-
-def _worker_message(e: Exception) -> str:
-    """The original message of an error re-raised by a DataLoader worker (the last traceback line)."""
-    text = str(e)
-    if "Original Traceback" not in text:
-        return text
-    last = [ln for ln in text.strip().splitlines() if ln.strip()][-1]
-    return last.split(": ", 1)[1] if ": " in last and last.split(": ", 1)[0].endswith("Error") else last
 
 
 def _stop_signal(acc, stop: StopRequests) -> int:

@@ -86,3 +86,12 @@ def _shutdown_live() -> None:
             shutdown(it)
         except Exception as e:  # keep stopping the others; say what went wrong
             print(f"trainer: could not stop data loader workers at exit: {e}", file=sys.stderr)
+
+
+def worker_message(e: Exception) -> str:
+    """The original message of an error re-raised by a DataLoader worker (the last traceback line)."""
+    text = str(e)
+    if "Original Traceback" not in text:
+        return text
+    last = [ln for ln in text.strip().splitlines() if ln.strip()][-1]
+    return last.split(": ", 1)[1] if ": " in last and last.split(": ", 1)[0].endswith("Error") else last

@@ -33,7 +33,11 @@ from logitstore.progress import progress_bar
 from logitstore.capture.teacher import DTYPES, TeacherRunner, TeacherSpec, model_identity, position_limit, resolve_device
 from logitstore.format.writer import BackgroundWriter, PartWriter, encode_teacher_part
 
-SHARD_TOKENS = 1 << 18
+#: default shard size in tokens (``--shard-sequences`` = this / ``seq_len``): at k = 64 a teacher part
+#: is ~55 MB and decodes to ~270 MB, and 10^10 tokens are ~19k shards, ~76k objects with one teacher
+#: (two data files and two commit records per shard). Larger shards mean fewer objects but more
+#: memory per loader worker and coarser rank-local reading; see README "Caches at scale".
+SHARD_TOKENS = 1 << 19
 
 
 @dataclass(frozen=True)
@@ -190,6 +194,12 @@ def _dump(cfg: DumpConfig, ranks: Ranks) -> DumpResult:
                             device, dtype)
 
 
+def _summary(out: str, manifest: dict) -> dict:
+    from logitstore.format.reader import Store
+
+    return summarize(manifest, Store(out).index.part_bytes())
+
+
 def _write_store(cfg: DumpConfig, ranks: Ranks, fs: StoreFS, plan: dict, t_start: float, specs: list, teacher_ids: list,
                  packed, S: int, n_shards: int, encoding: Encoding, vocab: int, device, dtype) -> DumpResult:
     rank, world_size = ranks.rank, ranks.world_size
@@ -201,7 +211,7 @@ def _write_store(cfg: DumpConfig, ranks: Ranks, fs: StoreFS, plan: dict, t_start
     if fs.exists(MANIFEST):
         manifest = parse_manifest(fs.read(MANIFEST), f"{cfg.out}/{MANIFEST}")
         _log(cfg, f"{cfg.out}: already complete ({manifest['n_tokens']:,} tokens); nothing to do")
-        return DumpResult(manifest, time.perf_counter() - t_start, 0.0, 0, summary=summarize(manifest))
+        return DumpResult(manifest, time.perf_counter() - t_start, 0.0, 0, summary=_summary(cfg.out, manifest))
 
     pw = PartWriter(fs, cfg.format, chunk_rows=max(1, CHUNK_TOKENS // cfg.seq_len))
     mine = list(range(rank, n_shards, world_size))
@@ -231,7 +241,7 @@ def _write_store(cfg: DumpConfig, ranks: Ranks, fs: StoreFS, plan: dict, t_start
     fs.write_atomic(MANIFEST, dumps(manifest))
     wall = time.perf_counter() - t_start
     pipeline = time.perf_counter() - t_pipeline - load_seconds
-    result = DumpResult(manifest, wall, forward_total, tokens_run, skipped, summarize(manifest), pipeline)
+    result = DumpResult(manifest, wall, forward_total, tokens_run, skipped, _summary(cfg.out, manifest), pipeline)
     if resumed and skipped:
         _log(cfg, f"resumed: {skipped} committed part(s) reused")
     _log(cfg, format_summary(result))

@@ -14,11 +14,17 @@ from __future__ import annotations
 
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
 
 from logitstore.version import __version__
 from logitstore.errors import ConfigError, FormatError, LogitStoreError
 from logitstore.format import layout
-from logitstore.format.manifest import PLAN, dumps, validate_manifest
+from logitstore.format.backends import get_backend
+from logitstore.format.hashing import SEQ_HASH_BYTES
+from logitstore.format.index_files import write_index
+from logitstore.format.manifest import FORMAT_VERSION, MODEL_FIELDS, PLAN, dumps, validate_manifest
 from logitstore.storage.fsio import StoreFS
 from logitstore.storage.lock import LOCK
 
@@ -74,29 +80,67 @@ def plan_differences(old, new, where: str = "") -> list[str]:
     return [f"{where}: {short(old)} -> {short(new)}"]
 
 
+def read_commits(fs: StoreFS, n_shards: int, parts: list[str], out: str | None = None) -> list[dict]:
+    """The commit records of every part of shards ``0 .. n_shards - 1``, as ``[{part: record}]``,
+    read on 16 threads (an object store answers each request in tens of milliseconds); a missing
+    part fails naming it."""
+    rels = [layout.commit_path(j, p) for j in range(n_shards) for p in parts]
+
+    def get(rel: str) -> dict | None:
+        return json.loads(fs.read(rel)) if fs.exists(rel) else None
+
+    with ThreadPoolExecutor(16) as pool:
+        recs = list(pool.map(get, rels))
+    for rel, rec in zip(rels, recs):
+        if rec is None:
+            raise LogitStoreError(f"{out or fs.url}: part {rel.removesuffix('.commit.json')} was never committed (a writer is unfinished)")
+    return [dict(zip(parts, recs[j * len(parts):(j + 1) * len(parts)])) for j in range(n_shards)]
+
+
+def shard_sequences(fs: StoreFS, backend: str, shard: int, rec: dict, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(seq_hash [n, 16], length [n])`` of a shard, from its inputs commit record, or, for a record
+    written before records held them, from the part itself."""
+    if "sequences" in rec:
+        seq = rec["sequences"]
+        return np.frombuffer(bytes.fromhex(seq["seq_hash"]), np.uint8).reshape(-1, SEQ_HASH_BYTES), np.asarray(seq["length"], np.uint32)
+    base = layout.part_dir(shard, layout.INPUTS)
+    files = {rel: fs.read(f"{base}/{rel}", size=meta["bytes"]) for rel, meta in rec["files"].items()}
+    n = rec["n_sequences"]
+    got = get_backend(backend).decode_part(files, {"seq_hash": (np.dtype(np.uint8), (n, SEQ_HASH_BYTES)),
+                                                   "length": (np.dtype(np.uint32), (n,))}, base)
+    return got["seq_hash"], got["length"]
+
+
+def finish_manifest(fs: StoreFS, header: dict, shards: list[dict], seqs: list[tuple[np.ndarray, np.ndarray]]) -> dict:
+    """Write the index files of ``shards`` and return the validated version-2 manifest (not yet
+    written: the caller writes it last). ``header``: every manifest field but the shard table."""
+    h = np.concatenate([s[0] for s in seqs]) if seqs else np.zeros((0, SEQ_HASH_BYTES), np.uint8)
+    lengths = np.concatenate([s[1] for s in seqs]) if seqs else np.zeros(0, np.uint32)
+    total = sum(m["bytes"] for s in shards for p in s["parts"].values() for m in p["files"].values())
+    manifest = {**{k: v for k, v in header.items() if k != "shards"}, "format_version": FORMAT_VERSION, "total_bytes": total}
+    manifest.update(write_index(fs, header, shards, h, lengths))
+    return validate_manifest(manifest)
+
+
 def build_manifest(fs: StoreFS, plan: dict, n_shards: int, settings: dict | None = None) -> dict:
-    """Collect every part's commit record into the manifest; fail if any part is missing.
-    ``settings``: what made the store (a dump's config), recorded as the manifest's ``dump``."""
-    shards = []
+    """Collect every part's commit record into the index files and the manifest (returned, not yet
+    written); fail if any part is missing. ``settings``: what made the store (a dump's config),
+    recorded as the manifest's ``dump``."""
+    parts = [layout.INPUTS] + [t["part"] for t in plan["teachers"]]
     agg = {t["part"]: {"n_positions": 0, "sum_tail_mass": 0.0, "sum_entropy": 0.0, "forward_seconds": 0.0, "wall_seconds": 0.0}
            for t in plan["teachers"]}
     model_info: dict = {}
-    for j in range(n_shards):
-        parts = {}
-        for part in [layout.INPUTS] + [t["part"] for t in plan["teachers"]]:
-            rel = layout.commit_path(j, part)
-            if not fs.exists(rel):
-                raise LogitStoreError(f"{fs.url}: part {layout.part_dir(j, part)} was never committed (a writer is unfinished)")
-            rec = json.loads(fs.read(rel))
-            parts[part] = {"files": rec["files"]}
-            if part == layout.INPUTS:
-                start, n, tokens = rec["start"], rec["n_sequences"], rec["n_tokens"]
-            else:
-                st = rec["stats"]
-                for key in agg[part]:
-                    agg[part][key] += st[key]
-                model_info[part] = {k: st[k] for k in ("config_hash", "model_type", "model_vocab_size", "n_parameters")}
-        shards.append({"index": j, "path": layout.shard_dir(j), "start": start, "n_sequences": n, "n_tokens": tokens, "parts": parts})
+    shards, seqs = [], []
+    for j, recs in enumerate(read_commits(fs, n_shards, parts)):
+        inp = recs[layout.INPUTS]
+        for part in parts[1:]:
+            st = recs[part]["stats"]
+            for key in agg[part]:
+                agg[part][key] += st[key]
+            model_info[part] = {k: st[k] for k in MODEL_FIELDS}
+        shards.append({"start": inp["start"], "n_sequences": inp["n_sequences"], "n_tokens": inp["n_tokens"],
+                       "parts": {p: {"files": recs[p]["files"]} for p in parts}})
+        seqs.append(shard_sequences(fs, plan["backend"], j, inp, plan["seq_len"]))
     teachers = []
     for t in plan["teachers"]:
         a = agg[t["part"]]
@@ -105,26 +149,20 @@ def build_manifest(fs: StoreFS, plan: dict, n_shards: int, settings: dict | None
                          "stats": {"mean_topk_mass": 1.0 - a["sum_tail_mass"] / npos, "mean_entropy": a["sum_entropy"] / npos},
                          "timings": {"forward_seconds": a["forward_seconds"], "wall_seconds": a["wall_seconds"],
                                      "tokens_per_second": a["n_positions"] / a["wall_seconds"] if a["wall_seconds"] else None}})
-    total_bytes = sum(m["bytes"] for s in shards for p in s["parts"].values() for m in p["files"].values())
-    manifest = {
+    header = {
         **{k: v for k, v in plan.items() if k != "teachers"},
         "created_by": f"logitstore {__version__}",
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "teachers": teachers,
         "dump": {k: v for k, v in (settings or {}).items() if k not in ("teachers", "out", "progress")},
-        "total_bytes": total_bytes,
-        "shards": shards,
     }
-    return validate_manifest(manifest)
+    return finish_manifest(fs, header, shards, seqs)
 
 
-def summarize(manifest: dict) -> dict:
-    """Per-store and per-teacher sizes derived from a manifest."""
+def summarize(manifest: dict, part_bytes: dict[str, int]) -> dict:
+    """Per-store and per-teacher sizes from a manifest and the bytes of each part
+    (:meth:`~logitstore.format.index.ShardIndex.part_bytes`)."""
     tokens = max(manifest["n_tokens"], 1)
-    part_bytes: dict[str, int] = {}
-    for s in manifest["shards"]:
-        for p, meta in s["parts"].items():
-            part_bytes[p] = part_bytes.get(p, 0) + sum(f["bytes"] for f in meta["files"].values())
     return {
         "sequences": manifest["n_sequences"], "tokens": manifest["n_tokens"],
         "total_bytes": sum(part_bytes.values()), "bytes_per_token": sum(part_bytes.values()) / tokens,

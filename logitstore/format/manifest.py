@@ -15,7 +15,9 @@ from logitstore.errors import FormatError
 from logitstore.format.hashing import canonical_json_hash
 
 FORMAT_NAME = "logitstore"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: versions this package reads: 1 (per-shard table inside the manifest) and 2 (index files)
+READ_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 PLAN = "plan.json"
 MAX_MANIFEST_BYTES = 256 << 20
@@ -24,6 +26,14 @@ MAX_SEQ_LEN = 1 << 20
 MAX_VOCAB = 1 << 24
 MAX_SHARD_SEQUENCES = 1 << 20
 MAX_SEQUENCES = 1 << 40
+MAX_SHARDS = 1 << 24
+#: distinct file names inside parts, listed in a version-2 manifest's ``index.file_names``
+MAX_FILE_NAMES = 4096
+#: the index files of a version-2 store (see FORMAT.md, "Index files")
+INDEX_FILES = ("shards.parquet", "files.parquet", "sequences.parquet")
+INDEX_DIR = "index"
+#: what a teacher part's commit record (``stats``) says about its model, copied into the manifest
+MODEL_FIELDS = ("config_hash", "model_type", "model_vocab_size", "n_parameters")
 _SAFE_PATH = re.compile(r"^[A-Za-z0-9_.\-]+(/[A-Za-z0-9_.\-]+)*$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -72,6 +82,18 @@ def parse_manifest(raw: bytes, where: str = MANIFEST) -> dict:
 
 
 def validate_manifest(d: object, where: str = MANIFEST) -> dict:
+    """A manifest of version 1 (with its ``shards``) or 2 (naming its index files), validated."""
+    validate_header(d, where)
+    if d["format_version"] == 1:
+        _validate_v1_shards(d, where)
+    else:
+        _validate_index(d, where)
+    return d
+
+
+def validate_header(d: object, where: str = MANIFEST) -> dict:
+    """The fields every manifest and plan share (format, version, backend, encoding, sizes,
+    tokenizer, data, teachers), validated; not the shard table."""
     if not isinstance(d, dict):
         raise FormatError(f"{where}: expected a JSON object")
     if d.get("format") != FORMAT_NAME:
@@ -79,8 +101,8 @@ def validate_manifest(d: object, where: str = MANIFEST) -> dict:
     version = _get(d, "format_version", int, where)
     if version > FORMAT_VERSION:
         raise FormatError(f"{where}.format_version: {version} is newer than this logitstore reads ({FORMAT_VERSION}); upgrade logitstore")
-    if version != FORMAT_VERSION:
-        raise FormatError(f"{where}.format_version: expected {FORMAT_VERSION}, got {version}")
+    if version not in READ_VERSIONS:
+        raise FormatError(f"{where}.format_version: expected one of {list(READ_VERSIONS)}, got {version}")
     backend = _get(d, "backend", str, where)
     if backend not in ("zarr", "arrow"):
         raise FormatError(f"{where}.backend: expected 'zarr' or 'arrow', got {backend!r}")
@@ -89,8 +111,8 @@ def validate_manifest(d: object, where: str = MANIFEST) -> dict:
     _get(d, "packed", bool, where)
     if "bos" in d:  # optional: absent (stores written before it existed) means no BOS
         _get(d, "bos", bool, where)
-    n_seq = _int(d, "n_sequences", where, 0, MAX_SEQUENCES)
-    n_tok = _int(d, "n_tokens", where, 0, MAX_SEQUENCES * seq_len)
+    _int(d, "n_sequences", where, 0, MAX_SEQUENCES)
+    _int(d, "n_tokens", where, 0, MAX_SEQUENCES * seq_len)
     tok = _get(d, "tokenizer", dict, where)
     vocab = _int(tok, "vocab_size", f"{where}.tokenizer", 1, MAX_VOCAB)
     _get(tok, "fingerprint", str, f"{where}.tokenizer")
@@ -105,6 +127,38 @@ def validate_manifest(d: object, where: str = MANIFEST) -> dict:
         names.add(name)
         _int(t, "k", w, 1, vocab)
         check_relpath(_get(t, "part", str, w), f"{w}.part")
+    if len({t["part"] for t in teachers}) != len(teachers) or "inputs" in {t["part"] for t in teachers}:
+        raise FormatError(f"{where}.teachers: every teacher needs its own part name, other than 'inputs'")
+    return d
+
+
+def _file_meta(meta: object, where: str) -> None:
+    _int(meta, "bytes", where, 0, 1 << 40)
+    if not _HEX64.match(str(_get(meta, "sha256", str, where))):
+        raise FormatError(f"{where}.sha256: expected 64 lowercase hex digits")
+
+
+def _validate_index(d: dict, where: str) -> None:
+    """Version 2: the shard table lives in index files; the manifest names them and their checksums."""
+    _int(d, "n_shards", where, 0, MAX_SHARDS)
+    index = _get(d, "index", dict, where)
+    w = f"{where}.index"
+    names = _get(index, "file_names", list, w)
+    if len(names) > MAX_FILE_NAMES:
+        raise FormatError(f"{w}.file_names: {len(names)} names, more than the {MAX_FILE_NAMES} allowed")
+    for i, n in enumerate(names):
+        check_relpath(n, f"{w}.file_names[{i}]")
+    if len(set(names)) != len(names):
+        raise FormatError(f"{w}.file_names: names repeat")
+    _int(index, "n_files", w, 0, MAX_SHARDS * 64)
+    files = _get(index, "files", dict, w)
+    for name in INDEX_FILES:
+        _file_meta(_get(files, name, dict, f"{w}.files"), f"{w}.files[{name!r}]")
+
+
+def _validate_v1_shards(d: dict, where: str) -> None:
+    seq_len, n_seq, n_tok = d["seq_len"], d["n_sequences"], d["n_tokens"]
+    teachers = d["teachers"]
     shards = _get(d, "shards", list, where)
     start = tokens = 0
     for j, s in enumerate(shards):
@@ -124,14 +178,11 @@ def validate_manifest(d: object, where: str = MANIFEST) -> dict:
             for rel, meta in files.items():
                 fw = f"{w}.parts.{pname}.files[{rel!r}]"
                 check_relpath(rel, fw)
-                _int(meta, "bytes", fw, 0, 1 << 40)
-                if not _HEX64.match(str(_get(meta, "sha256", str, fw))):
-                    raise FormatError(f"{fw}.sha256: expected 64 lowercase hex digits")
+                _file_meta(meta, fw)
     if start != n_seq:
         raise FormatError(f"{where}.n_sequences: {n_seq}, but the shards hold {start}")
     if tokens != n_tok:
         raise FormatError(f"{where}.n_tokens: {n_tok}, but the shards hold {tokens}")
-    return d
 
 
 def dumps(d: dict) -> bytes:

@@ -1,6 +1,8 @@
 """Reading a store: ``logitstore.open(path_or_url)`` returns a :class:`Store`.
 
-Opening reads only the manifest (:mod:`~logitstore.format.opening`). Each access then fetches a
+Opening reads only the manifest (:mod:`~logitstore.format.opening`), a few kB whatever the size of
+the store; the shard index (:mod:`~logitstore.format.index_files`) is read on first use, once per
+process, and the sequence index only when asked for (:meth:`Store.sequences`). Each access then fetches a
 whole part's files, checked against the manifest's sizes and sha256 before any parser sees them
 (:mod:`logitstore.storage.fetch`), lets the backend parse them against the shapes the shard index
 expects (:mod:`~logitstore.format.index`) and decodes the teacher arrays
@@ -20,6 +22,9 @@ from logitstore.format.backends import get_backend
 from logitstore.format.codec import Encoding
 from logitstore.format.decode import check_lengths, decode_teacher, join_rows, slice_rows
 from logitstore.format.index import ShardIndex
+from logitstore.format.index_files import read_index, read_sequences
+from logitstore.format.live import LiveView
+from logitstore.format.manifest import MANIFEST, PLAN
 from logitstore.format.opening import read_manifest
 from logitstore.storage.fetch import PartFetcher
 from logitstore.storage.fsio import StoreFS
@@ -28,22 +33,80 @@ from logitstore.storage.fsio import StoreFS
 class Store:
     """A complete store. ``store[i]`` is sequence ``i``; see :meth:`__getitem__`."""
 
-    def __init__(self, url: str, *, verify_checksums: bool = True, cache_shards: int = 2, cache_dir: str | None = None):
+    def __init__(self, url: str, *, verify_checksums: bool = True, cache_shards: int = 2, cache_dir: str | None = None,
+                 follow: bool = False):
         """``cache_shards``: decoded shards kept in memory; ``cache_dir``: keep fetched files in a
-        local read-through cache (see :mod:`logitstore.storage.cache`)."""
+        local read-through cache (see :mod:`logitstore.storage.cache`); ``follow``: a store still
+        being written opens as the shards committed so far (:mod:`~logitstore.format.live`;
+        :meth:`refresh` picks up more)."""
         self.fs = StoreFS(url)
         self.url = url
-        self.manifest = m = read_manifest(self.fs, url)
+        self.follow = follow
+        self._live: LiveView | None = None
+        if follow and not self.fs.exists(MANIFEST) and self.fs.exists(PLAN):
+            self._live = LiveView(self.fs, url)
+            m = self.manifest = self._live.manifest
+        else:
+            self.manifest = m = read_manifest(self.fs, url)
         self.encoding = Encoding.from_dict(m["encoding"])
         self.backend = get_backend(m["backend"])
         self.seq_len: int = m["seq_len"]
         self.vocab_size: int = m["tokenizer"]["vocab_size"]
-        self.index = ShardIndex(m, self.encoding)
         self.fetcher = PartFetcher(self.fs, self._files_of, verify_checksums=verify_checksums, cache_dir=cache_dir)
+        self._index: ShardIndex | None = self._live.index if self._live else None
+        self._sequences: tuple[np.ndarray, np.ndarray] | None = self._live.sequences if self._live else None
         self._cache: OrderedDict[tuple, dict] = OrderedDict()
         self._cache_size = cache_shards
 
+    # ------------------------------------------------------------------ a store being written
+    @property
+    def complete(self) -> bool:
+        """The store has its manifest (False: a view of the shards committed so far)."""
+        return self._live is None
+
+    def refresh(self) -> int:
+        """Pick up shards committed since the store was opened (or last refreshed), or the manifest
+        once the writer finished; return how many shards were added. Earlier sequences keep their
+        numbers. A complete store never changes: 0."""
+        if self._live is None:
+            return 0
+        before = self.n_shards
+        if self.fs.exists(MANIFEST):
+            self._live = None
+            self.manifest = read_manifest(self.fs, self.url)
+            self._index = self._sequences = None
+        else:
+            self._live.refresh()
+            self.manifest, self._index, self._sequences = self._live.manifest, self._live.index, self._live.sequences
+        self._cache.clear()
+        return self.n_shards - before
+
     # ------------------------------------------------------------------ metadata
+    @property
+    def format_version(self) -> int:
+        return self.manifest["format_version"]
+
+    @property
+    def index(self) -> ShardIndex:
+        """The shard index (read from the index files on first use, once)."""
+        if self._index is None:
+            self._index = read_index(self.fetcher.read_file, self.manifest, self.encoding)
+        return self._index
+
+    def sequences(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(seq_hash [n, 16] uint8, length [n] uint32)`` of every sequence: 20 bytes per sequence,
+        read from ``index/sequences.parquet``, or, in a version-1 store, from every inputs part."""
+        if self._sequences is None:
+            if self.format_version == 1:
+                got = [self.read_part(j, layout.INPUTS) for j in range(self.n_shards)]
+                for j, p in enumerate(got):
+                    check_lengths(p["length"], self.seq_len, self.index.where(j))
+                self._sequences = ((np.concatenate([p["seq_hash"] for p in got]), np.concatenate([p["length"] for p in got]))
+                                   if got else (np.zeros((0, 16), np.uint8), np.zeros(0, np.uint32)))
+            else:
+                self._sequences = read_sequences(self.fetcher.read_file, self.manifest, self.index)
+        return self._sequences
+
     @property
     def teachers(self) -> list[str]:
         return [t["name"] for t in self.manifest["teachers"]]
@@ -56,7 +119,7 @@ class Store:
 
     @property
     def n_shards(self) -> int:
-        return len(self.index)
+        return self.manifest["n_shards"] if "n_shards" in self.manifest else len(self.manifest["shards"])
 
     @property
     def verify_checksums(self) -> bool:
@@ -116,6 +179,15 @@ class Store:
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
+        out = self.decode_shard(shard, list(names))
+        self._cache[key] = out
+        while len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return out
+
+    def decode_shard(self, shard: int, teachers: list[str] | None = None) -> dict:
+        """:meth:`load_shard` without keeping the result (the caller decides how long it lives)."""
+        names = tuple(self.teachers if teachers is None else teachers)
         if not 0 <= shard < self.n_shards:
             raise IndexError(f"shard {shard} out of range [0, {self.n_shards})")
         out = dict(self.read_part(shard, layout.INPUTS))
@@ -125,9 +197,6 @@ class Store:
             part = self.teacher(name)["part"]
             out["teachers"][name] = decode_teacher(self.encoding, self.read_part(shard, part), self.vocab_size,
                                                    self.index.where(shard, part))
-        self._cache[key] = out
-        while len(self._cache) > self._cache_size:
-            self._cache.popitem(last=False)
         return out
 
     def __getitem__(self, i: int) -> dict:

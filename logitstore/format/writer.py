@@ -49,7 +49,11 @@ class PartWriter:
         return rec
 
     def write(self, shard: int, part: str, arrays: dict[str, np.ndarray], extra: dict) -> dict:
-        """Encode ``arrays`` with this writer's backend and commit them as ``part`` of ``shard``."""
+        """Encode ``arrays`` with this writer's backend and commit them as ``part`` of ``shard``. The
+        commit record of an inputs part also holds its sequences' hashes and lengths, from which the
+        store's sequence index is built without reading the part again."""
+        if part == layout.INPUTS and "sequences" not in extra:
+            extra = {**extra, "sequences": sequences_record(arrays["seq_hash"], arrays["length"])}
         return self.write_files(shard, part, self.backend.encode_part(arrays, self.chunk_rows), extra)
 
     def write_files(self, shard: int, part: str, files: dict[str, bytes], extra: dict) -> dict:
@@ -74,6 +78,11 @@ class PartWriter:
         for name in self.fs.ls(layout.shard_dir(shard)):
             if name.startswith(".tmp-"):
                 self.fs.rm(f"{layout.shard_dir(shard)}/{name}")
+
+
+def sequences_record(seq_hash: np.ndarray, lengths: np.ndarray) -> dict:
+    """``{"seq_hash": hex of the [n, 16] hashes, "length": [n] ints}`` for a commit record."""
+    return {"seq_hash": np.ascontiguousarray(seq_hash, np.uint8).tobytes().hex(), "length": [int(x) for x in lengths]}
 
 
 class BackgroundWriter:

@@ -40,10 +40,12 @@ class PartFetcher:
         base, files = self.files_of(key)
         out = {}
         for rel, meta in files.items():
-            out[rel] = self._file(f"{base}/{rel}", meta)
+            out[rel] = self.read_file(f"{base}/{rel}", meta)
         return out
 
-    def _file(self, where: str, meta: dict) -> bytes:
+    def read_file(self, where: str, meta: dict) -> bytes:
+        """The file at ``where`` (inside the store), exactly ``meta["bytes"]`` long and, where
+        checksums are checked, matching ``meta["sha256"]``; through the local cache if there is one."""
         cache = self.file_cache
         if cache is not None:
             data = cache.get(meta["sha256"], meta["bytes"], verify=self.verify_checksums)

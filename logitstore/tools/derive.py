@@ -15,16 +15,16 @@ from typing import Callable
 
 from logitstore.version import __version__
 from logitstore.format import layout
-from logitstore.format.commit import CHUNK_TOKENS, check_or_write_plan, refuse_foreign
-from logitstore.errors import ConfigError, LogitStoreError
+from logitstore.format.commit import CHUNK_TOKENS, check_or_write_plan, finish_manifest, read_commits, refuse_foreign, shard_sequences
+from logitstore.errors import ConfigError
 from logitstore.storage.fsio import StoreFS
 from logitstore.storage.lock import store_lock
-from logitstore.format.manifest import MANIFEST, PLAN, dumps, store_id, validate_manifest
+from logitstore.format.manifest import FORMAT_VERSION, MANIFEST, PLAN, dumps, store_id
 from logitstore.progress import progress_bar
 from logitstore.format.writer import BackgroundWriter, PartWriter
 
 #: fields of a manifest that describe how and when it was made, not what it holds
-VOLATILE = ("created_by", "created_at", "total_bytes", "shards", "dump")
+VOLATILE = ("created_by", "created_at", "total_bytes", "shards", "n_shards", "index", "dump", "format_version")
 
 
 @dataclass(frozen=True)
@@ -66,6 +66,7 @@ def write_derived(out: str, header: dict, jobs: list[ShardJob], *, progress: boo
 
 def _write_derived(fs: StoreFS, out: str, header: dict, jobs: list[ShardJob], *, progress: bool, desc: str) -> dict:
     plan = {k: v for k, v in header.items() if k not in VOLATILE}
+    plan["format_version"] = FORMAT_VERSION
     plan["teachers"] = [{k: v for k, v in t.items() if k not in ("stats", "timings")} for t in header["teachers"]]
     if check_or_write_plan(fs, plan, out) and fs.exists(MANIFEST):
         return json.loads(fs.read(MANIFEST))  # already complete
@@ -87,31 +88,26 @@ def _write_derived(fs: StoreFS, out: str, header: dict, jobs: list[ShardJob], *,
     except BaseException:
         bg.abort()
         raise
-    shards = []
+    shards, seqs = [], []
     sums: dict[str, list[float]] = {}
-    for i, job in enumerate(jobs):
-        files = {}
+    for i, (job, recs) in enumerate(zip(jobs, read_commits(fs, len(jobs), parts, out))):
         for part in parts:
-            rec = pw.committed(i, part)
-            if rec is None:
-                raise LogitStoreError(f"{out}: part {layout.part_dir(i, part)} was not committed")
-            files[part] = {"files": rec["files"]}
-            if "stats" in rec:
+            if "stats" in recs[part]:
                 acc = sums.setdefault(part, [0.0, 0.0, 0.0])
                 for n, key in enumerate(("n_positions", "sum_tail_mass", "sum_entropy")):
-                    acc[n] += rec["stats"][key]
-        shards.append({"index": i, "path": layout.shard_dir(i), "start": job.start, "n_sequences": job.n_sequences,
-                       "n_tokens": job.n_tokens, "parts": files})
+                    acc[n] += recs[part]["stats"][key]
+        shards.append({"start": job.start, "n_sequences": job.n_sequences, "n_tokens": job.n_tokens,
+                       "parts": {p: {"files": recs[p]["files"]} for p in parts}})
+        seqs.append(shard_sequences(fs, header["backend"], i, {**recs[layout.INPUTS], "n_sequences": job.n_sequences},
+                                    header["seq_len"]))
     teachers = []
     for t in header["teachers"]:
         if t["part"] in sums:
             npos, tail, ent = sums[t["part"]]
             t = {**t, "stats": {"mean_topk_mass": 1.0 - tail / max(npos, 1), "mean_entropy": ent / max(npos, 1)}}
         teachers.append(t)
-    manifest = {**header, "teachers": teachers, "created_by": f"logitstore {__version__}", "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "total_bytes": sum(m["bytes"] for s in shards for p in s["parts"].values() for m in p["files"].values()),
-                "shards": shards}
-    validate_manifest(manifest, f"{out}/{MANIFEST}")
+    manifest = finish_manifest(fs, {**header, "teachers": teachers, "created_by": f"logitstore {__version__}",
+                                    "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, shards, seqs)
     fs.write_atomic(MANIFEST, dumps(manifest))
     return manifest
 

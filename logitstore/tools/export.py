@@ -84,7 +84,7 @@ def export(src: str, out: str, to: str = "parquet", *, progress: bool = True) ->
             name = f"train-{j:05d}-of-{n:05d}.parquet"
             fs.write(f".partial/{name}", data)
             files[f"data/{name}"] = {"bytes": len(data), "sha256": sha256_hex(data)}
-            bar.update(store.manifest["shards"][j]["n_tokens"])
+            bar.update(int(store.index.tokens[j]))
     fs.mv(".partial", "data")
     summary = {"format": "parquet", "source": source_ref(src, store.manifest), "rows": len(store), "files": files}
     fs.write_atomic("logitstore_export.json", json.dumps(summary, indent=1).encode())
@@ -103,7 +103,7 @@ def _export_hf(store: Store, fs: StoreFS, progress: bool) -> dict:
                 p = os.path.join(tmp, f"{j:05d}.parquet")
                 pq.write_table(shard_table(store, j), p)
                 paths.append(p)
-                bar.update(store.manifest["shards"][j]["n_tokens"])
+                bar.update(int(store.index.tokens[j]))
         datasets.disable_progress_bars()
         ds = datasets.Dataset.from_parquet(paths, cache_dir=os.path.join(tmp, "cache"), keep_in_memory=False)
         staging = fs.url.rstrip("/") + "/.partial"

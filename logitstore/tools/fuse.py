@@ -31,7 +31,7 @@ from logitstore.format.codec import SCALARS, Encoding
 from logitstore.tools.derive import ShardJob, check_out, header_of, source_ref, write_derived
 from logitstore.format.writer import encode_teacher_part
 from logitstore.errors import ConfigError, FormatError
-from logitstore.format.manifest import teacher_identity
+from logitstore.format.manifest import FORMAT_VERSION, teacher_identity
 from logitstore.format.reader import Store
 
 BLOCK_POSITIONS = 1 << 14  # positions fused at once; bounds the [M, N, sum k] working set
@@ -43,7 +43,7 @@ def _rows(store: Store, a: int, b: int, names: list[str]) -> dict:
     j = store.index.locate(a)[0]
     while a < b:
         sh = store.load_shard(j, names)
-        s0 = store.manifest["shards"][j]["start"]
+        s0 = int(store.index.starts[j])
         lo, hi = a - s0, min(b - s0, len(sh["length"]))
         out.append({"seq_hash": sh["seq_hash"][lo:hi], "input_ids": sh["input_ids"][lo:hi], "length": sh["length"][lo:hi],
                     "teachers": {n: {k: v[lo:hi] for k, v in sh["teachers"][n].items()} for n in names}})
@@ -146,9 +146,10 @@ def fuse_store(sources: list[str], out: str, *, teachers: list[str] | None = Non
 
     def produce(part: str, j: int):
         if part == layout.INPUTS:
-            return "files", first.part_files(j, layout.INPUTS), None
-        sh = m0["shards"][j]
-        a, b = sh["start"], sh["start"] + sh["n_sequences"]
+            if first.format_version == FORMAT_VERSION and first.manifest["backend"] == header["backend"]:
+                return "files", first.part_files(j, layout.INPUTS), None
+            return "arrays", first.read_part(j, layout.INPUTS), None
+        a, b = int(first.index.starts[j]), int(first.index.starts[j] + first.index.sizes[j])
         rows = {id(s): _rows(s, a, b, [t["name"] for s2, t in chosen if s2 is s]) for s in stores}
         base = rows[id(first)]
         for s in stores[1:]:
@@ -156,7 +157,8 @@ def fuse_store(sources: list[str], out: str, *, teachers: list[str] | None = Non
                 raise FormatError(f"{s.url}: sequences {a}..{b} differ from {first.url}'s (seq_hash); the stores do not hold the same data")
         return "arrays", *_fuse_rows(base, [rows[id(s)]["teachers"][t["name"]] for s, t in chosen], vocab, k, w, temps, mode, encoding)
 
-    jobs = [ShardJob(s["start"], s["n_sequences"], s["n_tokens"], lambda part, j=j: produce(part, j)) for j, s in enumerate(m0["shards"])]
+    ix = first.index
+    jobs = [ShardJob(int(ix.starts[j]), int(ix.sizes[j]), int(ix.tokens[j]), lambda part, j=j: produce(part, j)) for j in range(len(ix))]
     return write_derived(out, header, jobs, progress=progress, desc="fuse")
 
 

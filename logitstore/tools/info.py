@@ -1,4 +1,4 @@
-"""``logitstore info``: what a store holds, from its manifest alone."""
+"""``logitstore info``: what a store holds, from its manifest and shard index."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from logitstore.format.reader import Store
 def info(url: str) -> dict:
     store = Store(url)
     m = store.manifest
-    s = summarize(m)
+    s = summarize(m, store.index.part_bytes())
     return {
         "url": url,
         "id": store_id(m),
@@ -23,7 +23,7 @@ def info(url: str) -> dict:
         "packed": m["packed"],
         "tokenizer": m["tokenizer"],
         "data": m["data"],
-        "shards": len(m["shards"]),
+        "shards": store.n_shards,
         "derived": m.get("derived"),
         **{k: s[k] for k in ("sequences", "tokens", "total_bytes", "bytes_per_token", "inputs_bytes_per_token")},
         "teachers": [

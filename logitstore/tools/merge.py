@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import sys
 
-from logitstore.format import layout
 from logitstore.tools.derive import ShardJob, check_out, header_of, source_ref, write_derived
 from logitstore.errors import ConfigError
 from logitstore.format.hashing import canonical_json_hash
-from logitstore.format.manifest import teacher_identity
+from logitstore.format.manifest import FORMAT_VERSION, teacher_identity
 from logitstore.format.reader import Store
 
 _SAME = ("encoding", "seq_len", "packed", "bos", "tokenizer")
@@ -63,12 +62,11 @@ def check_disjoint(stores: list[Store], *, allow_shared: bool = False) -> int:
     repeat short boilerplate documents) shared sequences are only counted and reported.
 
     Cost: the 16-byte hashes of every input, sorted with numpy (16 bytes per sequence: 160 MB for
-    10^7 sequences); each store's ``inputs`` parts are read (checksums checked). Returns the number
+    10^7 sequences), from each store's sequence index (a version-1 store reads its inputs parts). Returns the number
     of shared sequences."""
     import numpy as np
 
-    hashes = [np.concatenate([s.read_part(j, layout.INPUTS)["seq_hash"] for j in range(s.n_shards)])
-              if s.n_shards else np.zeros((0, 16), np.uint8) for s in stores]
+    hashes = [s.sequences()[0] for s in stores]
     keys = [np.ascontiguousarray(h).view("S16").ravel() for h in hashes]
     total = 0
     for si in range(1, len(stores)):
@@ -127,8 +125,9 @@ def merge(sources: list[str], out: str, *, progress: bool = True, allow_shared: 
               "derived": {"op": "merge", "sources": [source_ref(u, m) for u, m in zip(sources, ms)]}}
     jobs, start = [], 0
     for store in stores:
-        same = store.manifest["backend"] == backend
-        for j, s in enumerate(store.manifest["shards"]):
+        same = store.manifest["backend"] == backend and store.format_version == FORMAT_VERSION  # else re-encoded
+        ix = store.index
+        for j, s in enumerate(ix.shard_entry(j) for j in range(len(ix))):
             def produce(part, store=store, j=j, same=same):
                 return ("files", store.part_files(j, part), None) if same else ("arrays", store.read_part(j, part), None)
 

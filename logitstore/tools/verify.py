@@ -23,13 +23,26 @@ def verify(url: str) -> list[str]:
         return [str(e)]
     problems: list[str] = []
     m = store.manifest
-    for j, entry in enumerate(m["shards"]):
+    store.verify_checksums = True  # the index files are hashed by the reader; the parts below by this function
+    try:
+        index = store.index  # a version-2 store's index files: sizes, sha256 and every invariant
+    except FormatError as e:
+        return [str(e)]
+    seqs = None
+    if store.format_version >= 2:
+        try:
+            seqs = store.sequences()
+        except FormatError as e:
+            problems.append(str(e))
+    store.verify_checksums = False
+    for j in range(len(index)):
+        entry = index.shard_entry(j)
         base = entry["path"]
         # checksums of every file, part by part, so one bad file does not hide the others
         ok_parts = set()
-        for part in [layout.INPUTS] + [t["part"] for t in m["teachers"]]:
+        for part in index.parts:
             bad = False
-            for rel, meta in entry["parts"][part]["files"].items():
+            for rel, meta in index.files(j, part).items():
                 where = f"{base}/{part}/{rel}"
                 try:
                     data = store.fs.read(where, size=meta["bytes"])  # refuses FIFOs, devices, links out of the root
@@ -49,6 +62,8 @@ def verify(url: str) -> list[str]:
             try:
                 inp = store.read_part(j, layout.INPUTS)
                 problems += _check_inputs(inp, store, entry)
+                if seqs is not None:
+                    problems += _check_sequence_index(inp, seqs, entry)
             except FormatError as e:
                 problems.append(str(e))
         for t in m["teachers"]:
@@ -59,6 +74,16 @@ def verify(url: str) -> list[str]:
             except FormatError as e:
                 problems.append(str(e))
     return problems
+
+
+def _check_sequence_index(inp: dict, seqs: tuple[np.ndarray, np.ndarray], entry: dict) -> list[str]:
+    """The sequence index agrees with the shard's inputs part (hashes and lengths, row by row)."""
+    lo, hi = entry["start"], entry["start"] + entry["n_sequences"]
+    h, lengths = seqs[0][lo:hi], seqs[1][lo:hi]
+    if not (np.array_equal(h, inp["seq_hash"]) and np.array_equal(lengths, inp["length"])):
+        row = int(np.flatnonzero((h != inp["seq_hash"]).any(axis=1) | (lengths != inp["length"]))[0])
+        return [f"index/sequences.parquet: sequence {lo + row} differs from {entry['path']}/inputs row {row} (hash or length)"]
+    return []
 
 
 def _check_inputs(inp: dict, store: Store, entry: dict) -> list[str]:

@@ -1,6 +1,8 @@
-"""Zarr v3 backend: one zarr group per part, one sharded array per field.
+"""Zarr v3 backend: one zarr group per part, one sharded array per field, packed into one file.
 
-Each array uses the ``sharding_indexed`` codec with a single shard covering the whole array, so an
+The group's files are packed into one uncompressed zip archive, ``part.zip``
+(:mod:`~logitstore.format.backends.container`), which ``zarr.storage.ZipStore`` opens as it is;
+stores of format version 1 hold the group's files unpacked, and are still read. Each array uses the ``sharding_indexed`` codec with a single shard covering the whole array, so an
 array is exactly two files (``NAME/zarr.json`` and ``NAME/c/0...``). Inner chunks run along the
 sequence axis (``chunk_rows`` sequences) and go through ``bytes -> blosc(zstd level 5, shuffle) -> crc32c``;
 only codecs from the zarr v3 spec are used, so any v3 implementation can read a part.
@@ -20,6 +22,7 @@ from logitstore.errors import FormatError
 from logitstore.format.backends import PART_LEVEL
 from logitstore.format.backends import ArraySpecs
 from logitstore.format.backends import check_array
+from logitstore.format.backends.container import PART_ZIP, pack, unpack
 from logitstore.format.backends.zarr_fast import decode_array
 
 ALLOWED_CODECS = frozenset({"bytes", "blosc", "zstd", "gzip", "crc32c", "sharding_indexed", "transpose"})
@@ -100,6 +103,11 @@ class ZarrBackend:
     name = "zarr"
 
     def encode_part(self, arrays: dict[str, np.ndarray], chunk_rows: int) -> dict[str, bytes]:
+        """``{"part.zip": the zarr group packed}`` (see :meth:`encode_group`)."""
+        return {PART_ZIP: pack(self.encode_group(arrays, chunk_rows))}
+
+    def encode_group(self, arrays: dict[str, np.ndarray], chunk_rows: int) -> dict[str, bytes]:
+        """The zarr v3 group's files, ``{store key: bytes}`` (``zarr.json``, ``NAME/zarr.json``, ``NAME/c/0...``)."""
         store = MemoryStore()
         group = zarr.open_group(store, mode="w", zarr_format=3)
         for name, a in arrays.items():
@@ -123,6 +131,11 @@ class ZarrBackend:
         return {key: buf.to_bytes() for key, buf in store._store_dict.items()}
 
     def decode_part(self, files: dict[str, bytes], specs: ArraySpecs, where: str) -> dict[str, np.ndarray]:
+        """``files``: one ``part.zip`` (version-2 stores) or the zarr group's files themselves (version 1)."""
+        if PART_ZIP in files:
+            if len(files) != 1:
+                raise FormatError(f"{where}: a part with {PART_ZIP} holds no other files")
+            files = unpack(files[PART_ZIP], f"{where}/{PART_ZIP}")
         out = {}
         for name, spec in specs.items():
             arr = _fast_decode(files, name, spec, where)
@@ -133,6 +146,8 @@ class ZarrBackend:
 
     def decode_part_zarr(self, files: dict[str, bytes], specs: ArraySpecs, where: str) -> dict[str, np.ndarray]:
         """Decode through zarr itself (any valid v3 layout; the reference for the fast path)."""
+        if PART_ZIP in files:
+            files = unpack(files[PART_ZIP], f"{where}/{PART_ZIP}")
         proto = default_buffer_prototype()
         store = MemoryStore({k: proto.buffer.from_bytes(v) for k, v in files.items()}, read_only=True)
         out = {}
