@@ -317,7 +317,7 @@ def test_prefetch_plans_the_shards_in_the_order_batches_first_read_them(stores, 
 
     a, b, _ = stores
     planned, loaded = {}, {}
-    real_prefetch, real_load = Store.prefetch, Store.load_shard
+    real_prefetch, real_load = Store.prefetch, Store.decode_shard
 
     def prefetch(self, shards, teachers=None, depth=4):
         planned[self.url] = (list(shards), depth)
@@ -330,7 +330,7 @@ def test_prefetch_plans_the_shards_in_the_order_batches_first_read_them(stores, 
         return real_load(self, shard, teachers)
 
     monkeypatch.setattr(Store, "prefetch", prefetch)
-    monkeypatch.setattr(Store, "load_shard", load_shard)
+    monkeypatch.setattr(Store, "decode_shard", load_shard)
     ds = DistillDataset([a, b], batch_size=4, seed=9, prefetch=3)
     ds.set_epoch(1)
     loaded.clear()  # opening read every inputs part; what counts is what the epoch reads
@@ -404,7 +404,7 @@ def test_eval_teachers_match_across_k_the_cache_dir_reaches_the_stores_and_idle_
     one = DistillDataset([a], batch_size=n, num_workers=3, n_streams=6)  # each worker: one partly filled batch
     got = list(DataLoader(one, batch_size=None, num_workers=3))
     assert len(got) == 3 and sorted(i for bt in got for i, w in zip(bt["index"].tolist(), bt["weight"]) if w > 0) == list(range(n))
-    few = DistillDataset([a], batch_size=2, num_workers=3, n_streams=n + 5)  # more streams than sequences: idle slots
+    few = DistillDataset([a], batch_size=2, num_workers=3, n_streams=3 * n)  # more streams than sequences: idle slots
     got = list(DataLoader(few, batch_size=None, num_workers=3))
     assert sorted(i for bt in got for i, w in zip(bt["index"].tolist(), bt["weight"]) if w > 0) == list(range(n))
 

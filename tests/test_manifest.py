@@ -128,7 +128,17 @@ def version_zero(m):
     m["format_version"] = 0
 
 
+def claims_more_sequences_than_the_index_holds(m):
+    m["n_sequences"] = 10**9  # a 37 MB sequences.parquet of zeros would otherwise plan and decode 20 GB
+
+
+def too_few_files(m):
+    m["index"]["n_files"] = m["n_shards"]
+
+
 @pytest.mark.parametrize("breakit,needle", [
+    (claims_more_sequences_than_the_index_holds, "cannot fit in a sequences.parquet of"),
+    (too_few_files, "n_files"),
     (duplicate_name, "duplicate teacher name"),
     (k_above_vocab, ".k"),
     (newer_version, "newer than this logitstore reads"),

@@ -71,7 +71,7 @@ def _consume(ds, k):
     return out
 
 
-@pytest.mark.parametrize("before,after", [((2, 3), (3, 2)), ((4, 2), (1, 5)), ((1, 4), (2, 4))])
+@pytest.mark.parametrize("before,after", [((2, 3), (4, 2)), ((4, 2), (1, 5)), ((1, 4), (2, 4))])
 def test_a_resume_on_another_layout_reads_every_sequence_exactly_once(many, before, after):
     a, b = many
     (w0, b0), (w1, b1) = before, after
@@ -104,11 +104,13 @@ def test_too_few_streams_for_the_layout_is_a_clear_error(many):
     a, _ = many
     from logitstore.errors import ConfigError, LogitStoreError
 
-    with pytest.raises(ConfigError, match="n_streams = 2 is below world size 2 x 2 workers"):
+    with pytest.raises(ConfigError, match=r"--streams: 2 streams cannot be split evenly over 2 process\(es\) x 2 loader worker\(s\); use a multiple of 4"):
         DistillDataset([a], batch_size=2, world_size=2, num_workers=2, n_streams=2)
+    with pytest.raises(ConfigError, match="use a multiple of 4"):
+        DistillDataset([a], batch_size=2, world_size=2, num_workers=2, n_streams=6)
     state = DistillDataset([a], batch_size=2, world_size=2, n_streams=2).state_dict()
     big = DistillDataset([a], batch_size=2, world_size=4)
-    with pytest.raises(LogitStoreError, match="has 2 streams, fewer than 4 ranks x workers"):
+    with pytest.raises(LogitStoreError, match="checkpoint's data order: 2 streams cannot be split evenly over 4"):
         big.load_state_dict({**state, "consumed": 1})
 
 
@@ -185,3 +187,58 @@ def test_two_torchrun_processes_each_read_only_their_share_of_the_store_once(man
     everything = {(str(s), str(f.relative_to(s))) for s in (a, b) for f in (s / "shards").rglob("*")
                   if f.is_file() and not f.name.endswith(".commit.json")}
     assert per_rank[0] | per_rank[1] == everything  # together the ranks read the whole store
+
+
+def test_fit_follow_trains_on_a_store_being_written_and_says_when_there_is_nothing(many, tmp_path, tokenizer):
+    import json
+
+    from typer.testing import CliRunner
+
+    from trainer.cli import app
+
+    a, _ = many
+    s = tmp_path / "s"
+    shutil.copytree(a, s)
+    (s / "manifest.json").unlink()
+    n_shards = logitstore.open(str(a)).n_shards
+    for j in range(6, n_shards):
+        (s / f"shards/{j:06d}/t0.commit.json").unlink()
+    student = tmp_path / "student.json"
+    student.write_text(json.dumps({"model_type": "llama", "vocab_size": len(tokenizer), "hidden_size": 16, "intermediate_size": 32,
+                                   "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 2,
+                                   "max_position_embeddings": 32}))
+    common = ["fit", "--logits", str(s), "--student", str(student), "--batch-size", "4", "--device", "cpu", "-q"]
+    r = CliRunner().invoke(app, [*common, "--out", str(tmp_path / "r0"), "--follow"])
+    assert r.exit_code != 0 and "--follow: needs --max-steps" in r.output
+    r = CliRunner().invoke(app, [*common, "--out", str(tmp_path / "r1"), "--follow", "--max-steps", "12"])
+    assert r.exit_code == 0, r.output
+    rows = [json.loads(x) for x in (tmp_path / "r1" / "metrics.jsonl").read_text().splitlines()]
+    steps = [x for x in rows if not x.get("eval")]
+    assert steps[-1]["step"] == 12 and steps[-1]["epoch"] >= 1  # several passes over the six committed shards
+    empty = tmp_path / "empty"
+    shutil.copytree(s, empty)
+    for rec in (empty / "shards").glob("*/t0.commit.json"):
+        rec.unlink()
+    r = CliRunner().invoke(app, [*common[:2], str(empty), *common[3:], "--out", str(tmp_path / "r2"), "--follow", "--max-steps", "2"])
+    assert r.exit_code != 0 and "has no committed shard and no dump is writing it" in r.output, r.output
+
+
+def test_a_resume_that_would_change_the_runs_length_is_refused_unless_max_steps_fixes_it(many):
+    from logitstore.errors import ConfigError
+    from trainer.config import FitConfig
+    from trainer.resume import planned_total
+
+    a, _ = many
+    cfg = FitConfig(logits=(str(a),), student="x", out="y", epochs=3, batch_size=2)
+    before = DistillDataset([a], batch_size=2, world_size=2, n_streams=4)
+    total = planned_total({}, cfg, before)
+    assert total == 3 * before.batches_per_epoch()
+    after = DistillDataset([a], batch_size=2, world_size=4)
+    after.load_state_dict({**before.state_dict(), "consumed": 2})
+    assert after.batches_per_epoch() != before.batches_per_epoch()
+    with pytest.raises(ConfigError, match=rf"--epochs 3 is {3 * after.batches_per_epoch()} steps, the run was planned as {total}"):
+        planned_total({"total": total}, cfg, after)
+    fixed = FitConfig(logits=(str(a),), student="x", out="y", max_steps=50, batch_size=2)
+    assert planned_total({"total": 50}, fixed, after) == 50
+    same = DistillDataset([a], batch_size=2, world_size=2, n_streams=4)
+    assert planned_total({"total": total}, cfg, same) == total

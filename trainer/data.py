@@ -83,7 +83,7 @@ class DistillDataset(EpochOrder, IterableDataset):
         self.decodes: dict[tuple[int, int], int] = {}
         self._open()
         self.layout = Layout(world_size, num_workers, batch_size)
-        self.plan(0).n_batches(self.layout)  # refuses n_streams below world_size * workers, before training
+        self.check_streams()
         #: shards left out because they failed their checksums or decoding (``skip_bad_shards``)
         self.skipped: list[dict] = self._find_bad_shards() if skip_bad_shards else []
         self._check_and_join()
@@ -173,7 +173,7 @@ class DistillDataset(EpochOrder, IterableDataset):
         for url, s in zip(self.urls[1:], self.stores[1:]):
             if self._limit is None and len(s) != self.n:
                 raise LogitStoreError(f"--logits {url}: holds {len(s)} sequences, {self.urls[0]} holds {self.n}; stores must cover the same sequences")
-            if same_layout(first, s):
+            if self._limit is not None or same_layout(first, s):  # follow: the same layout over the prefix, checked above
                 self._maps.append(None)  # same data, same order: joined by position (batches check the hashes)
                 continue
             if primary is None:

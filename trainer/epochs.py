@@ -33,6 +33,15 @@ class EpochOrder:
         flat = np.concatenate(streams) if streams else np.zeros(0, np.int64)
         return flat[np.argsort(keys, kind="stable")]
 
+    def check_streams(self, where: str = "--streams") -> None:
+        """Every (rank, worker) slot reads the same number of streams: ``n_streams`` must be a
+        multiple of ranks x workers (otherwise slots with fewer streams run dry early and whole steps
+        hold only fillers)."""
+        slots = self.layout.n_slots
+        if self.n_streams < slots or self.n_streams % slots:
+            raise ConfigError(f"{where}: {self.n_streams} streams cannot be split evenly over {self.world_size} process(es) x "
+                              f"{self.layout.num_workers} loader worker(s); use a multiple of {slots}")
+
     def _segment(self, plan: EpochPlan) -> tuple[int, int]:
         """``(batches of the segment, first batch still to come)`` for this rank."""
         return plan.n_steps(self.layout, self._pos), self.consumed
@@ -95,13 +104,11 @@ class EpochOrder:
         if old == self.layout:
             self._pos, self.consumed = pos, d["consumed"]
             return
-        plan = self.plan(self.epoch)
         try:
-            plan.n_batches(self.layout)
+            self.check_streams("--resume: the checkpoint's data order")
         except ConfigError as e:
-            raise LogitStoreError(f"--resume: the checkpoint's data order has {self.n_streams} streams, fewer than "
-                                  f"{self.layout.n_slots} ranks x workers now ({e})") from None
-        self._pos, self.consumed = plan.advance(old, d["consumed"], pos), 0
+            raise LogitStoreError(str(e)) from None
+        self._pos, self.consumed = self.plan(self.epoch).advance(old, d["consumed"], pos), 0
 
     def set_epoch(self, epoch: int) -> None:
         """Start epoch ``epoch`` at its beginning (in follow mode over every shard committed by now)."""

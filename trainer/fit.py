@@ -37,7 +37,7 @@ from logitstore.distributions.fusion import normalize_weights
 from .interrupt import Interrupted, StopRequests
 from .loader import epoch_batches, make_loader, worker_message
 from .metrics import MetricsLog
-from .resume import STATE, check_resume, has_progress, latest_checkpoint, saved_store_ids
+from .resume import STATE, check_resume, has_progress, latest_checkpoint, planned_total, saved_store_ids
 from .schedules import lr_factor, temperature_at
 from .sharding import full_state_dict, gradient_sync, load_sharded, shard_module
 from .student import (DTYPES, DistillModule, adopt_special_ids, cast_parameters, check_student_tokenizer, find_tokenizer,
@@ -143,9 +143,9 @@ class Run:
         self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
         steps_per_epoch = math.ceil(self.train.batches_per_epoch() / cfg.grad_accum)
-        self.total = total = cfg.max_steps or cfg.epochs * steps_per_epoch
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
-                                                           lambda s: lr_factor(s, total, cfg.warmup_steps, cfg.min_lr_ratio))
+        self.total = cfg.max_steps or cfg.epochs * steps_per_epoch
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,  # self.total: a resume may restore it
+                                                           lambda s: lr_factor(s, self.total, cfg.warmup_steps, cfg.min_lr_ratio))
         if not cfg.fsdp:  # DDP (under torchrun), device placement
             self.module, self.optimizer, self.scheduler = self.acc.prepare(self.module, self.optimizer, self.scheduler)
 
@@ -173,8 +173,9 @@ class Run:
                 self.acc.load_state(str(latest))
             self.state = saved
             self.train.load_state_dict(saved.history["dataset"])
+            self.total = planned_total(saved.history, cfg, self.train)
             set_schedule_step(self.scheduler, saved.step)
-        self.state.history["stores"] = store_ids
+        self.state.history["stores"], self.state.history["total"] = store_ids, self.total
         if rank == 0:
             out.mkdir(parents=True, exist_ok=True)
             (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

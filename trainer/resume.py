@@ -15,6 +15,7 @@ change.
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 import yaml
@@ -23,7 +24,9 @@ from logitstore.errors import ConfigError
 
 from .config import FitConfig
 
-#: settings that may differ on --resume (they do not change the trajectory of the run)
+#: settings that may differ on --resume (they do not change what is trained; ``num_workers`` changes
+#: which sequences share a step, as each loader worker reads its own streams, never which sequences an
+#: epoch holds: the data order resumes exactly once per sequence; see ``planned_total`` for the length)
 RUNTIME = frozenset({"logits", "eval_logits", "device", "num_workers", "prefetch", "cache_dir", "progress", "log_every",
                      "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints", "resume", "verify_checksums",
                      "skip_bad_shards", "trust_remote_code", "save_dtype", "chunk_positions"})
@@ -78,3 +81,17 @@ def has_progress(out: Path) -> bool:
 def saved_store_ids(state_history: dict) -> list[str] | None:
     ids = state_history.get("stores")
     return list(ids) if isinstance(ids, list) else None
+
+
+def planned_total(history: dict, cfg: FitConfig, train) -> int:
+    """The run's length in optimizer steps, as the checkpoint planned it. A resume on another layout
+    (ranks, workers) reads every remaining sequence exactly once, but with ``--epochs`` its epochs
+    may hold another number of steps; the schedule would then change length mid-run, so that is
+    refused (``--max-steps`` fixes the length whatever the layout)."""
+    now = cfg.max_steps or cfg.epochs * math.ceil(train.batches_per_epoch() / cfg.grad_accum)
+    planned = history.get("total", now)
+    if planned != now and cfg.max_steps is None:
+        raise ConfigError(f"--resume: with {train.world_size} process(es) x {max(1, train.num_workers)} loader worker(s) "
+                          f"--epochs {cfg.epochs} is {now} steps, the run was planned as {planned}; resume with the "
+                          f"layout of the checkpoint, or give --max-steps")
+    return planned if cfg.max_steps is None else now

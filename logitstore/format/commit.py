@@ -87,7 +87,14 @@ def read_commits(fs: StoreFS, n_shards: int, parts: list[str], out: str | None =
     rels = [layout.commit_path(j, p) for j in range(n_shards) for p in parts]
 
     def get(rel: str) -> dict | None:
-        return json.loads(fs.read(rel)) if fs.exists(rel) else None
+        if not fs.exists(rel):
+            return None
+        rec = json.loads(fs.read(rel))
+        if isinstance(rec.get("sequences"), dict):  # numpy at once: 20 bytes per sequence, not hex and int lists
+            seq = rec["sequences"]
+            rec["sequences"] = (np.frombuffer(bytes.fromhex(seq["seq_hash"]), np.uint8).reshape(-1, SEQ_HASH_BYTES),
+                                np.asarray(seq["length"], np.uint32))
+        return rec
 
     with ThreadPoolExecutor(16) as pool:
         recs = list(pool.map(get, rels))
@@ -100,9 +107,8 @@ def read_commits(fs: StoreFS, n_shards: int, parts: list[str], out: str | None =
 def shard_sequences(fs: StoreFS, backend: str, shard: int, rec: dict, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
     """``(seq_hash [n, 16], length [n])`` of a shard, from its inputs commit record, or, for a record
     written before records held them, from the part itself."""
-    if "sequences" in rec:
-        seq = rec["sequences"]
-        return np.frombuffer(bytes.fromhex(seq["seq_hash"]), np.uint8).reshape(-1, SEQ_HASH_BYTES), np.asarray(seq["length"], np.uint32)
+    if isinstance(rec.get("sequences"), tuple):  # converted by read_commits
+        return rec["sequences"]
     base = layout.part_dir(shard, layout.INPUTS)
     files = {rel: fs.read(f"{base}/{rel}", size=meta["bytes"]) for rel, meta in rec["files"].items()}
     n = rec["n_sequences"]

@@ -13,6 +13,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
+
 from logitstore.version import __version__
 from logitstore.format import layout
 from logitstore.format.commit import CHUNK_TOKENS, check_or_write_plan, finish_manifest, read_commits, refuse_foreign, shard_sequences
@@ -21,7 +23,7 @@ from logitstore.storage.fsio import StoreFS
 from logitstore.storage.lock import store_lock
 from logitstore.format.manifest import FORMAT_VERSION, MANIFEST, PLAN, dumps, store_id
 from logitstore.progress import progress_bar
-from logitstore.format.writer import BackgroundWriter, PartWriter
+from logitstore.format.writer import BackgroundWriter, PartWriter, sequences_record
 
 #: fields of a manifest that describe how and when it was made, not what it holds
 VOLATILE = ("created_by", "created_at", "total_bytes", "shards", "n_shards", "index", "dump", "format_version")
@@ -82,6 +84,8 @@ def _write_derived(fs: StoreFS, out: str, header: dict, jobs: list[ShardJob], *,
                     if rec is None:
                         kind, payload, stats = job.produce(part)
                         extra = {"stats": stats} if stats else {}
+                        if part == layout.INPUTS:  # what a reader following this store needs (FORMAT.md, commit records)
+                            extra = {"start": job.start, "n_sequences": job.n_sequences, "n_tokens": job.n_tokens}
                         bg.submit(lambda i=i, part=part, kind=kind, payload=payload, extra=extra: _write(pw, i, part, kind, payload, extra))
                 bar.update(job.n_tokens)
         bg.close()
@@ -114,6 +118,11 @@ def _write_derived(fs: StoreFS, out: str, header: dict, jobs: list[ShardJob], *,
 
 def _write(pw: PartWriter, shard: int, part: str, kind: str, payload: dict, extra: dict) -> None:
     if kind == "files":
+        if part == layout.INPUTS:  # copied files: their hashes and lengths go into the commit record too
+            n = extra["n_sequences"]
+            got = pw.backend.decode_part(payload, {"seq_hash": (np.dtype(np.uint8), (n, 16)), "length": (np.dtype(np.uint32), (n,))},
+                                         layout.part_dir(shard, part))
+            extra = {**extra, "sequences": sequences_record(got["seq_hash"], got["length"])}
         pw.write_files(shard, part, payload, extra)
     else:
         pw.write(shard, part, payload, extra)
