@@ -246,3 +246,21 @@ def test_following_a_directory_that_is_not_a_store_says_so(tmp_path):
     (tmp_path / "x").mkdir()
     with pytest.raises(FormatError, match="no manifest.json"):
         logitstore.open(str(tmp_path / "x"), follow=True)
+
+
+def test_a_derived_store_records_what_a_follower_needs_and_reads_while_written(tmp_path, v2_store, llama_dir, corpus):
+    from logitstore.tools.merge import merge
+
+    other = tmp_path / "other"
+    dump(DumpConfig(teachers=(f"t={llama_dir}",), data=str(corpus), out=str(other), top_k=4, seq_len=16, max_tokens=900,
+                    shard_sequences=5, progress=False))  # the same teacher over more of the corpus: shards of another size
+    out = tmp_path / "merged"
+    merge([str(v2_store), str(other)], str(out), progress=False, allow_shared=True)  # the corpora overlap
+    full = logitstore.open(str(out))
+    for j in range(full.n_shards):
+        rec = json.loads((out / f"shards/{j:06d}/inputs.commit.json").read_text())
+        assert rec["start"] == int(full.index.starts[j]) and len(rec["sequences"]["length"]) == rec["n_sequences"]
+    (out / "manifest.json").unlink()
+    live = logitstore.open(str(out), follow=True)
+    assert live.n_shards == full.n_shards and len(live) == len(full) and len(entries(v2_store)) < live.n_shards
+    np.testing.assert_array_equal(live.sequences()[0], full.sequences()[0])
