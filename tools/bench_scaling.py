@@ -39,8 +39,9 @@ def torchrun(nproc: int) -> list[str]:
 
 
 def data_files(store: Path) -> list:
-    m = json.loads((store / "manifest.json").read_text())
-    return [{p: v["files"] for p, v in s["parts"].items()} for s in m["shards"]]
+    import logitstore
+
+    return [{p: v["files"] for p, v in s["parts"].items()} for s in logitstore.open(str(store)).index.entries()]
 
 
 def main() -> None:

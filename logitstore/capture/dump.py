@@ -34,8 +34,8 @@ from logitstore.capture.teacher import DTYPES, TeacherRunner, TeacherSpec, model
 from logitstore.format.writer import BackgroundWriter, PartWriter, encode_teacher_part
 
 #: default shard size in tokens (``--shard-sequences`` = this / ``seq_len``): at k = 64 a teacher part
-#: is ~55 MB and decodes to ~270 MB, and 10^10 tokens are ~19k shards, ~76k objects with one teacher
-#: (two data files and two commit records per shard). Larger shards mean fewer objects but more
+#: is ~55 MB and decodes to 210-275 MB (16- or 32-bit ids), and 10^10 tokens are ~19k shards, ~76k objects
+#: with one teacher (two data files and two commit records per shard). Larger shards: fewer objects, more
 #: memory per loader worker and coarser rank-local reading; see README "Caches at scale".
 SHARD_TOKENS = 1 << 19
 
