@@ -44,10 +44,10 @@ class ShardIndex:
         self.starts = shards["start"].astype(np.int64)
         self.sizes = shards["n_sequences"].astype(np.int64)
         self.tokens = shards["n_tokens"].astype(np.int64)
-        self.file_shard = files["shard"].astype(np.int64)
-        self.file_part = files["part"].astype(np.int64)
-        self.file_name = files["name"].astype(np.int64)
-        self.file_bytes = files["bytes"].astype(np.int64)
+        self.file_shard = files["shard"].astype(np.int64, copy=False)
+        self.file_part = files["part"]  # uint8 (int64 for a version-1 or live index)
+        self.file_name = files["name"]  # uint16
+        self.file_bytes = files["bytes"].astype(np.int64, copy=False)
         self.file_sha256 = files["sha256"]
         self._check(manifest, where)
         self._keys = self.file_shard * len(self.parts) + self.file_part
@@ -82,7 +82,7 @@ class ShardIndex:
                   or self.file_part.max() >= P or self.file_name.min() < 0 or self.file_name.max() >= len(self.names)
                   or self.file_bytes.min() < 0 or self.file_bytes.max() > 1 << 40):
             raise FormatError(f"{where}: a file row names a shard, part or name that does not exist, or a size out of range")
-        keys = (self.file_shard * P + self.file_part) * len(self.names) + self.file_name
+        keys = (self.file_shard * P + self.file_part) * len(self.names) + self.file_name.astype(np.int64)
         if F and np.any(np.diff(keys) <= 0):
             raise FormatError(f"{where}: file rows must be sorted by shard, part and name, each once")
         have = np.unique(self.file_shard * P + self.file_part)

@@ -31,6 +31,8 @@ from logitstore.storage.fsio import StoreFS
 ReadFile = Callable[[str, dict], bytes]
 
 _I64 = np.dtype(np.int64)
+#: rows per row group of an index file: a reader decodes one group at a time
+ROW_GROUP_ROWS = 4096
 
 
 def _specs(name: str, rows: int) -> dict:
@@ -96,7 +98,7 @@ def write_index(fs: StoreFS, plan: dict, shards: list[dict], seq_hash: np.ndarra
     backend = ArrowBackend()
     meta = {}
     for name, arrays in tables.items():
-        data = backend.encode_part(arrays, 0)[ROWS]
+        data = backend.encode_part(arrays, 0, row_group_rows=ROW_GROUP_ROWS)[ROWS]
         fs.write_atomic(f"{INDEX_DIR}/{name}", data)
         meta[name] = {"bytes": len(data), "sha256": sha256_hex(data)}
     return {"n_shards": len(shards), "index": {"file_names": names, "n_files": len(rows), "files": meta}}

@@ -32,8 +32,6 @@ MAX_FILE_NAMES = 4096
 #: the index files of a version-2 store (see FORMAT.md, "Index files")
 INDEX_FILES = ("shards.parquet", "files.parquet", "sequences.parquet")
 INDEX_DIR = "index"
-#: least bytes a sequence takes in ``index/sequences.parquet`` (its hash is 16 incompressible bytes)
-MIN_BYTES_PER_SEQUENCE = 8
 #: what a teacher part's commit record (``stats``) says about its model, copied into the manifest
 MODEL_FIELDS = ("config_hash", "model_type", "model_vocab_size", "n_parameters")
 _SAFE_PATH = re.compile(r"^[A-Za-z0-9_.\-]+(/[A-Za-z0-9_.\-]+)*$")
@@ -156,12 +154,6 @@ def _validate_index(d: dict, where: str) -> None:
     files = _get(index, "files", dict, w)
     for name in INDEX_FILES:
         _file_meta(_get(files, name, dict, f"{w}.files"), f"{w}.files[{name!r}]")
-    # every sequence has a 16-byte content hash, which no compression shrinks: a store declaring far
-    # more sequences than its sequence index could hold is refused before anything is planned for them
-    room = files["sequences.parquet"]["bytes"] // MIN_BYTES_PER_SEQUENCE + 4096
-    if d["n_sequences"] > room:
-        raise FormatError(f"{where}.n_sequences: {d['n_sequences']} sequences cannot fit in a sequences.parquet of "
-                          f"{files['sequences.parquet']['bytes']} bytes")
     if d["n_shards"] > d["n_sequences"]:
         raise FormatError(f"{where}.n_shards: {d['n_shards']} shards for {d['n_sequences']} sequences (a shard holds at least one)")
     if index["n_files"] < d["n_shards"] * (1 + len(d["teachers"])) or index["n_files"] > d["n_shards"] * (1 + len(d["teachers"])) * 256:
