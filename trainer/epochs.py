@@ -39,8 +39,10 @@ class EpochOrder:
         hold only fillers)."""
         slots = self.layout.n_slots
         if self.n_streams < slots or self.n_streams % slots:
+            fix = (f"resume with ranks x workers dividing {self.n_streams}" if where.startswith("--resume")
+                   else f"use a multiple of {slots}")
             raise ConfigError(f"{where}: {self.n_streams} streams cannot be split evenly over {self.world_size} process(es) x "
-                              f"{self.layout.num_workers} loader worker(s); use a multiple of {slots}")
+                              f"{self.layout.num_workers} loader worker(s); {fix}")
 
     def _segment(self, plan: EpochPlan) -> tuple[int, int]:
         """``(batches of the segment, first batch still to come)`` for this rank."""

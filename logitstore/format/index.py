@@ -151,17 +151,29 @@ class ShardIndex:
         return specs
 
 
+def file_table(per_shard: list[list[dict[str, dict]]], where: str) -> tuple[dict[str, np.ndarray], list[str]]:
+    """The file table (columns as :class:`ShardIndex` takes them) and its distinct names, from
+    ``per_shard[j][i]`` = ``{relative path: {"bytes", "sha256"}}`` of part ``i`` of shard ``j``."""
+    names = sorted({rel for parts in per_shard for files in parts for rel in files})
+    if len(names) > MAX_FILE_NAMES:
+        raise FormatError(f"{where}: parts name more than {MAX_FILE_NAMES} distinct files")
+    code = {n: i for i, n in enumerate(names)}
+    rows = [(j, pi, code[rel], meta["bytes"], meta["sha256"]) for j, parts in enumerate(per_shard) for pi, files in enumerate(parts)
+            for rel, meta in sorted(files.items(), key=lambda kv: code[kv[0]])]
+    try:
+        sha = np.frombuffer(b"".join(bytes.fromhex(r[4]) for r in rows), np.uint8).reshape(len(rows), 32)
+    except ValueError:
+        raise FormatError(f"{where}: a sha256 is not 64 hex digits") from None
+    return {"shard": np.array([r[0] for r in rows], np.int64), "part": np.array([r[1] for r in rows], np.uint8),
+            "name": np.array([r[2] for r in rows], np.uint16), "bytes": np.array([r[3] for r in rows], np.int64),
+            "sha256": sha}, names
+
+
 def index_from_v1(manifest: dict, encoding: Encoding) -> ShardIndex:
     """The columnar index of a version-1 manifest (its ``shards`` list, already validated)."""
     shards = manifest["shards"]
     parts = [layout.INPUTS] + [t["part"] for t in manifest["teachers"]]
-    names = sorted({rel for s in shards for p in s["parts"].values() for rel in p["files"]})
-    code = {n: i for i, n in enumerate(names)}
-    rows = [(j, pi, code[rel], meta["bytes"], meta["sha256"]) for j, s in enumerate(shards) for pi, p in enumerate(parts)
-            for rel, meta in sorted(s["parts"][p]["files"].items(), key=lambda kv: code[kv[0]])]
-    files = {"shard": np.array([r[0] for r in rows], np.int64), "part": np.array([r[1] for r in rows], np.int64),
-             "name": np.array([r[2] for r in rows], np.int64), "bytes": np.array([r[3] for r in rows], np.int64),
-             "sha256": np.array([bytes.fromhex(r[4]) for r in rows], dtype="S32").view(np.uint8).reshape(len(rows), 32)}
+    files, names = file_table([[s["parts"][p]["files"] for p in parts] for s in shards], "manifest.json")
     table = {k: np.array([s[k] for s in shards], np.int64) for k in ("start", "n_sequences", "n_tokens")}
     for s in shards:
         check_relpath(s["path"], "manifest.json: shards.path")

@@ -23,8 +23,8 @@ from logitstore.format import layout
 from logitstore.format.backends.arrow_backend import ROWS, ArrowBackend
 from logitstore.format.codec import Encoding
 from logitstore.format.hashing import SEQ_HASH_BYTES, sha256_hex
-from logitstore.format.index import ShardIndex, index_from_v1
-from logitstore.format.manifest import INDEX_DIR, MAX_FILE_NAMES
+from logitstore.format.index import ShardIndex, file_table, index_from_v1
+from logitstore.format.manifest import INDEX_DIR
 from logitstore.storage.fsio import StoreFS
 
 #: ``(path inside the store, {"bytes", "sha256"}) -> bytes``, checked (see ``PartFetcher.read_file``)
@@ -81,17 +81,10 @@ def write_index(fs: StoreFS, plan: dict, shards: list[dict], seq_hash: np.ndarra
     ``lengths`` [n]); return the manifest's ``n_shards`` and ``index`` fields. Each file is written
     atomically; none of them counts before the manifest that names them."""
     parts = [layout.INPUTS] + [t["part"] for t in plan["teachers"]]
-    names = sorted({rel for s in shards for p in s["parts"].values() for rel in p["files"]})
-    if len(names) > MAX_FILE_NAMES:
-        raise FormatError(f"{fs.url}: parts hold more than {MAX_FILE_NAMES} distinct file names")
-    code = {n: i for i, n in enumerate(names)}
-    rows = [(j, pi, code[rel], meta["bytes"], meta["sha256"]) for j, s in enumerate(shards) for pi, p in enumerate(parts)
-            for rel, meta in sorted(s["parts"][p]["files"].items(), key=lambda kv: code[kv[0]])]
+    files, names = file_table([[s["parts"][p]["files"] for p in parts] for s in shards], fs.url)
     tables = {
         "shards.parquet": {k: np.array([s[k] for s in shards], np.int64) for k in ("start", "n_sequences", "n_tokens")},
-        "files.parquet": {"shard": np.array([r[0] for r in rows], np.int64), "part": np.array([r[1] for r in rows], np.uint8),
-                          "name": np.array([r[2] for r in rows], np.uint16), "bytes": np.array([r[3] for r in rows], np.int64),
-                          "sha256": np.frombuffer(b"".join(bytes.fromhex(r[4]) for r in rows), np.uint8).reshape(len(rows), 32)},
+        "files.parquet": files,
         "sequences.parquet": {"seq_hash": np.ascontiguousarray(seq_hash, np.uint8).reshape(-1, SEQ_HASH_BYTES),
                               "length": np.ascontiguousarray(lengths, np.uint32)},
     }
@@ -101,4 +94,4 @@ def write_index(fs: StoreFS, plan: dict, shards: list[dict], seq_hash: np.ndarra
         data = backend.encode_part(arrays, 0, row_group_rows=ROW_GROUP_ROWS)[ROWS]
         fs.write_atomic(f"{INDEX_DIR}/{name}", data)
         meta[name] = {"bytes": len(data), "sha256": sha256_hex(data)}
-    return {"n_shards": len(shards), "index": {"file_names": names, "n_files": len(rows), "files": meta}}
+    return {"n_shards": len(shards), "index": {"file_names": names, "n_files": len(files["shard"]), "files": meta}}

@@ -23,8 +23,8 @@ from logitstore.errors import FormatError
 from logitstore.format import layout
 from logitstore.format.codec import Encoding
 from logitstore.format.hashing import SEQ_HASH_BYTES
-from logitstore.format.index import ShardIndex
-from logitstore.format.manifest import MAX_FILE_NAMES, MAX_MANIFEST_BYTES, MODEL_FIELDS, PLAN, check_relpath, validate_header
+from logitstore.format.index import ShardIndex, file_table
+from logitstore.format.manifest import MAX_MANIFEST_BYTES, MODEL_FIELDS, PLAN, check_relpath, validate_header
 from logitstore.storage.fsio import StoreFS
 
 
@@ -109,19 +109,7 @@ class LiveView:
 
     def _build(self) -> None:
         rows = self._rows
-        names = sorted({name for r in rows for files in r["files"] for name in files})
-        if len(names) > MAX_FILE_NAMES:
-            raise FormatError(f"{self.url}: commit records name more than {MAX_FILE_NAMES} distinct files")
-        code = {n: i for i, n in enumerate(names)}
-        frows = [(j, pi, code[name], meta["bytes"], meta["sha256"]) for j, r in enumerate(rows)
-                 for pi, files in enumerate(r["files"]) for name, meta in sorted(files.items(), key=lambda kv: code[kv[0]])]
-        try:
-            sha = np.frombuffer(b"".join(bytes.fromhex(f[4]) for f in frows), np.uint8).reshape(len(frows), 32)
-        except ValueError:
-            raise FormatError(f"{self.url}: a commit record's sha256 is not 64 hex digits") from None
-        files = {"shard": np.array([f[0] for f in frows], np.int64), "part": np.array([f[1] for f in frows], np.int64),
-                 "name": np.array([f[2] for f in frows], np.int64), "bytes": np.array([f[3] for f in frows], np.int64),
-                 "sha256": sha}
+        files, names = file_table([r["files"] for r in rows], f"{self.url} (commit records)")
         shards = {k: np.array([r[k] for r in rows], np.int64) for k in ("start", "n_sequences", "n_tokens")}
         self.manifest = {**self.plan, "n_shards": len(rows), "n_sequences": int(shards["n_sequences"].sum()),
                          "n_tokens": int(shards["n_tokens"].sum()), "live": True,

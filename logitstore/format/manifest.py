@@ -118,6 +118,8 @@ def validate_header(d: object, where: str = MANIFEST) -> dict:
     _get(tok, "fingerprint", str, f"{where}.tokenizer")
     _get(_get(d, "data", dict, where), "fingerprint", str, f"{where}.data")
     teachers = _get(d, "teachers", list, where)
+    if len(teachers) > 255:  # a part is coded in one byte in the index (0 = inputs)
+        raise FormatError(f"{where}.teachers: {len(teachers)} teachers, more than the 255 a store holds")
     names = set()
     for i, t in enumerate(teachers):
         w = f"{where}.teachers[{i}]"
