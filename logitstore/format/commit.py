@@ -104,17 +104,21 @@ def read_commits(fs: StoreFS, n_shards: int, parts: list[str], out: str | None =
     return [dict(zip(parts, recs[j * len(parts):(j + 1) * len(parts)])) for j in range(n_shards)]
 
 
-def shard_sequences(fs: StoreFS, backend: str, shard: int, rec: dict, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+def inputs_sequences(backend, files: dict[str, bytes], n: int, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(seq_hash [n, 16], length [n])`` decoded from an inputs part's files with ``backend``."""
+    got = backend.decode_part(files, {"seq_hash": (np.dtype(np.uint8), (n, SEQ_HASH_BYTES)),
+                                      "length": (np.dtype(np.uint32), (n,))}, where)
+    return got["seq_hash"], got["length"]
+
+
+def shard_sequences(fs: StoreFS, backend: str, shard: int, rec: dict) -> tuple[np.ndarray, np.ndarray]:
     """``(seq_hash [n, 16], length [n])`` of a shard, from its inputs commit record, or, for a record
     written before records held them, from the part itself."""
     if isinstance(rec.get("sequences"), tuple):  # converted by read_commits
         return rec["sequences"]
     base = layout.part_dir(shard, layout.INPUTS)
     files = {rel: fs.read(f"{base}/{rel}", size=meta["bytes"]) for rel, meta in rec["files"].items()}
-    n = rec["n_sequences"]
-    got = get_backend(backend).decode_part(files, {"seq_hash": (np.dtype(np.uint8), (n, SEQ_HASH_BYTES)),
-                                                   "length": (np.dtype(np.uint32), (n,))}, base)
-    return got["seq_hash"], got["length"]
+    return inputs_sequences(get_backend(backend), files, rec["n_sequences"], base)
 
 
 def finish_manifest(fs: StoreFS, header: dict, shards: list[dict], seqs: list[tuple[np.ndarray, np.ndarray]]) -> dict:
@@ -146,7 +150,7 @@ def build_manifest(fs: StoreFS, plan: dict, n_shards: int, settings: dict | None
             model_info[part] = {k: st[k] for k in MODEL_FIELDS}
         shards.append({"start": inp["start"], "n_sequences": inp["n_sequences"], "n_tokens": inp["n_tokens"],
                        "parts": {p: {"files": recs[p]["files"]} for p in parts}})
-        seqs.append(shard_sequences(fs, plan["backend"], j, inp, plan["seq_len"]))
+        seqs.append(shard_sequences(fs, plan["backend"], j, inp))
     teachers = []
     for t in plan["teachers"]:
         a = agg[t["part"]]

@@ -13,11 +13,10 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-import numpy as np
 
 from logitstore.version import __version__
 from logitstore.format import layout
-from logitstore.format.commit import CHUNK_TOKENS, check_or_write_plan, finish_manifest, read_commits, refuse_foreign, shard_sequences
+from logitstore.format.commit import CHUNK_TOKENS, check_or_write_plan, finish_manifest, inputs_sequences, read_commits, refuse_foreign, shard_sequences
 from logitstore.errors import ConfigError
 from logitstore.storage.fsio import StoreFS
 from logitstore.storage.lock import store_lock
@@ -102,8 +101,7 @@ def _write_derived(fs: StoreFS, out: str, header: dict, jobs: list[ShardJob], *,
                     acc[n] += recs[part]["stats"][key]
         shards.append({"start": job.start, "n_sequences": job.n_sequences, "n_tokens": job.n_tokens,
                        "parts": {p: {"files": recs[p]["files"]} for p in parts}})
-        seqs.append(shard_sequences(fs, header["backend"], i, {**recs[layout.INPUTS], "n_sequences": job.n_sequences},
-                                    header["seq_len"]))
+        seqs.append(shard_sequences(fs, header["backend"], i, {**recs[layout.INPUTS], "n_sequences": job.n_sequences}))
     teachers = []
     for t in header["teachers"]:
         if t["part"] in sums:
@@ -119,10 +117,8 @@ def _write_derived(fs: StoreFS, out: str, header: dict, jobs: list[ShardJob], *,
 def _write(pw: PartWriter, shard: int, part: str, kind: str, payload: dict, extra: dict) -> None:
     if kind == "files":
         if part == layout.INPUTS:  # copied files: their hashes and lengths go into the commit record too
-            n = extra["n_sequences"]
-            got = pw.backend.decode_part(payload, {"seq_hash": (np.dtype(np.uint8), (n, 16)), "length": (np.dtype(np.uint32), (n,))},
-                                         layout.part_dir(shard, part))
-            extra = {**extra, "sequences": sequences_record(got["seq_hash"], got["length"])}
+            h, lengths = inputs_sequences(pw.backend, payload, extra["n_sequences"], layout.part_dir(shard, part))
+            extra = {**extra, "sequences": sequences_record(h, lengths)}
         pw.write_files(shard, part, payload, extra)
     else:
         pw.write(shard, part, payload, extra)
