@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from logitstore.capture.corpus import load_texts, pack
+from logitstore.capture.corpus import pack
+from logitstore.capture.documents import load_texts
 from logitstore.capture.teacher import TeacherSpec
 
 

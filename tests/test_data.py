@@ -129,7 +129,7 @@ def bos_teacher(tmp_path_factory):
 
 
 def test_documents_start_with_bos_when_the_tokenizer_adds_one(tmp_path, bos_teacher, corpus):
-    from logitstore.capture.corpus import load_texts
+    from logitstore.capture.documents import load_texts
     from logitstore.capture.teacher import TeacherSpec
 
     tok = TeacherSpec.parse(str(bos_teacher)).load_tokenizer()  # as a dump loads it
@@ -168,7 +168,8 @@ def test_bos_choice_is_part_of_the_plan(tmp_path, bos_teacher, corpus):
 
 def test_tokenizer_without_bos_convention_packs_as_before(tokenizer, corpus, llama_dir, tmp_path):
     """The test tokenizer names a BOS token but does not add it: nothing changes (auto = no BOS)."""
-    from logitstore.capture.corpus import adds_bos, load_texts, pack
+    from logitstore.capture.corpus import adds_bos, pack
+    from logitstore.capture.documents import load_texts
 
     texts = load_texts(str(corpus))
     assert tokenizer.bos_token_id is not None and not adds_bos(tokenizer)

@@ -116,7 +116,7 @@ def test_empty_jsonl_says_the_file_is_empty(tmp_path, llama_dir):
 
 
 def test_rows_whose_text_is_not_a_string_are_counted(tmp_path, llama_dir, capsys):
-    from logitstore.capture.corpus import load_texts
+    from logitstore.capture.documents import load_texts
 
     data = tmp_path / "mixed.jsonl"
     rows = [{"text": "hello world, a document"}, {"text": None}, {"text": 42}, {"text": "another one"}, {"text": None}]
@@ -127,7 +127,7 @@ def test_rows_whose_text_is_not_a_string_are_counted(tmp_path, llama_dir, capsys
 
 
 def test_a_directory_or_glob_of_txt_files_is_one_document_per_file(tmp_path, llama_dir):
-    from logitstore.capture.corpus import describe_source, load_texts
+    from logitstore.capture.documents import describe_source, load_texts
 
     d = tmp_path / "docs"
     d.mkdir()

@@ -48,7 +48,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default=str(ROOT / "tools" / "results" / "bench_dump.json"))
     args = ap.parse_args()
-    from logitstore.capture.corpus import load_texts, pack
+    from logitstore.capture.corpus import pack
+    from logitstore.capture.documents import load_texts
     from logitstore.dump import DumpConfig, dump
     from logitstore.capture.teacher import DTYPES, TeacherSpec, resolve_device
 

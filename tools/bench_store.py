@@ -29,7 +29,8 @@ def real_distributions(positions: int, kmax: int = 128) -> dict:
         return dict(np.load(path))
     import torch
 
-    from logitstore.capture.corpus import load_texts, pack
+    from logitstore.capture.corpus import pack
+    from logitstore.capture.documents import load_texts
     from logitstore.capture.teacher import TeacherRunner, TeacherSpec
 
     spec = TeacherSpec.parse(str(smollm2_dir()))

@@ -42,7 +42,8 @@ def teacher_b_dir(steps: int = 40, force: bool = False) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from logitstore.capture.corpus import load_texts, pack
+    from logitstore.capture.corpus import pack
+    from logitstore.capture.documents import load_texts
 
     tok = AutoTokenizer.from_pretrained(smollm2_dir())
     packed = pack(tok, load_texts(str(DATA_TRAIN)), SEQ)

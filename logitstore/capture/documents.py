@@ -1,0 +1,178 @@
+"""Reading ``--data``: the documents of a corpus, one at a time, in a fixed order.
+
+Files (``.txt``, ``.jsonl``/``.json``, ``.parquet``, a directory of ``.txt`` files, a glob) are read
+through ``datasets``' streaming loaders: nothing is converted to an Arrow cache and a reader holds
+one batch of rows at a time, so memory does not grow with the corpus. A saved ``datasets``
+directory is read from its memory-mapped Arrow files, a batch at a time (its pages are file-backed
+and the kernel can drop them). Order: files sorted by path, rows in file order, the same on every
+rank and every run.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from logitstore.errors import LogitStoreError
+from logitstore.format.hashing import canonical_json_hash, file_sha256
+
+GLOB_CHARS = "*?["
+KINDS = (".txt", ".jsonl", ".json", ".parquet")
+#: rows read per batch from a loader
+BATCH_ROWS = 512
+
+
+def data_files(path: str) -> tuple[str, list[Path]] | None:
+    """The files ``--data`` names, if it names files: ``(kind, sorted paths)``, kind the common
+    suffix. A glob (``corpus/*.jsonl``) gives its matches; a directory without a saved ``datasets``
+    dataset in it gives every ``*.txt`` directly inside it. None for one file or a saved dataset."""
+    import glob
+
+    p = Path(path)
+    if any(c in path for c in GLOB_CHARS) and not p.exists():
+        files = sorted(Path(f) for f in glob.glob(path, recursive=True) if os.path.isfile(f))
+        if not files:
+            raise LogitStoreError(f"--data {path}: the pattern matches no files")
+        kinds = {f.suffix.lower() for f in files}
+        if len(kinds) > 1:
+            raise LogitStoreError(f"--data {path}: matches files of several kinds ({', '.join(sorted(kinds))}); use one kind per dump")
+        kind = kinds.pop()
+        if kind not in KINDS:
+            raise LogitStoreError(f"--data {path}: matches {kind or 'extension-less'} files; expected .txt, .jsonl, .json or .parquet")
+        return kind, files
+    if p.is_dir() and not _is_saved_dataset(p):
+        # hidden files (".DS_Store", macOS "._x.txt" resource forks) are not documents
+        files = sorted(f for f in p.iterdir() if f.suffix.lower() == ".txt" and f.is_file() and not f.name.startswith("."))
+        if not files:
+            raise LogitStoreError(f"--data {path}: a directory with neither .txt files nor a saved datasets dataset in it")
+        return ".txt", files
+    return None
+
+
+def _is_saved_dataset(p: Path) -> bool:
+    return any((p / n).exists() for n in ("dataset_info.json", "state.json", "dataset_dict.json"))
+
+
+@dataclass
+class DocumentCount:
+    """What one pass over a corpus saw: rows read, and rows skipped because the field was not a string."""
+
+    rows: int = 0
+    not_str: int = 0
+    kinds: set | None = None
+
+
+def iter_documents(path: str, text_field: str = "text", count: DocumentCount | None = None,
+                   warn: bool = True) -> Iterator[str]:
+    """Yield the non-empty documents of ``--data`` in order (see the module docstring).
+
+    Rows whose field is not a string (null, a number) are skipped and counted in ``count``; with
+    ``warn`` a pass that skipped some prints one warning line at its end. Raises a one-line
+    :class:`LogitStoreError` for a missing, empty, non-UTF-8 or unreadable source, a missing field,
+    or a corpus without a single document."""
+    count = count if count is not None else DocumentCount()
+    count.kinds = set()
+    batches, field = _open(path, text_field)
+    yielded = 0
+    try:
+        for batch in batches:
+            if field not in batch:
+                raise LogitStoreError(f"--data {path}: no field {field!r} (fields: {', '.join(batch)}); pass --text-field")
+            for t in batch[field]:
+                count.rows += 1
+                if not isinstance(t, str):
+                    count.not_str += 1
+                    count.kinds.add("null" if t is None else type(t).__name__)
+                elif t.strip():
+                    yielded += 1
+                    yield t
+    except LogitStoreError:
+        raise
+    except Exception as e:  # datasets raises many types for unreadable input, lazily while streaming
+        raise LogitStoreError(f"--data {path}: cannot read ({type(e).__name__}: {_first_line(e)})") from e
+    if count.not_str and warn:
+        print(f"warning: --data {path}: skipped {count.not_str} of {count.rows} rows whose {field!r} is not a string "
+              f"({', '.join(sorted(count.kinds))})", file=sys.stderr, flush=True)
+    if not yielded:
+        raise LogitStoreError(f"--data {path}: no non-empty documents in field {field!r}")
+
+
+def load_texts(path: str, text_field: str = "text") -> list[str]:
+    """Every document of ``--data`` as a list (small corpora, tests and tools; a dump streams)."""
+    return list(iter_documents(path, text_field))
+
+
+def _open(path: str, text_field: str) -> tuple[Iterator[dict], str]:
+    """Batches ``{field: [values]}`` of ``--data`` and the field that holds documents."""
+    import datasets
+
+    datasets.disable_progress_bars()  # our own bar reports the dump; theirs would bury error lines
+    p = Path(path)
+    files = data_files(path)
+    if files is None and not p.exists():
+        raise LogitStoreError(f"--data {path}: no such file or directory")
+    if files is None and p.is_dir():
+        try:
+            ds = datasets.load_from_disk(str(p))
+        except Exception as e:
+            raise LogitStoreError(f"--data {path}: cannot read ({type(e).__name__}: {_first_line(e)})") from e
+        if isinstance(ds, datasets.DatasetDict):
+            if "train" not in ds:
+                raise LogitStoreError(f"--data {path}: dataset has splits {sorted(ds)}, expected a 'train' split")
+            ds = ds["train"]
+        if text_field not in ds.column_names:
+            raise LogitStoreError(f"--data {path}: no field {text_field!r} (fields: {', '.join(ds.column_names)}); pass --text-field")
+        return ds.select_columns([text_field]).iter(batch_size=BATCH_ROWS), text_field
+    if files is None:
+        kind = p.suffix.lower()
+        if kind not in KINDS:
+            raise LogitStoreError(f"--data {path}: expected .txt, .jsonl, .json, .parquet, a directory of .txt files, "
+                                  "a glob or a saved datasets directory")
+        paths = [p]
+    else:
+        kind, paths = files
+    for f in paths:
+        if f.stat().st_size == 0 and (kind != ".txt" or files is None):  # an empty .txt in a directory is an empty document
+            raise LogitStoreError(f"--data {f}: the file is empty")
+        if kind in (".txt", ".jsonl", ".json"):
+            _check_utf8(f)
+    names = [str(f) for f in paths]
+    if kind == ".txt":  # each file is one document
+        ds = datasets.load_dataset("text", data_files=names, sample_by="document", split="train", streaming=True)
+        text_field = "text"
+    else:
+        ds = datasets.load_dataset("json" if kind in (".jsonl", ".json") else "parquet", data_files=names, split="train",
+                                   streaming=True)
+    return ds.iter(batch_size=BATCH_ROWS), text_field
+
+
+def _check_utf8(p: Path) -> None:
+    with open(p, "rb") as f:
+        offset = 0
+        for block in iter(lambda: f.read(1 << 24), b""):
+            try:
+                block.decode("utf-8")
+            except UnicodeDecodeError as e:
+                if e.start < len(block) - 4:  # a character cut by the block boundary is fine
+                    raise LogitStoreError(f"--data {p}: not valid UTF-8 at byte {offset + e.start}") from None
+            offset += len(block)
+
+
+def describe_source(path: str, text_field: str) -> dict:
+    """The manifest's ``data.source``: the path and its file's sha256; for a directory of ``.txt``
+    files or a glob also ``files`` (each file's path relative to the directory, or as matched, and
+    sha256, in reading order) and ``sha256`` = the hash of that list."""
+    files = data_files(path)
+    if files is None:
+        return {"path": os.path.abspath(path), "sha256": file_sha256(path), "text_field": text_field}
+    base = Path(path) if Path(path).is_dir() else None
+    listed = [{"path": str(f.relative_to(base)) if base else str(f), "sha256": file_sha256(f)} for f in files[1]]
+    return {"path": os.path.abspath(path), "sha256": canonical_json_hash(listed), "files": listed, "text_field": text_field}
+
+
+def _first_line(e: Exception) -> str:
+    s = str(e).strip()
+    return s.splitlines()[0] if s else ""

@@ -1,0 +1,124 @@
+"""Top-k statistics of an output layer split by vocabulary rows over a tensor-parallel group.
+
+With tensor parallelism the output layer's weight ``[V, H]`` is split by rows: rank ``r`` of the
+group holds rows ``[o_r, o_r + V_r)`` and computes only its logits ``x_r`` ``[N, V_r]``. The full
+``[N, V]`` logits are never gathered (at V = 152k, 1,024 positions are 620 MB in float32); each rank
+reduces its slice to a few ``[N, k]`` and ``[N]`` tensors (:func:`partial_stats`), those are
+all-gathered (``T x N x (3k + 5)`` floats), and :func:`combine` gives exactly what
+:func:`logitstore.capture.teacher.topk_stats` gives on the full row:
+
+- ``lse = logsumexp_r lse_r``; with ``w_r = exp(lse_r - lse)`` the share of the mass on rank r;
+- top-k: the k largest of the ``T * k`` local candidates (every global top-k entry is in its rank's
+  local top-k), log-probs ``x - lse``;
+- tail: rank r contributes ``c_r`` of the top-k; its mass outside them is summed on the rank for
+  every possible ``c_r`` (the mass outside its local top-k plus the local top entries from
+  ``c_r`` on, a sum of non-negative terms: no ``1 - sum`` cancellation), and the tail is
+  ``sum_r w_r * outside_r[c_r]``;
+- entropy: ``sum_r w_r * (H_r - log w_r)`` with ``H_r`` the entropy of rank r's own softmax;
+- gold log-prob: ``x[next] - lse``, the logit coming from the rank that holds ``next``.
+
+Rows at or past the tokenizer's vocabulary (a padded output layer) are left out on the rank that
+holds them, as on one device.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from logitstore.errors import LogitStoreError
+
+#: log-probs below this are stored as this value (the same floor as topk_stats)
+LOGPROB_FLOOR = -1.0e4
+KEYS = ("values", "ids", "lse", "entropy", "outside", "gold_x", "has_gold")
+
+
+def partial_stats(x_local: torch.Tensor, offset: int, k: int, vocab_size: int,
+                  next_ids: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """One rank's reduction of its logits ``x_local`` [N, V_r] (columns ``offset ..``).
+
+    Returns ``values``/``ids`` [N, k] (local top-k logits, global ids; ``-inf``/0 where the rank has
+    fewer than k real columns), ``lse``, ``entropy`` (of its own softmax), ``gold_x``, ``has_gold`` [N] and ``outside``
+    [N, k + 1] (its mass, under its own softmax, outside its top-c entries, for c = 0..k)."""
+    N = x_local.shape[0]
+    dev = x_local.device
+    real = max(0, min(x_local.shape[1], vocab_size - offset))
+    values = torch.full((N, k), float("-inf"), device=dev)
+    ids = torch.zeros((N, k), dtype=torch.int64, device=dev)
+    outside = torch.zeros((N, k + 1), device=dev)
+    lse = torch.full((N,), float("-inf"), device=dev)
+    entropy = torch.zeros((N,), device=dev)
+    gold_x = torch.zeros((N,), device=dev)
+    has_gold = torch.zeros((N,), device=dev)
+    if real:
+        x = x_local[:, :real].float()
+        kk = min(k, real)
+        top_x, top_i = torch.topk(x, kk, dim=-1, sorted=True)
+        dead = top_x[:, 0] == float("-inf")  # every logit of the row on this rank is masked
+        p = torch.softmax(torch.where(dead[:, None], torch.zeros((), device=dev), x), dim=-1)
+        p_top = p.gather(-1, top_i)
+        lse = top_x[:, 0] - torch.log(p_top[:, 0])
+        mean_x = torch.bmm(p[:, None, :], x[:, :, None])[:, 0, 0]
+        if not torch.isfinite(mean_x).all():  # -inf logits: 0 * -inf
+            mean_x = torch.where(p > 0, p * x, torch.zeros((), device=dev)).sum(-1)
+        entropy = lse - mean_x
+        p.scatter_(-1, top_i, 0.0)
+        rest = p.sum(-1)
+        suffix = torch.flip(torch.cumsum(torch.flip(p_top, [1]), 1), [1])  # [N, kk]: sum of p_top[j:]
+        outside[:, :kk] = suffix + rest[:, None]
+        outside[:, kk:] = rest[:, None]
+        values[:, :kk] = top_x
+        ids[:, :kk] = top_i + offset
+        if dead.any():
+            lse = torch.where(dead, float("-inf"), lse)
+            entropy = torch.where(dead, 0.0, entropy)
+            outside[dead] = 0.0
+        if next_ids is not None:
+            local = next_ids - offset
+            mine = (next_ids >= 0) & (local >= 0) & (local < real)
+            gold_x = torch.where(mine, x.gather(-1, local.clamp(0, real - 1)[:, None])[:, 0], gold_x)
+            has_gold = mine.float()
+    return {"values": values, "ids": ids, "lse": lse, "entropy": entropy, "outside": outside, "gold_x": gold_x,
+            "has_gold": has_gold}
+
+
+def combine(parts: dict[str, torch.Tensor], k: int, next_ids: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The statistics of the full row from every rank's :func:`partial_stats`, stacked on a new
+    first dimension ``[T, ...]``. Same keys, shapes and conventions as ``topk_stats``."""
+    T, N, _ = parts["values"].shape
+    lse = torch.logsumexp(parts["lse"], dim=0)  # [N]
+    if not torch.isfinite(lse).all():
+        bad = int(torch.nonzero(~torch.isfinite(lse))[0, 0])
+        raise LogitStoreError(f"teacher produced non-finite logits at position {bad} (fp16 overflow? try --dtype bf16 or fp32)")
+    w = torch.exp(parts["lse"] - lse[None])  # [T, N]; 0 for a rank without real columns
+    cand = parts["values"].permute(1, 0, 2).reshape(N, T * k)
+    top_v, sel = torch.topk(cand, k, dim=-1, sorted=True)
+    ids = parts["ids"].permute(1, 0, 2).reshape(N, T * k).gather(-1, sel)
+    counts = torch.zeros((N, T), dtype=torch.int64, device=cand.device)
+    counts.scatter_add_(1, sel // k, torch.ones_like(sel))
+    outside = parts["outside"].gather(-1, counts.t()[:, :, None])[:, :, 0]  # [T, N]
+    tail = (w * outside).sum(0).clamp_(0.0, 1.0)
+    # H = sum_r w_r (H_r - log w_r): terms of a few nats, so the rounding of sum_r w_r = 1 is not
+    # multiplied by the logits' magnitude as in lse - sum_r w_r E_r[x]
+    zero = torch.zeros((), device=lse.device)
+    entropy = torch.where(w > 0, w * (parts["entropy"] + (lse[None] - parts["lse"])), zero).sum(0).clamp_(min=0.0)
+    if next_ids is None:
+        gold = torch.zeros_like(lse)
+    else:
+        x_gold = torch.where(parts["has_gold"] > 0, parts["gold_x"], torch.zeros((), device=lse.device)).sum(0)
+        gold = torch.where(next_ids >= 0, x_gold - lse, torch.zeros((), device=lse.device))
+    logprobs = (top_v - lse[:, None]).clamp_(min=LOGPROB_FLOOR)
+    return {"ids": ids, "logprobs": logprobs, "tail_mass": tail, "gold_logprob": gold, "entropy": entropy}
+
+
+def gather_partials(part: dict[str, torch.Tensor], group) -> dict[str, torch.Tensor]:
+    """All-gather one rank's :func:`partial_stats` over ``group``: ``[T, ...]`` per key, in group-rank order."""
+    import torch.distributed as dist
+
+    T = dist.get_world_size(group)
+    out = {}
+    for key in KEYS:
+        t = part[key].contiguous()
+        bufs = [torch.empty_like(t) for _ in range(T)]
+        dist.all_gather(bufs, t, group=group)
+        out[key] = torch.stack(bufs)
+    return out

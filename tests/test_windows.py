@@ -1,0 +1,101 @@
+"""Streaming windows (logitstore/capture/windows.py) against the list-based definition (corpus.pack)."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+
+from conftest import corpus_texts
+from logitstore.capture.corpus import pack
+from logitstore.capture.windows import CorpusPlan, ShardWindows, WindowSpec, scan
+from logitstore.errors import LogitStoreError
+
+
+def _write(tmp_path, texts, name="c.jsonl"):
+    p = tmp_path / name
+    p.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
+    return p
+
+
+def _mixed_texts(seed: int, n: int = 60) -> list[str]:
+    """Documents from 1 character to several windows long, so windows start anywhere in a document."""
+    rng = random.Random(seed)
+    base = corpus_texts(n_docs=8, max_chars=4000)
+    return [rng.choice(base)[: rng.choice([1, 3, 10, 40, 200, 1500, 4000])] or "x" for _ in range(n)]
+
+
+@pytest.mark.parametrize("packed", [True, False])
+@pytest.mark.parametrize("seq_len,S,max_tokens,bos", [(16, 3, None, False), (7, 5, 1234, True), (64, 1, None, True),
+                                                      (33, 8, 2000, False), (512, 2, None, False)])
+def test_every_rank_gets_the_windows_pack_makes(tmp_path, tokenizer, packed, seq_len, S, max_tokens, bos):
+    texts = _mixed_texts(seq_len + S)
+    path = _write(tmp_path, texts)
+    ref = pack(tokenizer, texts, seq_len, packed=packed, max_tokens=max_tokens, bos=bos)
+    spec = WindowSpec(seq_len, packed, max_tokens, bos, S)
+    plan = scan(tokenizer, str(path), "text", spec)
+    assert plan.n_sequences == len(ref.lengths) and plan.n_tokens == ref.n_tokens
+    assert plan.fingerprint == ref.fingerprint()
+    assert plan.n_shards == -(-len(ref.lengths) // S) and sum(plan.sizes) == plan.n_sequences
+    assert CorpusPlan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
+    for world in (1, 2, 3, 7):
+        for rank in range(world):
+            sw = ShardWindows(tokenizer, str(path), "text", spec, plan)
+            for j in range(rank, plan.n_shards, world):
+                ids, lens = sw.get(j)
+                np.testing.assert_array_equal(ids, ref.input_ids[j * S:(j + 1) * S])
+                np.testing.assert_array_equal(lens, ref.lengths[j * S:(j + 1) * S])
+                assert ids.dtype == ref.input_ids.dtype
+
+
+def test_shards_must_be_asked_for_in_order(tmp_path, tokenizer):
+    path = _write(tmp_path, _mixed_texts(1))
+    spec = WindowSpec(16, True, None, False, 2)
+    sw = ShardWindows(tokenizer, str(path), "text", spec, scan(tokenizer, str(path), "text", spec))
+    sw.get(3)
+    with pytest.raises(ValueError, match="increasing"):
+        sw.get(1)
+
+
+def test_a_corpus_that_changes_between_passes_is_refused(tmp_path, tokenizer):
+    texts = _mixed_texts(2)
+    path = _write(tmp_path, texts)
+    spec = WindowSpec(16, True, None, False, 2)
+    plan = scan(tokenizer, str(path), "text", spec)
+    _write(tmp_path, texts[: len(texts) // 2])
+    sw = ShardWindows(tokenizer, str(path), "text", spec, plan)
+    with pytest.raises(LogitStoreError, match="the corpus changed"):
+        for j in range(plan.n_shards):
+            sw.get(j)
+
+
+def test_the_plan_does_not_tokenise_other_ranks_shards(tmp_path, tokenizer):
+    """Rank 3 of 4 tokenises its own shards' documents (plus at most a batch after each), not the corpus."""
+    rng = random.Random(3)
+    base = corpus_texts(n_docs=8, max_chars=4000)
+    texts = [rng.choice(base)[: rng.randint(40, 200)] for _ in range(2000)]
+    path = _write(tmp_path, texts)
+    spec = WindowSpec(32, True, None, False, 64)  # ~50 documents per shard
+    plan = scan(tokenizer, str(path), "text", spec)
+    calls = []
+
+    class Counting:
+        def __init__(self, tok):
+            self.tok = tok
+
+        def __getattr__(self, name):
+            return getattr(self.tok, name)
+
+        def __len__(self):
+            return len(self.tok)
+
+        def __call__(self, batch, **kw):
+            calls.append(len(batch))
+            return self.tok(batch, **kw)
+
+    sw = ShardWindows(Counting(tokenizer), str(path), "text", spec, plan)
+    for j in range(3, plan.n_shards, 4):
+        sw.get(j)
+    assert sum(calls) < 0.4 * len(texts), (sum(calls), len(texts))
