@@ -56,6 +56,11 @@ def dump(
     bos: str = typer.Option("auto", "--bos", help="start each document with BOS: auto (the tokenizer's own convention), always or never"),
     shard_sequences: Optional[int] = typer.Option(None, "--shard-sequences", help="sequences per shard (default: ~524k tokens)"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="run custom model code from teacher repositories (off unless given)"),
+    device_map: Optional[str] = typer.Option(None, "--device-map", help="place a teacher too big for one device with accelerate: "
+                                                                          "auto, balanced, balanced_low_0, sequential or a JSON file of module -> device"),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", help="with --device-map: per-device limits, e.g. 0=70GiB,1=70GiB,cpu=200GiB"),
+    offload_folder: Optional[str] = typer.Option(None, "--offload-folder", help="with --device-map: where weights offloaded to disk go"),
+    tp: int = typer.Option(1, "--tp", help="tensor-parallel ranks per teacher copy under torchrun (WORLD_SIZE = copies x tp)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars, summary or library warnings; errors still print"),
 ) -> None:
     """Run teachers over a corpus and write (or resume) a store. Under torchrun each rank writes its own shards."""
@@ -66,7 +71,8 @@ def dump(
     call(lambda: run_dump(DumpConfig(
         teachers=tuple(teacher), data=data, out=out, top_k=top_k, seq_len=seq_len, batch_size=batch_size, device=device,
         dtype=dtype, format=format, encoding=encoding, max_tokens=max_tokens, text_field=text_field, pack=pack, bos=bos,
-        shard_sequences=shard_sequences, trust_remote_code=trust_remote_code, progress=not quiet)), resumable=True)
+        shard_sequences=shard_sequences, trust_remote_code=trust_remote_code, device_map=device_map, max_memory=max_memory,
+        offload_folder=offload_folder, tp=tp, progress=not quiet)), resumable=True)
 
 
 @app.command()

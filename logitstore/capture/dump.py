@@ -21,13 +21,17 @@ import torch
 
 from logitstore.format import layout
 from logitstore.format.codec import ENCODINGS, SCALARS, Encoding
-from logitstore.capture.corpus import BOS_MODES, adds_bos, describe_source, load_texts, pack, resolve_bos
-from logitstore.capture.ranks import Ranks, barrier, process_group, rank_device, ranks_from_env
+from logitstore.capture.corpus import BOS_MODES, adds_bos, resolve_bos
+from logitstore.capture.documents import describe_source
+from logitstore.capture.placement import Parallel, device_map_kwargs, parse_device_map, parse_max_memory, tp_kwargs
+from logitstore.capture.ranks import Ranks, barrier, process_group, rank_device, ranks_from_env, share_from_rank0
+from logitstore.capture.windows import CorpusPlan, ShardWindows, WindowSpec, scan
 from logitstore.errors import ConfigError
 from logitstore.storage.fsio import StoreFS
 from logitstore.storage.lock import store_lock
 from logitstore.format.hashing import sequence_hashes, tokenizer_fingerprint
 from logitstore.format.commit import CHUNK_TOKENS, build_manifest, check_or_write_plan, refuse_foreign, summarize
+from logitstore.format.index import inputs_specs
 from logitstore.format.manifest import FORMAT_NAME, FORMAT_VERSION, MANIFEST, dumps, parse_manifest
 from logitstore.progress import progress_bar
 from logitstore.capture.teacher import DTYPES, TeacherRunner, TeacherSpec, model_identity, position_limit, resolve_device
@@ -62,6 +66,12 @@ class DumpConfig:
     progress: bool = True
     #: start each document with BOS: ``auto`` (if the tokenizer adds one itself), ``always``, ``never``
     bos: str = "auto"
+    #: accelerate placement over this process's GPUs, then CPU, then disk (logitstore/capture/placement.py)
+    device_map: str | None = None
+    max_memory: str | None = None
+    offload_folder: str | None = None
+    #: tensor-parallel ranks per copy of the teacher (under torchrun; WORLD_SIZE = dp x tp)
+    tp: int = 1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "teachers", tuple(self.teachers))
@@ -89,6 +99,14 @@ class DumpConfig:
             raise ConfigError(f"--shard-sequences: expected a positive integer, got {self.shard_sequences}")
         if self.bos not in BOS_MODES:
             raise ConfigError(f"--bos: expected one of {', '.join(BOS_MODES)}, got {self.bos!r}")
+        if not isinstance(self.tp, int) or self.tp < 1:
+            raise ConfigError(f"--tp: expected a positive integer, got {self.tp}")
+        parse_device_map(self.device_map)  # refuses a bad strategy or map file now
+        parse_max_memory(self.max_memory)
+        if self.tp > 1 and self.device_map:
+            raise ConfigError("--tp and --device-map: choose one (tensor parallelism places the teacher itself)")
+        if (self.max_memory or self.offload_folder) and not self.device_map:
+            raise ConfigError("--max-memory/--offload-folder: only with --device-map")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -126,9 +144,14 @@ def dump(cfg: DumpConfig, ranks: Ranks | None = None) -> DumpResult:
     more than one, a gloo process group is set up for the barriers unless one exists already. Only
     rank 0's result holds the manifest."""
     ranks = ranks or ranks_from_env()
+    Parallel(ranks.rank, ranks.world_size, cfg.tp)  # --tp must divide the world before anything starts
+    if cfg.tp > 1 and not ranks.distributed:
+        raise ConfigError(f"--tp {cfg.tp}: start the dump with torchrun --nproc-per-node {cfg.tp} (or a multiple)")
     if ranks.distributed and not ranks.is_main:
         cfg = replace(cfg, progress=False)  # one progress bar and summary, from rank 0
-    with process_group(ranks):
+    # tensor parallelism on GPUs needs NCCL for its collectives; barriers stay on gloo
+    backend = "cpu:gloo,cuda:nccl" if cfg.tp > 1 and torch.cuda.is_available() and cfg.device != "cpu" else "gloo"
+    with process_group(ranks, backend=backend):
         return _dump(cfg, ranks)
 
 
@@ -163,15 +186,14 @@ def _dump(cfg: DumpConfig, ranks: Ranks) -> DumpResult:
             raise ConfigError(f"--seq-len {cfg.seq_len}: teacher {s.name} ({s.source}) takes at most {limit[0]} positions "
                               f"({limit[1]}); use --seq-len {limit[0]} or less")
     device = resolve_device(rank_device(cfg.device, ranks))
-    dtype_name = cfg.dtype if cfg.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    on_gpu = device.type == "cuda" or (bool(cfg.device_map) and torch.cuda.is_available())
+    dtype_name = cfg.dtype if cfg.dtype != "auto" else ("bf16" if on_gpu else "fp32")
     dtype = DTYPES[dtype_name]
 
-    texts = load_texts(cfg.data, cfg.text_field)
-    packed = pack(tok, texts, cfg.seq_len, packed=cfg.pack, max_tokens=cfg.max_tokens, bos=bos)
-    del texts
-    n_seq = len(packed.lengths)
     S = cfg.shard_sequences or max(1, math.ceil(SHARD_TOKENS / cfg.seq_len))
-    n_shards = math.ceil(n_seq / S)
+    wspec = WindowSpec(cfg.seq_len, cfg.pack, cfg.max_tokens, bos, S)
+    corpus = share_from_rank0(ranks, lambda: _scan(cfg, tok, wspec).to_dict(), CorpusPlan.from_dict)
+    n_seq = corpus.n_sequences
     encoding = Encoding(cfg.encoding)
     teacher_ids = [{**s.identity(t), "dtype": dtype_name, "k": cfg.top_k, "part": layout.teacher_part(i)}
                    for i, (s, t) in enumerate(zip(specs, tokenizers))]
@@ -179,10 +201,10 @@ def _dump(cfg: DumpConfig, ranks: Ranks) -> DumpResult:
         "format": FORMAT_NAME, "format_version": FORMAT_VERSION,
         "backend": cfg.format, "encoding": encoding.to_dict(),
         "seq_len": cfg.seq_len, "packed": cfg.pack, "bos": bos, "shard_sequences": S,
-        "n_sequences": n_seq, "n_tokens": packed.n_tokens,
+        "n_sequences": n_seq, "n_tokens": corpus.n_tokens,
         "tokenizer": {"fingerprint": fps[0], "vocab_size": vocab, "eos_token_id": tok.eos_token_id,
                       "pad_token_id": tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id},
-        "data": {"fingerprint": packed.fingerprint(), "source": describe_source(cfg.data, cfg.text_field),
+        "data": {"fingerprint": corpus.fingerprint, "source": describe_source(cfg.data, cfg.text_field),
                  "max_tokens": cfg.max_tokens},
         "teachers": teacher_ids,
     }
@@ -190,8 +212,14 @@ def _dump(cfg: DumpConfig, ranks: Ranks) -> DumpResult:
     if rank == 0:
         refuse_foreign(fs, cfg.out)  # before a lock file is put into someone else's directory
     with store_lock(fs, cfg.out, "dump", enabled=rank == 0):  # one writer per store (logitstore/storage/lock.py)
-        return _write_store(cfg, ranks, fs, plan, t_start, specs, teacher_ids, packed, S, n_shards, encoding, vocab,
-                            device, dtype)
+        windows = ShardWindows(tok, cfg.data, cfg.text_field, wspec, corpus)
+        return _write_store(cfg, ranks, fs, plan, t_start, specs, teacher_ids, corpus, windows, encoding, vocab, device, dtype)
+
+
+def _scan(cfg: DumpConfig, tok, wspec: WindowSpec) -> CorpusPlan:
+    """The corpus plan (one tokenising pass; rank 0 only), with a progress bar."""
+    with progress_bar(None, "tokenising", enabled=cfg.progress) as bar:
+        return scan(tok, cfg.data, cfg.text_field, wspec, progress=bar.update)
 
 
 def _summary(out: str, manifest: dict) -> dict:
@@ -201,8 +229,9 @@ def _summary(out: str, manifest: dict) -> dict:
 
 
 def _write_store(cfg: DumpConfig, ranks: Ranks, fs: StoreFS, plan: dict, t_start: float, specs: list, teacher_ids: list,
-                 packed, S: int, n_shards: int, encoding: Encoding, vocab: int, device, dtype) -> DumpResult:
-    rank, world_size = ranks.rank, ranks.world_size
+                 corpus: CorpusPlan, windows: ShardWindows, encoding: Encoding, vocab: int, device, dtype) -> DumpResult:
+    rank = ranks.rank
+    par = Parallel(rank, ranks.world_size, cfg.tp)
     if rank == 0:
         resumed = check_or_write_plan(fs, plan, cfg.out)
     barrier(ranks)  # the other ranks check the plan rank 0 wrote (or found)
@@ -214,7 +243,9 @@ def _write_store(cfg: DumpConfig, ranks: Ranks, fs: StoreFS, plan: dict, t_start
         return DumpResult(manifest, time.perf_counter() - t_start, 0.0, 0, summary=_summary(cfg.out, manifest))
 
     pw = PartWriter(fs, cfg.format, chunk_rows=max(1, CHUNK_TOKENS // cfg.seq_len))
-    mine = list(range(rank, n_shards, world_size))
+    mine = par.shards(corpus.n_shards)
+    inputs = ShardInputs(pw, windows, corpus, cfg.seq_len, vocab, write=par.writer)
+    groups = tp_groups(ranks, par)
     bg = BackgroundWriter(depth=2)
     t_pipeline = time.perf_counter()
     load_seconds = 0.0
@@ -222,13 +253,15 @@ def _write_store(cfg: DumpConfig, ranks: Ranks, fs: StoreFS, plan: dict, t_start
     tokens_run = 0
     skipped = 0
     try:
-        skipped += _write_inputs(pw, bg, packed, mine, S)
         for spec, ident in zip(specs, teacher_ids):
-            todo = [j for j in mine if not pw.committed(j, ident["part"])]
+            # the group's writer decides what is left, so every rank of a tensor-parallel group runs the same shards
+            todo = share_from_group(par, groups, lambda: [j for j in mine if not pw.committed(j, ident["part"])])
             skipped += len(mine) - len(todo)
             if todo:
-                t = _run_teacher(cfg, spec, ident["part"], todo, pw, bg, packed, S, encoding, vocab, device, dtype)
+                t = _run_teacher(cfg, spec, ident["part"], todo, pw, bg, inputs, par, ranks, encoding, vocab, device, dtype)
                 load_seconds, forward_total, tokens_run = load_seconds + t[0], forward_total + t[1], tokens_run + t[2]
+        if par.writer:
+            skipped += inputs.write_missing(mine, bg)  # inputs of shards no teacher needed to run
         bg.close()
     except BaseException:
         bg.abort()
@@ -237,7 +270,7 @@ def _write_store(cfg: DumpConfig, ranks: Ranks, fs: StoreFS, plan: dict, t_start
     if rank != 0:
         return DumpResult({}, time.perf_counter() - t_start, forward_total, tokens_run, skipped,
                           pipeline_seconds=time.perf_counter() - t_pipeline - load_seconds)
-    manifest = build_manifest(fs, plan, n_shards, cfg.to_dict())
+    manifest = build_manifest(fs, plan, corpus.n_shards, cfg.to_dict())
     fs.write_atomic(MANIFEST, dumps(manifest))
     wall = time.perf_counter() - t_start
     pipeline = time.perf_counter() - t_pipeline - load_seconds
@@ -248,67 +281,131 @@ def _write_store(cfg: DumpConfig, ranks: Ranks, fs: StoreFS, plan: dict, t_start
     return result
 
 
-def _write_inputs(pw: PartWriter, bg: BackgroundWriter, packed, mine: list[int], S: int) -> int:
-    """Queue the ``inputs`` part of each of this rank's shards not yet committed; return how many were."""
-    n_seq, skipped = len(packed.lengths), 0
-    for j in mine:
-        pw.clean_debris(j)
-        if pw.committed(j, layout.INPUTS):
-            skipped += 1
-            continue
-        a, b = j * S, min(n_seq, (j + 1) * S)
-        ids, lens = packed.input_ids[a:b], packed.lengths[a:b]
-        arrays = {"input_ids": ids, "length": lens, "seq_hash": sequence_hashes(ids, lens)}
-        bg.submit(lambda j=j, arrays=arrays, a=a, lens=lens: pw.write(
-            j, layout.INPUTS, arrays, {"start": a, "n_sequences": len(lens), "n_tokens": int(lens.sum())}))
-    return skipped
+class ShardInputs:
+    """The windows of this rank's shards: read back from the store where the ``inputs`` part is
+    committed, else rebuilt from the corpus (:class:`ShardWindows`) and, by a writer, queued for
+    writing. Shards are asked for in increasing order within one pass; a pass that goes back to
+    an earlier shard not committed yet re-reads the corpus from its start."""
+
+    def __init__(self, pw: PartWriter, windows: ShardWindows, corpus: CorpusPlan, seq_len: int, vocab: int, *, write: bool):
+        self.pw, self.windows, self.corpus = pw, windows, corpus
+        self.seq_len, self.vocab, self.write = seq_len, vocab, write
+        self.queued: set[int] = set()  # inputs this run submitted (maybe not yet committed)
+        self.debris_cleaned: set[int] = set()
+
+    def get(self, j: int, bg: BackgroundWriter) -> tuple[np.ndarray, np.ndarray]:
+        if self.write and j not in self.debris_cleaned:
+            self.pw.clean_debris(j)
+            self.debris_cleaned.add(j)
+        if j not in self.queued and self.pw.committed(j, layout.INPUTS):
+            arrays = self.pw.read(j, layout.INPUTS, inputs_specs(self.corpus.sizes[j], self.seq_len, self.vocab))
+            return arrays["input_ids"], arrays["length"]
+        if j <= self.windows.last:
+            self.windows = self.windows.restarted()
+        ids, lens = self.windows.get(j)
+        if self.write and j not in self.queued:
+            self.queued.add(j)
+            start = j * self.corpus.sizes[0]  # every shard but the last holds sizes[0] windows
+            arrays = {"input_ids": ids, "length": lens, "seq_hash": sequence_hashes(ids, lens)}
+            bg.submit(lambda j=j, arrays=arrays, start=start, lens=lens: self.pw.write(
+                j, layout.INPUTS, arrays, {"start": start, "n_sequences": len(lens), "n_tokens": int(lens.sum())}))
+        return ids, lens
+
+    def write_missing(self, shards: list[int], bg: BackgroundWriter) -> int:
+        """Queue the inputs of ``shards`` not committed or queued; return how many were committed."""
+        skipped = 0
+        for j in shards:
+            if j in self.queued:
+                continue
+            if self.pw.committed(j, layout.INPUTS):
+                skipped += 1
+                continue
+            self.get(j, bg)
+        return skipped
+
+
+def share_from_group(par: Parallel, groups: list | None, fn):
+    """``fn()`` on the writer of this rank's tensor-parallel group, the same value on every rank of it."""
+    if groups is None:
+        return fn()
+    import torch.distributed as dist
+
+    box = [fn() if par.writer else None]
+    dist.broadcast_object_list(box, src=par.group * par.tp, group=groups[par.group])
+    return box[0]
+
+
+def tp_groups(ranks: Ranks, par: Parallel) -> list | None:
+    """One gloo process group per tensor-parallel group, for the writer's decisions (every rank
+    creates all of them, in the same order, as torch.distributed requires); None without TP."""
+    if par.tp == 1:
+        return None
+    import torch.distributed as dist
+
+    return [dist.new_group(list(range(g * par.tp, (g + 1) * par.tp)), backend="gloo") for g in range(par.dp)]
 
 
 def _run_teacher(cfg: DumpConfig, spec: TeacherSpec, part: str, todo: list[int], pw: PartWriter, bg: BackgroundWriter,
-                 packed, S: int, encoding: Encoding, vocab: int, device, dtype) -> tuple[float, float, int]:
-    """Load one teacher, run it over shards ``todo`` and queue their parts; unload it (only one
-    teacher is resident at a time). Returns (load seconds, forward seconds, tokens run)."""
-    n_seq = len(packed.lengths)
+                 inputs: ShardInputs, par: Parallel, ranks: Ranks, encoding: Encoding, vocab: int, device,
+                 dtype) -> tuple[float, float, int]:
+    """Load one teacher, run it over shards ``todo`` and queue their parts (a group's writer only);
+    unload it (only one teacher is resident at a time). Returns (load seconds, forward seconds, tokens run)."""
     t_load = time.perf_counter()
-    model = spec.load_model(device, dtype)
+    model = spec.load_model(device, dtype, _placement(cfg, par, ranks))
     runner = TeacherRunner(model, vocab, cfg.top_k)
     load_seconds = time.perf_counter() - t_load
     mid = model_identity(model, dtype)
     tokens_run = 0
-    total = sum(int(packed.lengths[j * S:(j + 1) * S].sum()) for j in todo)
+    total = sum(inputs.corpus.tokens[j] for j in todo)
     with progress_bar(total, f"{spec.name}", enabled=cfg.progress) as bar:
         for j in todo:
             t_shard = time.perf_counter()
             fwd0 = runner.forward_seconds
-            a, b = j * S, min(n_seq, (j + 1) * S)
-            res = _run_shard(runner, packed.input_ids[a:b], packed.lengths[a:b], cfg.batch_size, bar)
-            lens = packed.lengths[a:b]
+            ids, lens = inputs.get(j, bg)
+            res = _run_shard(runner, ids, lens, cfg.batch_size, bar)
             valid = np.arange(cfg.seq_len)[None, :] < lens[:, None]
             stats = {"n_positions": int(valid.sum()), "sum_tail_mass": float(res["tail_mass"][valid].sum(dtype=np.float64)),
                      "sum_entropy": float(res["entropy"][valid].sum(dtype=np.float64)),
                      "forward_seconds": runner.forward_seconds - fwd0, "wall_seconds": time.perf_counter() - t_shard,
-                     **mid}
-            bg.submit(lambda j=j, res=res, stats=stats: _write_teacher_part(pw, encoding, vocab, j, part, res, stats))
+                     "lm_head": runner.lm_head_path, **mid}
+            if par.writer:
+                bg.submit(lambda j=j, res=res, stats=stats: _write_teacher_part(pw, encoding, vocab, j, part, res, stats))
             tokens_run += int(lens.sum())
     forward = runner.forward_seconds
     del model, runner
     gc.collect()
-    if device.type == "cuda":
+    if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return load_seconds, forward, tokens_run
 
 
+def _placement(cfg: DumpConfig, par: Parallel, ranks: Ranks) -> dict | None:
+    """``from_pretrained`` arguments that place the teacher (None: one device)."""
+    if cfg.tp > 1:
+        return tp_kwargs(par)
+    if cfg.device_map:
+        return device_map_kwargs(parse_device_map(cfg.device_map), parse_max_memory(cfg.max_memory), cfg.offload_folder,
+                                 ranks.local_rank, ranks.local_world_size)
+    return None
+
+
 def _run_shard(runner: TeacherRunner, input_ids: np.ndarray, lengths: np.ndarray, batch_size: int, bar) -> dict:
+    """Run a shard's windows through the teacher, longest first, each batch cut to its longest
+    window (right padding past it is not computed; causal attention makes the kept positions
+    independent of it). Returns ``[n, L, ...]`` arrays, zero past each window's length."""
     n, L = input_ids.shape
     k = runner.k
     out = {"ids": np.zeros((n, L, k), np.int64), "logprobs": np.zeros((n, L, k), np.float32)}
     for s in SCALARS:
         out[s] = np.zeros((n, L), np.float32)
+    order = np.argsort(-lengths.astype(np.int64), kind="stable")
     for s in range(0, n, batch_size):
-        r = runner.run(input_ids[s:s + batch_size], lengths[s:s + batch_size])
+        rows = order[s:s + batch_size]
+        width = int(lengths[rows].max())
+        r = runner.run(input_ids[rows, :width], lengths[rows])
         for name, v in r.items():
-            out[name][s:s + batch_size] = v
-        bar.update(int(lengths[s:s + batch_size].sum()))
+            out[name][rows, :width] = v
+        bar.update(int(lengths[rows].sum()))
     return out
 
 

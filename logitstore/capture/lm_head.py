@@ -35,6 +35,7 @@ exact in float32); elsewhere the chunk and the weight are upcast to float32. The
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 import torch
 
@@ -84,7 +85,26 @@ class ChunkedHead:
         self._out_dtype_mm = True  # torch.mm(..., out_dtype=float32): CUDA only; turned off if it fails
 
     def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        return self.model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, **no_cache(self.model)).last_hidden_state
+
+    @contextmanager
+    def loaded(self):
+        """The output layer's weights on its device for the duration: with an accelerate device map
+        that offloaded it (to CPU or disk), its hook brings them in once per batch, not per chunk."""
+        hook = getattr(self.head, "_hf_hook", None)
+        if hook is None or not getattr(hook, "offload", False):
+            yield
+            return
+        hook.pre_forward(self.head)
+        try:
+            yield
+        finally:
+            hook.post_forward(self.head, None)
+
+    def full_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits over the whole output layer (for the load-time check)."""
+        with self.loaded():
+            return self(hidden)
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self._linear_fp32(hidden) if self.fp32 else self.head(hidden)
@@ -99,10 +119,13 @@ class ChunkedHead:
                 logits = torch.tanh(logits / cap) * cap
         return logits
 
+    def _weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.head.weight, getattr(self.head, "bias", None)
+
     def _linear_fp32(self, hidden: torch.Tensor) -> torch.Tensor:
-        w, b = self.head.weight, getattr(self.head, "bias", None)
+        w, b = self._weights()
         shape = hidden.shape
-        h = hidden.reshape(-1, shape[-1])
+        h = hidden.reshape(-1, shape[-1]).to(w.device)  # a device map may end the body on another device
         out = None
         if w.dtype in (torch.bfloat16, torch.float16) and w.is_cuda and self._out_dtype_mm:
             try:
@@ -116,13 +139,26 @@ class ChunkedHead:
         return out.reshape(*shape[:-1], out.shape[-1])
 
 
+def model_class(model: torch.nn.Module) -> type:
+    """The model's class, seen through FSDP2's wrapper class (``FSDP<Class>(FSDPModule, <Class>)``,
+    which adds no ``forward`` of its own)."""
+    cls = type(model)
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return cls
+    if issubclass(cls, FSDPModule) and cls.__name__.startswith("FSDP") and len(cls.__bases__) == 2 and cls.__bases__[0] is FSDPModule:
+        return cls.__bases__[1]
+    return cls
+
+
 def head_for(model: torch.nn.Module, *, fp32: bool = False) -> ChunkedHead | None:
     """The chunked output layer of ``model`` if its family is on :data:`FAMILIES`, else ``None``."""
     cfg = getattr(model, "config", None)
     entry = FAMILIES.get(getattr(cfg, "model_type", None))
     if entry is None:
         return None
-    cls = type(model)
+    cls = model_class(model)
     if cls.__name__ != entry[0] or not cls.__module__.startswith("transformers.models."):
         return None
     base = getattr(model, "base_model", None)
@@ -131,9 +167,15 @@ def head_for(model: torch.nn.Module, *, fp32: bool = False) -> ChunkedHead | Non
     return ChunkedHead(model, entry[1], fp32=fp32)
 
 
+def no_cache(model: torch.nn.Module) -> dict:
+    """``use_cache=False`` for a model that has a KV cache: one forward over a window needs none,
+    and building it costs memory (layers x 2 x [B, heads, L, head_dim])."""
+    return {"use_cache": False} if hasattr(getattr(model, "config", None), "use_cache") else {}
+
+
 def forward_logits(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
     """The model's own logits ``[B, L, V]`` (what every caller compares with)."""
-    out = model(input_ids=input_ids, attention_mask=attention_mask)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, **no_cache(model))
     return out.logits if hasattr(out, "logits") else out
 
 
@@ -145,9 +187,9 @@ def check_against_forward(head: ChunkedHead, input_ids: torch.Tensor, attention_
     Tolerance: 1e-3 nats plus, for a bf16/fp16 model whose own forward rounds its logits to that
     dtype, 4x the bound that rounding puts on log-probs (``2 * max|logit| * 2^-(mantissa bits + 1)``)."""
     ref = forward_logits(head.model, input_ids, attention_mask)[..., :vocab_size].float()
-    mine = head(head.hidden(input_ids, attention_mask))[..., :vocab_size].float()
+    mine = head.full_logits(head.hidden(input_ids, attention_mask))[..., :vocab_size].float().to(ref.device)
     d = float((torch.log_softmax(ref, -1) - torch.log_softmax(mine, -1)).abs().max())
-    dtype = head.head.weight.dtype
+    dtype = head._weights()[0].dtype
     eps = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}.get(dtype, 0.0)
     tol = 1e-3 + 4 * (2 * eps * float(ref.abs().max()))
     return None if d <= tol else d

@@ -15,7 +15,7 @@ from datetime import timedelta
 
 import torch
 
-from logitstore.errors import ConfigError
+from logitstore.errors import ConfigError, LogitStoreError
 
 
 @dataclass(frozen=True)
@@ -23,6 +23,8 @@ class Ranks:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    #: processes on this node (torchrun's LOCAL_WORLD_SIZE)
+    local_world_size: int = 1
 
     @property
     def distributed(self) -> bool:
@@ -45,7 +47,8 @@ def _env_int(name: str, default: int) -> int:
 
 def ranks_from_env() -> Ranks:
     """The layout ``torchrun`` describes in the environment (one process when it is absent)."""
-    r = Ranks(_env_int("RANK", 0), _env_int("WORLD_SIZE", 1), _env_int("LOCAL_RANK", 0))
+    world = _env_int("WORLD_SIZE", 1)
+    r = Ranks(_env_int("RANK", 0), world, _env_int("LOCAL_RANK", 0), _env_int("LOCAL_WORLD_SIZE", world))
     if r.world_size < 1 or not 0 <= r.rank < r.world_size:
         raise ConfigError(f"environment: RANK={r.rank} is not in [0, WORLD_SIZE={r.world_size})")
     return r
@@ -59,16 +62,17 @@ def rank_device(device: str, ranks: Ranks) -> str:
 
 
 @contextmanager
-def process_group(ranks: Ranks, timeout_minutes: float = 120.0):
+def process_group(ranks: Ranks, timeout_minutes: float = 120.0, backend: str = "gloo"):
     """Initialise the default process group for ``ranks`` (if not already) and tear it down after.
 
-    The timeout bounds how long a rank waits at a barrier for a slower one; a dump's ranks can
-    finish their shards far apart, so it is long."""
+    ``backend``: gloo for barriers and small objects; ``cpu:gloo,cuda:nccl`` when a tensor-parallel
+    teacher's collectives run on GPUs. The timeout bounds how long a rank waits at a barrier for a
+    slower one; a dump's ranks can finish their shards far apart, so it is long."""
     import torch.distributed as dist
 
     owned = ranks.distributed and dist.is_available() and not dist.is_initialized()
     if owned:
-        dist.init_process_group("gloo", timeout=timedelta(minutes=timeout_minutes))
+        dist.init_process_group(backend, timeout=timedelta(minutes=timeout_minutes))
     try:
         yield
     finally:
@@ -81,3 +85,28 @@ def barrier(ranks: Ranks) -> None:
         import torch.distributed as dist
 
         dist.barrier()
+
+
+def share_from_rank0(ranks: Ranks, compute, load):
+    """``load(compute())``, with ``compute`` (which returns plain Python data) run on rank 0 only and
+    its result broadcast to every rank. If it fails on rank 0 with a :class:`LogitStoreError`,
+    every rank raises the same one-line error instead of waiting for a result that never comes."""
+    if not ranks.distributed:
+        return load(compute())
+    import torch.distributed as dist
+
+    box: list = [None]
+    error = None
+    if ranks.is_main:
+        try:
+            box = [("ok", compute())]
+        except LogitStoreError as e:
+            error = e
+            box = [("error", type(e).__name__, str(e))]
+    dist.broadcast_object_list(box, src=0)
+    if error is not None:
+        raise error
+    if box[0][0] == "error":
+        cls = ConfigError if box[0][1] == "ConfigError" else LogitStoreError
+        raise cls(box[0][2])
+    return load(box[0][1])

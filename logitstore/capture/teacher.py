@@ -36,10 +36,10 @@ import torch
 from logitstore.errors import ConfigError, LogitStoreError
 from logitstore.format.hashing import config_hash, tokenizer_fingerprint, weights_hash
 from logitstore.capture.lm_head import check_against_forward, forward_logits, head_for
+from logitstore.capture.placement import output_device
+from logitstore.capture.vocab_parallel import LOGPROB_FLOOR, ShardedHead, sharded_head_for
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-#: log-probs below this (``-inf`` from masked logits) are stored as this value.
-LOGPROB_FLOOR = -1.0e4
 
 
 @dataclass(frozen=True)
@@ -105,16 +105,23 @@ class TeacherSpec:
                                    f"({type(e).__name__}: {_first_line(e)})")
         return LogitStoreError(f"--teacher {self.source}: cannot load {what} ({type(e).__name__}: {_first_line(e)})")
 
-    def load_model(self, device: torch.device, dtype: torch.dtype):
+    def load_model(self, device: torch.device, dtype: torch.dtype, placement: dict | None = None):
+        """The model in ``dtype``, on ``device``; or placed by ``placement`` (``from_pretrained``
+        arguments from :mod:`logitstore.capture.placement`: a device map or tensor parallelism),
+        in which case ``device`` is not used."""
         from transformers import AutoModelForCausalLM
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
         path, kw = self._load_args()
         try:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw, **(placement or {}))
+        except LogitStoreError:
+            raise
         except Exception as e:
             raise LogitStoreError(f"--teacher {self.source}: cannot load model ({type(e).__name__}: {_first_line(e)})") from e
+        if placement:
+            return model.eval()
         # the weights are in ``dtype`` already; moving only the device keeps float32 buffers float32
         return model.to(device).eval()
 
@@ -235,14 +242,16 @@ class TeacherRunner:
             raise ConfigError(f"teacher: output layer has {model_vocab} rows, fewer than the tokenizer's {self.vocab_size} tokens")
         if not 0 < self.k <= self.vocab_size:
             raise ConfigError(f"--top-k: expected 1..{self.vocab_size} (the vocab size), got {self.k}")
-        self.device = next(self.model.parameters()).device
-        self.head = head_for(self.model, fp32=True)
+        self.device = output_device(self.model)  # where the logits are: inputs go there too (hooks move them on)
+        self.tensor_parallel = is_tensor_parallel(self.model)
+        self.head = sharded_head_for(self.model) if self.tensor_parallel else head_for(self.model, fp32=True)
         self._checked = self.head is None
 
     @property
     def lm_head_path(self) -> str:
-        """``"chunked"`` (body once, output layer per chunk in float32) or ``"forward"`` (the model's own)."""
-        return "forward" if self.head is None else "chunked"
+        """``"chunked"`` (body once, output layer per chunk in float32), ``"vocab-parallel"`` (the same,
+        the output layer split over a tensor-parallel group) or ``"forward"`` (the model's own)."""
+        return "forward" if self.head is None else ("vocab-parallel" if isinstance(self.head, ShardedHead) else "chunked")
 
     def _check(self, ids: torch.Tensor, mask: torch.Tensor, lengths: torch.Tensor) -> None:
         """Prove the chunked head on (up to) 64 positions of the batch's longest sequence; else fall back."""
@@ -257,21 +266,27 @@ class TeacherRunner:
             self.head = None
 
     def _logit_chunks(self, ids: torch.Tensor, mask: torch.Tensor):
-        """Yield ``(start, logits [n, V_model])`` over the flattened ``B * L`` positions."""
+        """Yield ``(start, x)`` over the flattened ``B * L`` positions: ``x`` is the final hidden
+        states ``[n, H]`` of a chunk on the chunked path, the logits ``[n, V_model]`` on the forward path."""
         B, L = ids.shape
         if self.head is not None:
             flat_h = self.head.hidden(ids, mask).reshape(B * L, -1)  # [B, L, H]: the head runs per chunk
-            for s in range(0, B * L, self.chunk_positions):
-                yield s, self.head(flat_h[s : s + self.chunk_positions])
+            with self.head.loaded():
+                for s in range(0, B * L, self.chunk_positions):
+                    yield s, flat_h[s : s + self.chunk_positions]
             return
         rows = max(1, self.chunk_positions // L)  # whole sequences per forward: [rows, L, V] logits at a time
         for b in range(0, B, rows):
             logits = forward_logits(self.model, ids[b : b + rows], mask[b : b + rows])
             yield b * L, logits.reshape(-1, logits.shape[-1])
 
-    @torch.inference_mode()
     def run(self, input_ids: np.ndarray, lengths: np.ndarray) -> dict[str, np.ndarray]:
         """``input_ids`` [B, L], ``lengths`` [B] -> ids/logprobs [B, L, k], scalars [B, L]."""
+        # FSDP (the data-parallel copies of a tensor-parallel teacher) refuses inference tensors
+        with torch.no_grad() if self.tensor_parallel else torch.inference_mode():
+            return self._run(input_ids, lengths)
+
+    def _run(self, input_ids: np.ndarray, lengths: np.ndarray) -> dict[str, np.ndarray]:
         B, L = input_ids.shape
         ids_t = torch.from_numpy(input_ids.astype(np.int64)).to(self.device)
         lens_t = torch.from_numpy(lengths.astype(np.int64)).to(self.device)
@@ -290,13 +305,20 @@ class TeacherRunner:
         # on CPU the statistics run 128 rows at a time so their float32 temporaries stay in cache
         # (~20% faster than whole chunks); a GPU takes the chunk in one go
         rows = self.chunk_positions if self.device.type == "cuda" else 128
-        for s, logits in self._logit_chunks(ids_t, mask):
+        sharded = isinstance(self.head, ShardedHead)
+        for s, chunk in self._logit_chunks(ids_t, mask):
+            if sharded:  # chunk: hidden states; only [chunk, k]-sized partials cross the group
+                st = self.head.stats(chunk, self.k, self.vocab_size, flat_next[s : s + chunk.shape[0]])
+                for n, v in st.items():
+                    outs[n].append(v)
+                continue
+            logits = self.head(chunk) if self.head is not None else chunk  # [chunk, V]
             for r in range(0, logits.shape[0], rows):
                 e = min(r + rows, logits.shape[0])
                 st = topk_stats(logits[r:e], self.k, self.vocab_size, flat_next[s + r : s + e])
                 for n, v in st.items():
                     outs[n].append(v)
-            del logits  # [chunk, V]
+            del logits
         res = {n: torch.cat(v) for n, v in outs.items()}
         for n, v in res.items():  # zero the padding positions
             v[~keep] = 0
@@ -306,6 +328,10 @@ class TeacherRunner:
         out = {n: v.reshape(B, L, *v.shape[1:]).cpu().numpy() for n, v in res.items()}
         out["ids"] = out["ids"].astype(np.int64, copy=False)
         return out
+
+
+def is_tensor_parallel(model) -> bool:
+    return hasattr(model.get_output_embeddings().weight, "device_mesh")
 
 
 def model_identity(model, dtype: torch.dtype) -> dict:

@@ -25,9 +25,10 @@ from __future__ import annotations
 
 import torch
 
+from logitstore.capture.lm_head import ChunkedHead, head_for
 from logitstore.errors import LogitStoreError
 
-#: log-probs below this are stored as this value (the same floor as topk_stats)
+#: log-probs below this (``-inf`` from masked logits) are stored as this value, here and in ``topk_stats``
 LOGPROB_FLOOR = -1.0e4
 KEYS = ("values", "ids", "lse", "entropy", "outside", "gold_x", "has_gold")
 
@@ -122,3 +123,71 @@ def gather_partials(part: dict[str, torch.Tensor], group) -> dict[str, torch.Ten
         dist.all_gather(bufs, t, group=group)
         out[key] = torch.stack(bufs)
     return out
+
+
+class ShardedHead(ChunkedHead):
+    """A :class:`ChunkedHead` whose output layer is a DTensor split by rows over the ``tp`` dimension
+    of its mesh (transformers' ``colwise`` plan for ``lm_head``): ``self(h)`` gives this rank's
+    logits ``[.., V_r]``, columns ``offset .. offset + V_r`` of the full row."""
+
+    def __post_init__(self) -> None:
+        import torch.distributed as dist
+
+        super().__post_init__()
+        w = self.head.weight
+        mesh, dim = w.device_mesh, tp_dim(w)
+        self.group = mesh.get_group(dim)
+        self.local_w = w.to_local()
+        b = getattr(self.head, "bias", None)
+        self.local_b = b.to_local() if b is not None and hasattr(b, "to_local") else b
+        rows = [torch.zeros((), dtype=torch.int64, device=self.local_w.device) for _ in range(dist.get_world_size(self.group))]
+        dist.all_gather(rows, torch.tensor(self.local_w.shape[0], device=self.local_w.device), group=self.group)
+        me = dist.get_rank(self.group)
+        self.offset = int(sum(int(r) for r in rows[:me]))
+        self.rows = [int(r) for r in rows]
+
+    def _weights(self):
+        return self.local_w, self.local_b
+
+    def full_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The whole row, gathered (only for the load-time check on a few positions)."""
+        import torch.distributed as dist
+
+        local = self(hidden)
+        width = max(self.rows)  # gloo gathers equal shapes only: pad to the widest slice, cut after
+        padded = torch.zeros(*local.shape[:-1], width, dtype=local.dtype, device=local.device)
+        padded[..., : local.shape[-1]] = local
+        bufs = [torch.empty_like(padded) for _ in self.rows]
+        dist.all_gather(bufs, padded, group=self.group)
+        return torch.cat([b[..., :r] for b, r in zip(bufs, self.rows)], dim=-1)
+
+    def stats(self, hidden: torch.Tensor, k: int, vocab_size: int, next_ids: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """``topk_stats`` of the full rows of ``hidden`` [N, H], computed from this rank's slice."""
+        part = partial_stats(self(hidden), self.offset, k, vocab_size, next_ids)
+        return combine(gather_partials(part, self.group), k, next_ids)
+
+
+def tp_dim(weight) -> int | None:
+    """The mesh dimension over which a DTensor weight is split by rows (``Shard(0)``) and that is
+    named ``tp`` (or the only one), or None."""
+    from torch.distributed.tensor import Shard
+
+    mesh = weight.device_mesh
+    names = mesh.mesh_dim_names or ()
+    dims = [names.index("tp")] if "tp" in names else ([0] if mesh.ndim == 1 else [])
+    for d in dims:
+        pl = weight.placements[d]
+        if isinstance(pl, Shard) and type(pl) is Shard and pl.dim == 0:
+            return d
+    return None
+
+
+def sharded_head_for(model, *, fp32: bool = True) -> ShardedHead | None:
+    """A :class:`ShardedHead` for a model on the chunked-head allow-list whose output layer is
+    split by rows over its tensor-parallel mesh; None otherwise (the caller then uses the model's
+    own forward, whose logits transformers gathers)."""
+    base = head_for(model, fp32=fp32)
+    w = model.get_output_embeddings().weight if base is not None else None
+    if w is None or not hasattr(w, "device_mesh") or tp_dim(w) is None:
+        return None
+    return ShardedHead(model, base.transform, fp32=fp32)

@@ -190,9 +190,15 @@ class ShardWindows:
     def __init__(self, tokenizer, path: str, text_field: str, spec: WindowSpec, plan: CorpusPlan):
         self.tokens = _Tokens(tokenizer, spec)
         self.spec, self.plan = spec, plan
+        self.source = (tokenizer, path, text_field)
         self._docs = enumerate(iter_documents(path, text_field, warn=False))
         self._cache: list[tuple[int, np.ndarray]] = []  # tokenised documents of the last shard and after
-        self._last = -1
+        self.last = -1
+
+    def restarted(self) -> "ShardWindows":
+        """A new reader from the corpus's start (to go back to an earlier shard)."""
+        tokenizer, path, text_field = self.source
+        return ShardWindows(tokenizer, path, text_field, self.spec, self.plan)
 
     def _token_docs(self, d0: int) -> Iterator[tuple[int, np.ndarray]]:
         """``(index, tokens)`` of documents ``d0, d0 + 1, ...``; earlier ones are read, not tokenised."""
@@ -214,9 +220,9 @@ class ShardWindows:
             self._cache.extend((d, arr) for (d, _), arr in zip(batch, self.tokens.encode([t for _, t in batch])))
 
     def get(self, j: int) -> tuple[np.ndarray, np.ndarray]:
-        if not 0 <= j < self.plan.n_shards or j <= self._last:
-            raise ValueError(f"shard {j}: expected increasing shards in [0, {self.plan.n_shards}), after {self._last}")
-        self._last = j
+        if not 0 <= j < self.plan.n_shards or j <= self.last:
+            raise ValueError(f"shard {j}: expected increasing shards in [0, {self.plan.n_shards}), after {self.last}")
+        self.last = j
         (d0, o0), n, budget = self.plan.starts[j], self.plan.sizes[j], self.plan.tokens[j]
         L = self.spec.seq_len
         ids = np.full((n, L), self.tokens.pad, dtype=self.tokens.dtype)

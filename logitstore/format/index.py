@@ -142,13 +142,18 @@ class ShardIndex:
         """``{array: (dtype, shape)}`` a part must hold; a shape entry may be :class:`AtMost`."""
         n, L, V = int(self.sizes[shard]), self.seq_len, self.vocab_size
         if part == layout.INPUTS:
-            return {"input_ids": (id_dtype(V), (n, L)), "length": (np.dtype(np.uint32), (n,)),
-                    "seq_hash": (np.dtype(np.uint8), (n, SEQ_HASH_BYTES))}
+            return inputs_specs(n, L, V)
         t = next(t for t in self.teachers if t["part"] == part)
         specs = {name: (dt, (n, L) + shape) for name, (dt, shape) in self.encoding.array_specs(t["k"], V).items()}
         if self.encoding.name == "compact":
             specs["id_order"] = (id_dtype(V), (AtMost(V),))  # refused before decoding if longer
         return specs
+
+
+def inputs_specs(n: int, seq_len: int, vocab_size: int) -> dict:
+    """``{array: (dtype, shape)}`` of the ``inputs`` part of a shard of ``n`` sequences."""
+    return {"input_ids": (id_dtype(vocab_size), (n, seq_len)), "length": (np.dtype(np.uint32), (n,)),
+            "seq_hash": (np.dtype(np.uint8), (n, SEQ_HASH_BYTES))}
 
 
 def file_table(per_shard: list[list[dict[str, dict]]], where: str) -> tuple[dict[str, np.ndarray], list[str]]:

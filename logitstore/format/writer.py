@@ -16,6 +16,7 @@ from typing import Callable
 
 import numpy as np
 
+from logitstore.errors import FormatError
 from logitstore.format import layout
 from logitstore.format.backends import get_backend
 from logitstore.format.codec import SCALARS, Encoding
@@ -47,6 +48,21 @@ class PartWriter:
         except (ValueError, KeyError, TypeError, FileNotFoundError):
             return None
         return rec
+
+    def read(self, shard: int, part: str, specs: dict) -> dict[str, np.ndarray]:
+        """The arrays of a committed part, its files checked against the sha256 of its commit record."""
+        rec = self.committed(shard, part)
+        where = layout.part_dir(shard, part)
+        if rec is None:
+            raise FormatError(f"{where}: not committed")
+        files = {}
+        for rel, meta in rec["files"].items():
+            data = self.fs.read(f"{where}/{rel}")
+            if sha256_hex(data) != meta["sha256"]:
+                raise FormatError(f"{where}/{rel}: sha256 differs from its commit record; delete the shard's "
+                                  f"{part} part and its commit record to rewrite it")
+            files[rel] = data
+        return self.backend.decode_part(files, specs, where)
 
     def write(self, shard: int, part: str, arrays: dict[str, np.ndarray], extra: dict) -> dict:
         """Encode ``arrays`` with this writer's backend and commit them as ``part`` of ``shard``. The
