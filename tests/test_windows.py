@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 
 import numpy as np
 import pytest
@@ -99,3 +100,49 @@ def test_the_plan_does_not_tokenise_other_ranks_shards(tmp_path, tokenizer):
     for j in range(3, plan.n_shards, 4):
         sw.get(j)
     assert sum(calls) < 0.4 * len(texts), (sum(calls), len(texts))
+
+
+def test_every_source_kind_yields_the_same_documents(tmp_path):
+    """jsonl (read line by line), json (datasets), parquet (pyarrow), a saved dataset and .txt files agree."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from logitstore.capture.documents import load_texts
+
+    texts = corpus_texts(n_docs=5, max_chars=500) + ["  ", "last one\r\nwith a CRLF"]
+    want = [t for t in texts if t.strip()]
+    _write(tmp_path, texts, "a.jsonl")
+    (tmp_path / "a.json").write_text(json.dumps([{"text": t} for t in texts]), encoding="utf-8")
+    pq.write_table(pa.table({"text": texts, "other": list(range(len(texts)))}), tmp_path / "a.parquet", row_group_size=2)
+    datasets.Dataset.from_dict({"text": texts}).save_to_disk(str(tmp_path / "saved"))
+    for name in ("a.jsonl", "a.json", "a.parquet", "saved"):
+        assert load_texts(str(tmp_path / name)) == want, name
+
+
+@pytest.mark.parametrize("content,needle", [
+    ('{"text": "a"}\n{"text": \n', "line 2 is not valid JSON"),
+    ('{"text": "a"}\n[1, 2]\n', "line 2 is a JSON list, expected an object"),
+    ('{"body": "a"}\n', "no field 'text' (fields: body)"),
+])
+def test_bad_jsonl_is_named_by_line(tmp_path, content, needle):
+    from logitstore.capture.documents import load_texts
+
+    p = tmp_path / "bad.jsonl"
+    p.write_text(content)
+    with pytest.raises(LogitStoreError, match=re.escape(needle)):
+        load_texts(str(p))
+
+
+def test_parquet_without_the_field_or_not_parquet(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from logitstore.capture.documents import load_texts
+
+    pq.write_table(pa.table({"body": ["x"]}), tmp_path / "a.parquet")
+    with pytest.raises(LogitStoreError, match=re.escape("no field 'text' (fields: body)")):
+        load_texts(str(tmp_path / "a.parquet"))
+    (tmp_path / "b.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(LogitStoreError, match="cannot read as Parquet"):
+        load_texts(str(tmp_path / "b.parquet"))

@@ -63,6 +63,8 @@ def main() -> None:
     print(f"machine: {machine()}; teacher SmolLM2-135M-Instruct ({dtype_name}) on {device}; "
           f"{packed.n_tokens} tokens, seq_len {args.seq_len}, batch {args.batch_size}, k {args.top_k}")
     rounds = []
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     for i in range(args.rounds):
         fwd = forward_only(model, packed.input_ids, packed.lengths, args.batch_size, device)
         with tempfile.TemporaryDirectory() as tmp:
@@ -79,6 +81,7 @@ def main() -> None:
         "dump s": mid["dump s"], "dump / forward-only (median)": mid["ratio"], "min ratio": min(ratios), "max ratio": max(ratios),
         "teacher compute share": mid["teacher compute share"], "dump tok/s": packed.n_tokens / mid["dump s"],
         "B/token": r.summary["bytes_per_token"],
+        **({"peak CUDA GB": torch.cuda.max_memory_allocated() / 1e9} if device.type == "cuda" else {}),
     }
     print()
     print_table([row])

@@ -1,6 +1,10 @@
 """Cost of distilling from the cache, side by side on the same student and batches.
 
-    .venv/bin/python tools/bench_fit.py [--steps 6] [--out tools/results/bench_fit.json]
+    .venv/bin/python tools/bench_fit.py [--steps 6] [--device cpu|cuda] [--out tools/results/bench_fit.json]
+
+On ``--device cuda`` the arms run in bf16 autocast (fp32 master weights) with the step times
+synchronised, and the table adds each arm's peak CUDA memory; the CPU-only measures (data wait
+with loader workers, resident-set peaks of the losses) are left out there.
 
 Arms (one optimizer step = forward + backward + AdamW on a batch of 4 x 256 tokens):
 - CE only: the student trained on hard labels (the floor);
@@ -14,6 +18,7 @@ CE on full logits, our chunked KD + CE from hidden states, and a naive dense KD 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import subprocess
 import sys
@@ -38,28 +43,37 @@ def bench_store(tmp: Path) -> Path:
     return out
 
 
-def step_times(store: Path, steps: int) -> dict:
+def step_times(store: Path, steps: int, device: str = "cpu") -> dict:
     from transformers import AutoConfig, AutoModelForCausalLM
     from trainer.data import DistillDataset
     from trainer.student import DistillModule
     from logitstore.capture.teacher import TeacherSpec
 
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
     ds = DistillDataset([str(store)], batch_size=4, shuffle=False)
-    batches = [ds.make_batch(*x) for x in zip(*ds.rank_batches(0))][: steps + 1]
+    batches = [_to(ds.make_batch(*x), dev) for x in zip(*ds.rank_batches(0))][: steps + 1]
     cfg = dict(STUDENT)
-    teacher = TeacherSpec.parse(str(smollm2_dir())).load_model(torch.device("cpu"), torch.float32)
+    teacher = TeacherSpec.parse(str(smollm2_dir())).load_model(dev, torch.bfloat16 if cuda else torch.float32)
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     kd = dict(temperature=1.0, teacher_temperatures=[1.0], weights=[1.0], fuse_mode="mean-probs", loss="fkl", tail="bucket", beta=0.5,
               chunk_positions=1024, vocab_size=49152)
     out = {}
     for arm in ("ce", "cached", "online"):
         torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg))
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg)).to(dev)
         cfg = dict(STUDENT)
         module = DistillModule(model)
         opt = torch.optim.AdamW(module.parameters(), lr=1e-4)
         times = []
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
         for i, b in enumerate(batches):
+            sync()
             t0 = time.perf_counter()
+            ctx = autocast()
+            ctx.__enter__()
             if arm == "online":
                 with torch.inference_mode():
                     t_lp = torch.log_softmax(teacher(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.float(), -1)
@@ -72,13 +86,30 @@ def step_times(store: Path, steps: int) -> dict:
             else:
                 ce_s, kd_s, n = module(b, with_kd=arm == "cached", **kd)
                 loss = (0.5 * kd_s + 0.5 * ce_s) / n if arm == "cached" else ce_s / n
+            ctx.__exit__(None, None, None)
             loss.backward()
             opt.step()
             opt.zero_grad()
+            sync()
             if i:  # the first step warms up
                 times.append(time.perf_counter() - t0)
         out[arm] = sum(times) / len(times)
+        if cuda:
+            out[f"{arm} peak GB"] = torch.cuda.max_memory_allocated() / 1e9
     return out
+
+
+def _to(batch, dev):
+    """A batch (tensors, nested dicts/lists of tensors) on ``dev``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(dev)
+    if isinstance(batch, dict):
+        return {k: _to(v, dev) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to(v, dev) for v in batch)
+    if hasattr(batch, "_fields") or hasattr(batch, "__dataclass_fields__"):
+        return type(batch)(**{k: _to(getattr(batch, k), dev) for k in getattr(batch, "__dataclass_fields__", batch._fields)})
+    return batch
 
 
 def data_wait(store: Path, steps: int) -> dict:
@@ -144,11 +175,21 @@ def peak_memory() -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default=str(ROOT / "tools" / "results" / "bench_fit.json"))
     args = ap.parse_args()
     print(f"machine: {machine()}")
     store = bench_store(Path(tempfile.gettempdir()))
-    st = step_times(store, args.steps)
+    st = step_times(store, args.steps, args.device)
+    if args.device.startswith("cuda"):
+        rows = [{"measure": f"step time {a} (s)", "value": st[a]} for a in ("ce", "cached", "online")]
+        rows += [{"measure": "cached KD / CE-only", "value": st["cached"] / st["ce"], "target": "<= 1.10"},
+                 {"measure": "online KD / cached KD (speedup)", "value": st["online"] / st["cached"]}]
+        rows += [{"measure": f"peak CUDA memory {a} (GB)", "value": st[f"{a} peak GB"]} for a in ("ce", "cached", "online")]
+        print_table(rows, ["measure", "value", "target"])
+        write_json(Path(args.out), {"machine": machine(), "device": args.device, "dtype": "bf16 autocast", "student": STUDENT,
+                                    "batch": "4 x 256", "rows": rows})
+        return
     dw = data_wait(store, args.steps)
     mem = peak_memory()
     rows = [

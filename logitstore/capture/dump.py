@@ -14,6 +14,7 @@ from __future__ import annotations
 import gc
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, fields, replace
 
 import numpy as np
@@ -147,6 +148,9 @@ def dump(cfg: DumpConfig, ranks: Ranks | None = None) -> DumpResult:
     Parallel(ranks.rank, ranks.world_size, cfg.tp)  # --tp must divide the world before anything starts
     if cfg.tp > 1 and not ranks.distributed:
         raise ConfigError(f"--tp {cfg.tp}: start the dump with torchrun --nproc-per-node {cfg.tp} (or a multiple)")
+    if cfg.tp > 1 and ranks.local_world_size % cfg.tp and ranks.is_main:
+        warnings.warn(f"--tp {cfg.tp} does not divide the {ranks.local_world_size} processes per node: tensor-parallel "
+                      "groups span nodes, and every layer's all-reduce crosses the network", RuntimeWarning, stacklevel=2)
     if ranks.distributed and not ranks.is_main:
         cfg = replace(cfg, progress=False)  # one progress bar and summary, from rank 0
     # tensor parallelism on GPUs needs NCCL for its collectives; barriers stay on gloo

@@ -31,6 +31,9 @@ from logitstore.format.hashing import canonical_json_hash
 #: documents tokenised per call of the tokenizer in a full pass, and when one shard is prepared (smaller:
 #: a shard may need a few long documents, and what a batch reads past the shard is tokenised for nothing)
 TOKENIZE_BATCH = 512
+#: ... or fewer, up to this many characters: the tokenizer's output (Python lists, offsets) is tens of
+#: bytes per token, so a batch is bounded by its text, not only by its number of documents
+TOKENIZE_CHARS = 1 << 20
 SHARD_BATCH = 16
 
 
@@ -101,7 +104,7 @@ def _doc_stream(tokens: _Tokens, docs: Iterable[tuple[int, str]], limit: int | N
                 batch_docs: int = TOKENIZE_BATCH) -> Iterator[tuple[int, np.ndarray]]:
     """``(document index, tokens)`` for each document, the running total cut at ``limit`` tokens;
     ``batch_docs`` documents per call of the tokenizer."""
-    total, batch = 0, []
+    total, batch, chars = 0, [], 0
 
     def flush():
         nonlocal total
@@ -116,9 +119,10 @@ def _doc_stream(tokens: _Tokens, docs: Iterable[tuple[int, str]], limit: int | N
 
     for item in docs:
         batch.append(item)
-        if len(batch) == batch_docs:
+        chars += len(item[1])
+        if len(batch) == batch_docs or chars >= TOKENIZE_CHARS:
             yield from flush()
-            batch = []
+            batch, chars = [], 0
             if limit is not None and total >= limit:
                 return
     if batch:
