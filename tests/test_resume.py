@@ -113,3 +113,28 @@ def test_kill_9_mid_dump_then_resume(tmp_path, llama_dir, corpus):
                    capture_output=True)
     assert part_hashes(out) == part_hashes(ref)
     assert verify(str(out)) == []
+
+
+def test_a_resume_reuses_the_corpus_plan_only_for_the_same_corpus(tmp_path, llama_dir, corpus, monkeypatch):
+    """A resumed dump takes the shard starts from corpus_plan.json instead of tokenising the corpus
+    again, and ends with the same store; a changed corpus file is planned again (and refused)."""
+    import logitstore.capture.dump as dump_mod
+
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    dump(config((str(llama_dir),), corpus, ref))
+    dump(config((str(llama_dir),), corpus, out))
+    assert (out / "corpus_plan.json").exists()
+    (out / "manifest.json").unlink()
+    (out / layout.commit_path(1, "t0")).unlink()
+    scans = []
+    real_scan = dump_mod.scan
+    monkeypatch.setattr(dump_mod, "scan", lambda *a, **k: scans.append(1) or real_scan(*a, **k))
+    r = dump(config((str(llama_dir),), corpus, out))
+    assert scans == [] and r.tokens_this_run > 0
+    assert part_hashes(out) == part_hashes(ref)
+    changed = tmp_path / "changed.jsonl"
+    changed.write_text(Path(corpus).read_text().replace(" the ", " THE ", 5))
+    (out / "manifest.json").unlink()
+    with pytest.raises(ConfigError, match="different settings"):
+        dump(config((str(llama_dir),), changed, out))
+    assert scans == [1]

@@ -12,6 +12,7 @@ what is committed is skipped, whoever owns it now).
 from __future__ import annotations
 
 import gc
+import json
 import math
 import time
 import warnings
@@ -43,6 +44,8 @@ from logitstore.format.writer import BackgroundWriter, PartWriter, encode_teache
 #: with one teacher (two data files and two commit records per shard). Larger shards: fewer objects, more
 #: memory per loader worker and coarser rank-local reading; see README "Caches at scale".
 SHARD_TOKENS = 1 << 19
+#: a started store's corpus plan (logitstore/capture/windows.py), so that a resume skips the tokenising pass
+CORPUS_PLAN = "corpus_plan.json"
 
 
 @dataclass(frozen=True)
@@ -196,7 +199,10 @@ def _dump(cfg: DumpConfig, ranks: Ranks) -> DumpResult:
 
     S = cfg.shard_sequences or max(1, math.ceil(SHARD_TOKENS / cfg.seq_len))
     wspec = WindowSpec(cfg.seq_len, cfg.pack, cfg.max_tokens, bos, S)
-    corpus = share_from_rank0(ranks, lambda: _scan(cfg, tok, wspec).to_dict(), CorpusPlan.from_dict)
+    source = describe_source(cfg.data, cfg.text_field)
+    fs = StoreFS(cfg.out)
+    plan_key = {"source": source, "tokenizer": fps[0], "window": asdict(wspec)}
+    corpus = share_from_rank0(ranks, lambda: _corpus_plan(cfg, fs, tok, wspec, plan_key), CorpusPlan.from_dict)
     n_seq = corpus.n_sequences
     encoding = Encoding(cfg.encoding)
     teacher_ids = [{**s.identity(t), "dtype": dtype_name, "k": cfg.top_k, "part": layout.teacher_part(i)}
@@ -208,22 +214,32 @@ def _dump(cfg: DumpConfig, ranks: Ranks) -> DumpResult:
         "n_sequences": n_seq, "n_tokens": corpus.n_tokens,
         "tokenizer": {"fingerprint": fps[0], "vocab_size": vocab, "eos_token_id": tok.eos_token_id,
                       "pad_token_id": tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id},
-        "data": {"fingerprint": corpus.fingerprint, "source": describe_source(cfg.data, cfg.text_field),
+        "data": {"fingerprint": corpus.fingerprint, "source": source,
                  "max_tokens": cfg.max_tokens},
         "teachers": teacher_ids,
     }
-    fs = StoreFS(cfg.out)
     if rank == 0:
         refuse_foreign(fs, cfg.out)  # before a lock file is put into someone else's directory
     with store_lock(fs, cfg.out, "dump", enabled=rank == 0):  # one writer per store (logitstore/storage/lock.py)
         windows = ShardWindows(tok, cfg.data, cfg.text_field, wspec, corpus)
-        return _write_store(cfg, ranks, fs, plan, t_start, specs, teacher_ids, corpus, windows, encoding, vocab, device, dtype)
+        return _write_store(cfg, ranks, fs, plan, t_start, specs, teacher_ids, corpus, windows, encoding, vocab, device, dtype,
+                            plan_key)
 
 
-def _scan(cfg: DumpConfig, tok, wspec: WindowSpec) -> CorpusPlan:
-    """The corpus plan (one tokenising pass; rank 0 only), with a progress bar."""
+def _corpus_plan(cfg: DumpConfig, fs: StoreFS, tok, wspec: WindowSpec, key: dict) -> dict:
+    """The corpus plan (rank 0 only): the one a started store recorded for the same corpus file(s)
+    (same sha256), tokenizer and window settings, else one tokenising pass, with a progress bar."""
+    if key["source"]["sha256"] is not None and fs.exists(CORPUS_PLAN):
+        try:
+            d = json.loads(fs.read(CORPUS_PLAN))
+            if isinstance(d, dict) and d.get("key") == key:
+                plan = CorpusPlan.from_dict(d)
+                _log(cfg, f"corpus plan: reused from {cfg.out}/{CORPUS_PLAN} ({plan.n_tokens:,} tokens, {plan.n_shards:,} shards)")
+                return plan.to_dict()
+        except (ValueError, KeyError, TypeError):  # unreadable: plan again (the result is checked against plan.json)
+            _log(cfg, f"corpus plan: {cfg.out}/{CORPUS_PLAN} is unreadable; tokenising the corpus again")
     with progress_bar(None, "tokenising", enabled=cfg.progress) as bar:
-        return scan(tok, cfg.data, cfg.text_field, wspec, progress=bar.update)
+        return scan(tok, cfg.data, cfg.text_field, wspec, progress=bar.update).to_dict()
 
 
 def _summary(out: str, manifest: dict) -> dict:
@@ -233,11 +249,14 @@ def _summary(out: str, manifest: dict) -> dict:
 
 
 def _write_store(cfg: DumpConfig, ranks: Ranks, fs: StoreFS, plan: dict, t_start: float, specs: list, teacher_ids: list,
-                 corpus: CorpusPlan, windows: ShardWindows, encoding: Encoding, vocab: int, device, dtype) -> DumpResult:
+                 corpus: CorpusPlan, windows: ShardWindows, encoding: Encoding, vocab: int, device, dtype,
+                 plan_key: dict) -> DumpResult:
     rank = ranks.rank
     par = Parallel(rank, ranks.world_size, cfg.tp)
     if rank == 0:
         resumed = check_or_write_plan(fs, plan, cfg.out)
+        if plan_key["source"]["sha256"] is not None and not fs.exists(CORPUS_PLAN):
+            fs.write_atomic(CORPUS_PLAN, json.dumps({"key": plan_key, **corpus.to_dict()}).encode())
     barrier(ranks)  # the other ranks check the plan rank 0 wrote (or found)
     if rank != 0:
         resumed = check_or_write_plan(fs, plan, cfg.out)
@@ -250,6 +269,9 @@ def _write_store(cfg: DumpConfig, ranks: Ranks, fs: StoreFS, plan: dict, t_start
     mine = par.shards(corpus.n_shards)
     inputs = ShardInputs(pw, windows, corpus, cfg.seq_len, vocab, write=par.writer)
     groups = tp_groups(ranks, par)
+    if par.writer:
+        for j in mine:  # temporary directories a crashed writer left behind
+            pw.clean_debris(j)
     bg = BackgroundWriter(depth=2)
     t_pipeline = time.perf_counter()
     load_seconds = 0.0
@@ -295,12 +317,8 @@ class ShardInputs:
         self.pw, self.windows, self.corpus = pw, windows, corpus
         self.seq_len, self.vocab, self.write = seq_len, vocab, write
         self.queued: set[int] = set()  # inputs this run submitted (maybe not yet committed)
-        self.debris_cleaned: set[int] = set()
 
     def get(self, j: int, bg: BackgroundWriter) -> tuple[np.ndarray, np.ndarray]:
-        if self.write and j not in self.debris_cleaned:
-            self.pw.clean_debris(j)
-            self.debris_cleaned.add(j)
         if j not in self.queued and self.pw.committed(j, layout.INPUTS):
             arrays = self.pw.read(j, layout.INPUTS, inputs_specs(self.corpus.sizes[j], self.seq_len, self.vocab))
             return arrays["input_ids"], arrays["length"]

@@ -78,7 +78,13 @@ class CorpusPlan:
 
     @classmethod
     def from_dict(cls, d: dict) -> "CorpusPlan":
-        return cls(d["n_sequences"], d["n_tokens"], d["fingerprint"], [tuple(s) for s in d["starts"]], d["sizes"], d["tokens"])
+        """Raises ValueError for a plan whose parts do not add up."""
+        plan = cls(int(d["n_sequences"]), int(d["n_tokens"]), str(d["fingerprint"]),
+                   [(int(a), int(b)) for a, b in d["starts"]], [int(x) for x in d["sizes"]], [int(x) for x in d["tokens"]])
+        if not (len(plan.starts) == len(plan.sizes) == len(plan.tokens)) or sum(plan.sizes) != plan.n_sequences or \
+                sum(plan.tokens) != plan.n_tokens or min(plan.sizes, default=0) < 1:
+            raise ValueError("corpus plan: shard starts, sizes and tokens do not add up")
+        return plan
 
 
 class _Tokens:
