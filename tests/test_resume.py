@@ -118,7 +118,7 @@ def test_kill_9_mid_dump_then_resume(tmp_path, llama_dir, corpus):
 def test_a_resume_reuses_the_corpus_plan_only_for_the_same_corpus(tmp_path, llama_dir, corpus, monkeypatch):
     """A resumed dump takes the shard starts from corpus_plan.json instead of tokenising the corpus
     again, and ends with the same store; a changed corpus file is planned again (and refused)."""
-    import logitstore.capture.dump as dump_mod
+    import logitstore.capture.shard_inputs as dump_mod
 
     ref, out = tmp_path / "ref", tmp_path / "out"
     dump(config((str(llama_dir),), corpus, ref))

@@ -12,7 +12,6 @@ what is committed is skipped, whoever owns it now).
 from __future__ import annotations
 
 import gc
-import json
 import math
 import time
 import warnings
@@ -26,14 +25,14 @@ from logitstore.format.codec import ENCODINGS, SCALARS, Encoding
 from logitstore.capture.corpus import BOS_MODES, adds_bos, resolve_bos
 from logitstore.capture.documents import describe_source
 from logitstore.capture.placement import Parallel, device_map_kwargs, parse_device_map, parse_max_memory, tp_kwargs
-from logitstore.capture.ranks import Ranks, barrier, process_group, rank_device, ranks_from_env, share_from_rank0
-from logitstore.capture.windows import CorpusPlan, ShardWindows, WindowSpec, scan
+from logitstore.capture.ranks import Ranks, barrier, process_group, rank_device, ranks_from_env, share_from_group, share_from_rank0, tp_groups
+from logitstore.capture.shard_inputs import ShardInputs, corpus_plan, record_corpus_plan
+from logitstore.capture.windows import CorpusPlan, ShardWindows, WindowSpec
 from logitstore.errors import ConfigError
 from logitstore.storage.fsio import StoreFS
 from logitstore.storage.lock import store_lock
-from logitstore.format.hashing import sequence_hashes, tokenizer_fingerprint
+from logitstore.format.hashing import tokenizer_fingerprint
 from logitstore.format.commit import CHUNK_TOKENS, build_manifest, check_or_write_plan, refuse_foreign, summarize
-from logitstore.format.index import inputs_specs
 from logitstore.format.manifest import FORMAT_NAME, FORMAT_VERSION, MANIFEST, dumps, parse_manifest
 from logitstore.progress import progress_bar
 from logitstore.capture.teacher import DTYPES, TeacherRunner, TeacherSpec, model_identity, position_limit, resolve_device
@@ -44,8 +43,6 @@ from logitstore.format.writer import BackgroundWriter, PartWriter, encode_teache
 #: with one teacher (two data files and two commit records per shard). Larger shards: fewer objects, more
 #: memory per loader worker and coarser rank-local reading; see README "Caches at scale".
 SHARD_TOKENS = 1 << 19
-#: a started store's corpus plan (logitstore/capture/windows.py), so that a resume skips the tokenising pass
-CORPUS_PLAN = "corpus_plan.json"
 
 
 @dataclass(frozen=True)
@@ -202,7 +199,8 @@ def _dump(cfg: DumpConfig, ranks: Ranks) -> DumpResult:
     source = describe_source(cfg.data, cfg.text_field)
     fs = StoreFS(cfg.out)
     plan_key = {"source": source, "tokenizer": fps[0], "window": asdict(wspec)}
-    corpus = share_from_rank0(ranks, lambda: _corpus_plan(cfg, fs, tok, wspec, plan_key), CorpusPlan.from_dict)
+    corpus = share_from_rank0(ranks, lambda: corpus_plan(fs, cfg.out, tok, cfg.data, cfg.text_field, wspec, plan_key,
+                                                         cfg.progress), CorpusPlan.from_dict)
     n_seq = corpus.n_sequences
     encoding = Encoding(cfg.encoding)
     teacher_ids = [{**s.identity(t), "dtype": dtype_name, "k": cfg.top_k, "part": layout.teacher_part(i)}
@@ -226,22 +224,6 @@ def _dump(cfg: DumpConfig, ranks: Ranks) -> DumpResult:
                             plan_key)
 
 
-def _corpus_plan(cfg: DumpConfig, fs: StoreFS, tok, wspec: WindowSpec, key: dict) -> dict:
-    """The corpus plan (rank 0 only): the one a started store recorded for the same corpus file(s)
-    (same sha256), tokenizer and window settings, else one tokenising pass, with a progress bar."""
-    if key["source"]["sha256"] is not None and fs.exists(CORPUS_PLAN):
-        try:
-            d = json.loads(fs.read(CORPUS_PLAN))
-            if isinstance(d, dict) and d.get("key") == key:
-                plan = CorpusPlan.from_dict(d)
-                _log(cfg, f"corpus plan: reused from {cfg.out}/{CORPUS_PLAN} ({plan.n_tokens:,} tokens, {plan.n_shards:,} shards)")
-                return plan.to_dict()
-        except (ValueError, KeyError, TypeError):  # unreadable: plan again (the result is checked against plan.json)
-            _log(cfg, f"corpus plan: {cfg.out}/{CORPUS_PLAN} is unreadable; tokenising the corpus again")
-    with progress_bar(None, "tokenising", enabled=cfg.progress) as bar:
-        return scan(tok, cfg.data, cfg.text_field, wspec, progress=bar.update).to_dict()
-
-
 def _summary(out: str, manifest: dict) -> dict:
     from logitstore.format.reader import Store
 
@@ -255,8 +237,7 @@ def _write_store(cfg: DumpConfig, ranks: Ranks, fs: StoreFS, plan: dict, t_start
     par = Parallel(rank, ranks.world_size, cfg.tp)
     if rank == 0:
         resumed = check_or_write_plan(fs, plan, cfg.out)
-        if plan_key["source"]["sha256"] is not None and not fs.exists(CORPUS_PLAN):
-            fs.write_atomic(CORPUS_PLAN, json.dumps({"key": plan_key, **corpus.to_dict()}).encode())
+        record_corpus_plan(fs, plan_key, corpus)
     barrier(ranks)  # the other ranks check the plan rank 0 wrote (or found)
     if rank != 0:
         resumed = check_or_write_plan(fs, plan, cfg.out)
@@ -305,66 +286,6 @@ def _write_store(cfg: DumpConfig, ranks: Ranks, fs: StoreFS, plan: dict, t_start
         _log(cfg, f"resumed: {skipped} committed part(s) reused")
     _log(cfg, format_summary(result))
     return result
-
-
-class ShardInputs:
-    """The windows of this rank's shards: read back from the store where the ``inputs`` part is
-    committed, else rebuilt from the corpus (:class:`ShardWindows`) and, by a writer, queued for
-    writing. Shards are asked for in increasing order within one pass; a pass that goes back to
-    an earlier shard not committed yet re-reads the corpus from its start."""
-
-    def __init__(self, pw: PartWriter, windows: ShardWindows, corpus: CorpusPlan, seq_len: int, vocab: int, *, write: bool):
-        self.pw, self.windows, self.corpus = pw, windows, corpus
-        self.seq_len, self.vocab, self.write = seq_len, vocab, write
-        self.queued: set[int] = set()  # inputs this run submitted (maybe not yet committed)
-
-    def get(self, j: int, bg: BackgroundWriter) -> tuple[np.ndarray, np.ndarray]:
-        if j not in self.queued and self.pw.committed(j, layout.INPUTS):
-            arrays = self.pw.read(j, layout.INPUTS, inputs_specs(self.corpus.sizes[j], self.seq_len, self.vocab))
-            return arrays["input_ids"], arrays["length"]
-        if j <= self.windows.last:
-            self.windows = self.windows.restarted()
-        ids, lens = self.windows.get(j)
-        if self.write and j not in self.queued:
-            self.queued.add(j)
-            start = j * self.corpus.sizes[0]  # every shard but the last holds sizes[0] windows
-            arrays = {"input_ids": ids, "length": lens, "seq_hash": sequence_hashes(ids, lens)}
-            bg.submit(lambda j=j, arrays=arrays, start=start, lens=lens: self.pw.write(
-                j, layout.INPUTS, arrays, {"start": start, "n_sequences": len(lens), "n_tokens": int(lens.sum())}))
-        return ids, lens
-
-    def write_missing(self, shards: list[int], bg: BackgroundWriter) -> int:
-        """Queue the inputs of ``shards`` not committed or queued; return how many were committed."""
-        skipped = 0
-        for j in shards:
-            if j in self.queued:
-                continue
-            if self.pw.committed(j, layout.INPUTS):
-                skipped += 1
-                continue
-            self.get(j, bg)
-        return skipped
-
-
-def share_from_group(par: Parallel, groups: list | None, fn):
-    """``fn()`` on the writer of this rank's tensor-parallel group, the same value on every rank of it."""
-    if groups is None:
-        return fn()
-    import torch.distributed as dist
-
-    box = [fn() if par.writer else None]
-    dist.broadcast_object_list(box, src=par.group * par.tp, group=groups[par.group])
-    return box[0]
-
-
-def tp_groups(ranks: Ranks, par: Parallel) -> list | None:
-    """One gloo process group per tensor-parallel group, for the writer's decisions (every rank
-    creates all of them, in the same order, as torch.distributed requires); None without TP."""
-    if par.tp == 1:
-        return None
-    import torch.distributed as dist
-
-    return [dist.new_group(list(range(g * par.tp, (g + 1) * par.tp)), backend="gloo") for g in range(par.dp)]
 
 
 def _run_teacher(cfg: DumpConfig, spec: TeacherSpec, part: str, todo: list[int], pw: PartWriter, bg: BackgroundWriter,

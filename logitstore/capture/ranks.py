@@ -110,3 +110,25 @@ def share_from_rank0(ranks: Ranks, compute, load):
         cls = ConfigError if box[0][1] == "ConfigError" else LogitStoreError
         raise cls(box[0][2])
     return load(box[0][1])
+
+
+def share_from_group(par, groups: list | None, fn):
+    """``fn()`` on the writer of this rank's tensor-parallel group (``par``: a
+    :class:`~logitstore.capture.placement.Parallel`), the same value on every rank of it."""
+    if groups is None:
+        return fn()
+    import torch.distributed as dist
+
+    box = [fn() if par.writer else None]
+    dist.broadcast_object_list(box, src=par.group * par.tp, group=groups[par.group])
+    return box[0]
+
+
+def tp_groups(ranks: Ranks, par) -> list | None:
+    """One gloo process group per tensor-parallel group, for the writer's decisions (every rank
+    creates all of them, in the same order, as torch.distributed requires); None without TP."""
+    if par.tp == 1:
+        return None
+    import torch.distributed as dist
+
+    return [dist.new_group(list(range(g * par.tp, (g + 1) * par.tp)), backend="gloo") for g in range(par.dp)]
