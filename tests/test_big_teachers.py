@@ -98,6 +98,13 @@ def test_tensor_parallel_dp2_x_tp2_writes_what_one_device_writes(tmp_path, plain
     assert r.returncode == 0, r.stderr[-4000:]
     assert _commit_stats(out)["lm_head"] == "vocab-parallel"
     assert_same_content(plain, out)
+    # a resume where only the first copy has work left: the other copy still joins the teacher's
+    # device mesh (a collective of every rank), then waits
+    (out / "manifest.json").unlink()
+    (out / "shards" / "000000" / "t0.commit.json").unlink()
+    r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert_same_content(plain, out)
 
 
 def test_tp_that_does_not_divide_the_world_is_refused(tmp_path, llama_dir, corpus):

@@ -138,3 +138,15 @@ def test_a_resume_reuses_the_corpus_plan_only_for_the_same_corpus(tmp_path, llam
     with pytest.raises(ConfigError, match="different settings"):
         dump(config((str(llama_dir),), changed, out))
     assert scans == [1]
+
+
+def test_later_teachers_read_the_inputs_back_instead_of_the_corpus(tmp_path, llama_dir, gpt2_dir, corpus, monkeypatch):
+    from logitstore.capture.windows import ShardWindows
+
+    restarts, gets = [], []
+    real_restarted, real_get = ShardWindows.restarted, ShardWindows.get
+    monkeypatch.setattr(ShardWindows, "restarted", lambda self: restarts.append(1) or real_restarted(self))
+    monkeypatch.setattr(ShardWindows, "get", lambda self, j: gets.append(j) or real_get(self, j))
+    out = tmp_path / "s"
+    m = dump(config((f"a={llama_dir}", f"b={gpt2_dir}"), corpus, out)).manifest
+    assert restarts == [] and gets == list(range(m["n_shards"]))  # each shard built from the corpus once

@@ -49,3 +49,25 @@ def test_a_confident_row_keeps_a_tiny_tail_without_cancellation():
     got = _split_stats(logits, 3, k, V, None)
     assert float(ref["tail_mass"][0]) > 0
     torch.testing.assert_close(got["tail_mass"], ref["tail_mass"], rtol=1e-4, atol=0)
+
+
+def test_rows_with_fewer_finite_logits_than_k_keep_distinct_ids():
+    """A rank with fewer real columns than k pads its candidates; the pads are never chosen."""
+    V, k = 33, 9
+    logits = torch.full((40, V), float("-inf"))
+    logits[:, 0], logits[:, 31] = 1.0, 2.0
+    got = _split_stats(logits, 8, k, V, None)  # chunks of 5, the last rank holds 3 real rows
+    for row in got["ids"]:
+        assert len(set(row.tolist())) == k
+    assert set(got["ids"][0, :2].tolist()) == {0, 31}
+
+
+def test_tail_stays_exact_at_large_logit_magnitudes():
+    g = torch.Generator().manual_seed(5)
+    for offset in (100.0, 3000.0):
+        logits = torch.randn(64, 4000, generator=g) * 3 + offset
+        ref64 = torch.softmax(logits.double(), -1)
+        got = _split_stats(logits, 8, 16, 4000, None)
+        top = ref64.gather(-1, got["ids"])
+        tail = 1 - top.sum(-1)
+        torch.testing.assert_close(got["tail_mass"].double(), tail, atol=1e-6, rtol=1e-5)

@@ -51,6 +51,48 @@ def test_every_rank_gets_the_windows_pack_makes(tmp_path, tokenizer, packed, seq
                 assert ids.dtype == ref.input_ids.dtype
 
 
+@pytest.mark.parametrize("kind", ["jsonl", "parquet", "json", "txt-dir"])
+def test_ranks_enter_the_source_at_their_shards(tmp_path, tokenizer, kind):
+    """JSON Lines (byte offsets), Parquet (rows; row groups before are not read) and .txt files
+    (file index) are entered at a shard's first document; .json is read through. Same windows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = random.Random(11)
+    base = corpus_texts(n_docs=8, max_chars=4000)
+    texts = [rng.choice(base)[: rng.randint(20, 120)] for _ in range(400)]
+    if kind == "jsonl":
+        path = tmp_path / "c.jsonl"  # with blank lines and rows that are not documents in between
+        rows = [json.dumps({"text": t}) + "\n" + ("\n" if i % 3 == 0 else "") + (json.dumps({"text": None}) + "\n" if i % 5 == 0 else "")
+                for i, t in enumerate(texts)]
+        path.write_text("".join(rows), encoding="utf-8")
+    elif kind == "parquet":
+        path = tmp_path / "c.parquet"
+        pq.write_table(pa.table({"text": texts}), path, row_group_size=7)
+    elif kind == "json":
+        path = tmp_path / "c.json"
+        path.write_text(json.dumps([{"text": t} for t in texts]), encoding="utf-8")
+    else:
+        path = tmp_path / "docs"
+        path.mkdir()
+        for i, t in enumerate(texts):
+            (path / f"{i:04d}.txt").write_text(t, encoding="utf-8")
+    ref = pack(tokenizer, texts, 24, packed=False)
+    spec = WindowSpec(24, False, None, False, 5)
+    plan = scan(tokenizer, str(path), "text", spec)
+    assert (plan.positions is None) == (kind == "json")
+    sw = ShardWindows(tokenizer, str(path), "text", spec, plan)
+    opened = []
+    real_open = sw._open
+    sw._open = lambda d0, position: opened.append(d0) or real_open(d0, position)
+    shards = list(range(2, plan.n_shards, 25))  # far apart: each one entered directly
+    for j in shards:
+        ids, lens = sw.get(j)
+        np.testing.assert_array_equal(ids, ref.input_ids[j * 5:(j + 1) * 5])
+        np.testing.assert_array_equal(lens, ref.lengths[j * 5:(j + 1) * 5])
+    assert (opened == []) if kind == "json" else (len(opened) >= len(shards) - 1), (opened, len(shards))  # the first may be read through
+
+
 def test_shards_must_be_asked_for_in_order(tmp_path, tokenizer):
     path = _write(tmp_path, _mixed_texts(1))
     spec = WindowSpec(16, True, None, False, 2)
@@ -124,6 +166,7 @@ def test_every_source_kind_yields_the_same_documents(tmp_path):
     ('{"text": "a"}\n{"text": \n', "line 2 is not valid JSON"),
     ('{"text": "a"}\n[1, 2]\n', "line 2 is a JSON list, expected an object"),
     ('{"body": "a"}\n', "no field 'text' (fields: body)"),
+    ('\n{"body": "a"}\n{"body": "b"}\n', "no field 'text' (fields: body)"),
 ])
 def test_bad_jsonl_is_named_by_line(tmp_path, content, needle):
     from logitstore.capture.documents import load_texts

@@ -25,6 +25,8 @@ GLOB_CHARS = "*?["
 KINDS = (".txt", ".jsonl", ".json", ".parquet")
 #: rows read per batch from a loader
 BATCH_ROWS = 512
+#: the key of a batch's row positions
+POSITIONS = "__position__"
 
 
 def data_files(path: str) -> tuple[str, list[Path]] | None:
@@ -75,22 +77,33 @@ def iter_documents(path: str, text_field: str = "text", count: DocumentCount | N
     ``warn`` a pass that skipped some prints one warning line at its end. Raises a one-line
     :class:`LogitStoreError` for a missing, empty, non-UTF-8 or unreadable source, a missing field,
     or a corpus without a single document."""
+    for _, t in iter_positioned(path, text_field, count, warn):
+        yield t
+
+
+def iter_positioned(path: str, text_field: str = "text", count: DocumentCount | None = None, warn: bool = True,
+                    start: tuple[int, int] | None = None) -> Iterator[tuple[tuple[int, int] | None, str]]:
+    """:func:`iter_documents` with each document's position: ``(file index, byte offset of its
+    line)`` in JSON Lines, ``(file index, row)`` in Parquet, ``(file index, 0)`` for .txt files,
+    None where a source cannot be entered in the middle (.json, saved datasets). ``start``: a
+    position this function gave, to begin there without reading what comes before."""
     count = count if count is not None else DocumentCount()
     count.kinds = set()
-    batches, field = _open(path, text_field)
+    batches, field = _open(path, text_field, start)
     yielded = 0
     try:
         for batch in batches:
             if field not in batch:
                 raise LogitStoreError(f"--data {path}: no field {field!r} (fields: {', '.join(batch)}); pass --text-field")
-            for t in batch[field]:
+            positions = batch.get(POSITIONS) or [None] * len(batch[field])
+            for pos, t in zip(positions, batch[field]):
                 count.rows += 1
                 if not isinstance(t, str):
                     count.not_str += 1
                     count.kinds.add("null" if t is None else type(t).__name__)
                 elif t.strip():
                     yielded += 1
-                    yield t
+                    yield pos, t
     except LogitStoreError:
         raise
     except Exception as e:  # datasets raises many types for unreadable input, lazily while streaming
@@ -98,7 +111,7 @@ def iter_documents(path: str, text_field: str = "text", count: DocumentCount | N
     if count.not_str and warn:
         print(f"warning: --data {path}: skipped {count.not_str} of {count.rows} rows whose {field!r} is not a string "
               f"({', '.join(sorted(count.kinds))})", file=sys.stderr, flush=True)
-    if not yielded:
+    if not yielded and start is None:
         raise LogitStoreError(f"--data {path}: no non-empty documents in field {field!r}")
 
 
@@ -107,8 +120,9 @@ def load_texts(path: str, text_field: str = "text") -> list[str]:
     return list(iter_documents(path, text_field))
 
 
-def _open(path: str, text_field: str) -> tuple[Iterator[dict], str]:
-    """Batches ``{field: [values]}`` of ``--data`` and the field that holds documents."""
+def _open(path: str, text_field: str, start: tuple[int, int] | None = None) -> tuple[Iterator[dict], str]:
+    """Batches ``{field: [values], POSITIONS: [positions]}`` of ``--data`` (from ``start``, where
+    the source can be entered there) and the field that holds documents."""
     import datasets
 
     datasets.disable_progress_bars()  # our own bar reports the dump; theirs would bury error lines
@@ -141,56 +155,87 @@ def _open(path: str, text_field: str) -> tuple[Iterator[dict], str]:
             raise LogitStoreError(f"--data {f}: the file is empty")
         if kind in (".txt", ".jsonl", ".json"):
             _check_utf8(f)
+    first, offset = start if start is not None else (0, 0)
     if kind == ".txt":  # each file is one document (universal newlines, as Python and datasets read text)
-        return ({"text": [f.read_text(encoding="utf-8")]} for f in paths), "text"
+        return ({"text": [f.read_text(encoding="utf-8")], POSITIONS: [(i, 0)]}
+                for i, f in enumerate(paths) if i >= first), "text"
     if kind == ".jsonl":
-        return _jsonl_batches(paths, text_field), text_field
+        return _jsonl_batches(paths, text_field, first, offset), text_field
     if kind == ".parquet":
-        return _parquet_batches(paths, text_field), text_field
+        return _parquet_batches(paths, text_field, first, offset), text_field
     # .json may be one array of records: datasets reads both shapes
     ds = datasets.load_dataset("json", data_files=[str(f) for f in paths], split="train", streaming=True)
     return ds.iter(batch_size=BATCH_ROWS), text_field
 
 
-def _jsonl_batches(paths: list[Path], field: str) -> Iterator[dict]:
-    """JSON Lines read line by line (blank lines skipped): one record per line, an object."""
+def _jsonl_batches(paths: list[Path], field: str, first: int = 0, offset: int = 0) -> Iterator[dict]:
+    """JSON Lines read line by line (blank lines skipped): one record per line, an object; from
+    byte ``offset`` of file ``first`` on."""
     import json
 
-    for f in paths:
-        with open(f, encoding="utf-8") as fh:
-            batch: list = []
-            for n, line in enumerate(fh, 1):
+    for i, f in enumerate(paths):
+        if i < first:
+            continue
+        with open(f, "rb") as fh:
+            at = offset if i == first else 0
+            fh.seek(at)
+            values: list = []
+            positions: list = []
+            lineno = 0 if at == 0 else None  # entered in the middle: lines are named by byte offset
+            first_record = at == 0
+            for line in fh:
+                pos, at = (i, at), at + len(line)
+                lineno = None if lineno is None else lineno + 1
                 if not line.strip():
                     continue
+                where = f"line {lineno}" if lineno is not None else f"the line at byte {pos[1]}"
                 try:
                     row = json.loads(line)
                 except ValueError as e:
-                    raise LogitStoreError(f"--data {f}: line {n} is not valid JSON ({e})") from None
+                    raise LogitStoreError(f"--data {f}: {where} is not valid JSON ({e})") from None
                 if not isinstance(row, dict):
-                    raise LogitStoreError(f"--data {f}: line {n} is a JSON {type(row).__name__}, expected an object")
-                if field not in row and not batch and n == 1:
+                    raise LogitStoreError(f"--data {f}: {where} is a JSON {type(row).__name__}, expected an object")
+                if first_record and field not in row:  # the file's first record names the fields
                     raise LogitStoreError(f"--data {f}: no field {field!r} (fields: {', '.join(row)}); pass --text-field")
-                batch.append(row.get(field))
-                if len(batch) == BATCH_ROWS:
-                    yield {field: batch}
-                    batch = []
-            if batch:
-                yield {field: batch}
+                first_record = False
+                values.append(row.get(field))
+                positions.append(pos)
+                if len(values) == BATCH_ROWS:
+                    yield {field: values, POSITIONS: positions}
+                    values, positions = [], []
+            if values:
+                yield {field: values, POSITIONS: positions}
 
 
-def _parquet_batches(paths: list[Path], field: str) -> Iterator[dict]:
-    """One column of Parquet files, a row batch at a time."""
+def _parquet_batches(paths: list[Path], field: str, first: int = 0, row: int = 0) -> Iterator[dict]:
+    """One column of Parquet files, a row batch at a time, from row ``row`` of file ``first`` on
+    (whole row groups before it are not read)."""
     import pyarrow.parquet as pq
 
-    for f in paths:
+    for i, f in enumerate(paths):
+        if i < first:
+            continue
         try:
             pf = pq.ParquetFile(f)
         except Exception as e:  # pyarrow raises ArrowInvalid/OSError for a file that is not Parquet
             raise LogitStoreError(f"--data {f}: cannot read as Parquet ({type(e).__name__}: {_first_line(e)})") from e
         if field not in pf.schema_arrow.names:
             raise LogitStoreError(f"--data {f}: no field {field!r} (fields: {', '.join(pf.schema_arrow.names)}); pass --text-field")
-        for b in pf.iter_batches(batch_size=BATCH_ROWS, columns=[field]):
-            yield {field: b.column(0).to_pylist()}
+        skip = row if i == first else 0
+        groups, at = [], 0
+        for g in range(pf.metadata.num_row_groups):
+            n = pf.metadata.row_group(g).num_rows
+            if groups or at + n > skip:
+                groups.append(g)
+            else:
+                at += n  # whole row groups before ``skip``: not read
+        for b in pf.iter_batches(batch_size=BATCH_ROWS, columns=[field], row_groups=groups):
+            values = b.column(0).to_pylist()
+            positions = [(i, at + r) for r in range(len(values))]
+            at += len(values)
+            keep = [k for k, p in enumerate(positions) if p[1] >= skip]
+            if keep:
+                yield {field: [values[k] for k in keep], POSITIONS: [positions[k] for k in keep]}
 
 
 def _check_utf8(p: Path) -> None:

@@ -25,7 +25,8 @@ from logitstore.format.codec import ENCODINGS, SCALARS, Encoding
 from logitstore.capture.corpus import BOS_MODES, adds_bos, resolve_bos
 from logitstore.capture.documents import describe_source
 from logitstore.capture.placement import Parallel, device_map_kwargs, parse_device_map, parse_max_memory, tp_kwargs
-from logitstore.capture.ranks import Ranks, barrier, process_group, rank_device, ranks_from_env, share_from_group, share_from_rank0, tp_groups
+from logitstore.capture.ranks import (Ranks, any_rank_has_work, barrier, process_group, rank_device, ranks_from_env,
+                                     share_from_group, share_from_rank0, tp_groups)
 from logitstore.capture.shard_inputs import ShardInputs, corpus_plan, record_corpus_plan
 from logitstore.capture.windows import CorpusPlan, ShardWindows, WindowSpec
 from logitstore.errors import ConfigError
@@ -196,11 +197,17 @@ def _dump(cfg: DumpConfig, ranks: Ranks) -> DumpResult:
 
     S = cfg.shard_sequences or max(1, math.ceil(SHARD_TOKENS / cfg.seq_len))
     wspec = WindowSpec(cfg.seq_len, cfg.pack, cfg.max_tokens, bos, S)
-    source = describe_source(cfg.data, cfg.text_field)
     fs = StoreFS(cfg.out)
-    plan_key = {"source": source, "tokenizer": fps[0], "window": asdict(wspec)}
-    corpus = share_from_rank0(ranks, lambda: corpus_plan(fs, cfg.out, tok, cfg.data, cfg.text_field, wspec, plan_key,
-                                                         cfg.progress), CorpusPlan.from_dict)
+
+    def planned() -> dict:  # rank 0 only: hashing and tokenising the corpus once, not once per rank
+        key = {"source": describe_source(cfg.data, cfg.text_field), "tokenizer": fps[0], "window": asdict(wspec)}
+        plan, reused = corpus_plan(fs, cfg.out, tok, cfg.data, cfg.text_field, wspec, key, cfg.progress)
+        return {"key": key, "plan": plan, "reused": reused}
+
+    shared = share_from_rank0(ranks, planned, lambda d: d)
+    plan_key, corpus = shared["key"], CorpusPlan.from_dict(shared["plan"])
+    plan_key = None if shared["reused"] else plan_key  # None: nothing new to record
+    source = shared["key"]["source"]
     n_seq = corpus.n_sequences
     encoding = Encoding(cfg.encoding)
     teacher_ids = [{**s.identity(t), "dtype": dtype_name, "k": cfg.top_k, "part": layout.teacher_part(i)}
@@ -237,7 +244,8 @@ def _write_store(cfg: DumpConfig, ranks: Ranks, fs: StoreFS, plan: dict, t_start
     par = Parallel(rank, ranks.world_size, cfg.tp)
     if rank == 0:
         resumed = check_or_write_plan(fs, plan, cfg.out)
-        record_corpus_plan(fs, plan_key, corpus)
+        if plan_key is not None:
+            record_corpus_plan(fs, plan_key, corpus)
     barrier(ranks)  # the other ranks check the plan rank 0 wrote (or found)
     if rank != 0:
         resumed = check_or_write_plan(fs, plan, cfg.out)
@@ -260,11 +268,15 @@ def _write_store(cfg: DumpConfig, ranks: Ranks, fs: StoreFS, plan: dict, t_start
     tokens_run = 0
     skipped = 0
     try:
-        for spec, ident in zip(specs, teacher_ids):
+        for i, (spec, ident) in enumerate(zip(specs, teacher_ids)):
+            if i:
+                bg.flush()  # the inputs queued in the first pass are committed: later passes read them back
             # the group's writer decides what is left, so every rank of a tensor-parallel group runs the same shards
             todo = share_from_group(par, groups, lambda: [j for j in mine if not pw.committed(j, ident["part"])])
             skipped += len(mine) - len(todo)
-            if todo:
+            # loading a tensor-parallel teacher builds its device mesh, a collective of every rank: a
+            # group with nothing left loads it too, runs nothing and unloads it (every rank asks)
+            if (any_rank_has_work(len(todo)) if par.tp > 1 else bool(todo)):
                 t = _run_teacher(cfg, spec, ident["part"], todo, pw, bg, inputs, par, ranks, encoding, vocab, device, dtype)
                 load_seconds, forward_total, tokens_run = load_seconds + t[0], forward_total + t[1], tokens_run + t[2]
         if par.writer:

@@ -132,3 +132,12 @@ def tp_groups(ranks: Ranks, par) -> list | None:
     import torch.distributed as dist
 
     return [dist.new_group(list(range(g * par.tp, (g + 1) * par.tp)), backend="gloo") for g in range(par.dp)]
+
+
+def any_rank_has_work(n: int) -> bool:
+    """Whether ``n > 0`` on any rank of the default process group (a collective: every rank calls it)."""
+    import torch.distributed as dist
+
+    t = torch.tensor([n], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)

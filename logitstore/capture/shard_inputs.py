@@ -24,33 +24,37 @@ def _log(enabled: bool, msg: str) -> None:
         print(msg, flush=True)
 
 
-def corpus_plan(fs: StoreFS, out: str, tok, data: str, text_field: str, wspec: WindowSpec, key: dict, progress: bool) -> dict:
+def corpus_plan(fs: StoreFS, out: str, tok, data: str, text_field: str, wspec: WindowSpec, key: dict,
+                progress: bool) -> tuple[dict, bool]:
     """The corpus plan (rank 0 only): the one a started store recorded for the same corpus file(s)
-    (same sha256), tokenizer and window settings, else one tokenising pass, with a progress bar."""
+    (same sha256), tokenizer and window settings, else one tokenising pass, with a progress bar.
+    Returns the plan (``CorpusPlan.to_dict``) and whether it was reused."""
     if key["source"]["sha256"] is not None and fs.exists(CORPUS_PLAN):
         try:
             d = json.loads(fs.read(CORPUS_PLAN))
             if isinstance(d, dict) and d.get("key") == key:
                 plan = CorpusPlan.from_dict(d)
                 _log(progress, f"corpus plan: reused from {out}/{CORPUS_PLAN} ({plan.n_tokens:,} tokens, {plan.n_shards:,} shards)")
-                return plan.to_dict()
+                return plan.to_dict(), True
         except (ValueError, KeyError, TypeError):  # unreadable: plan again (the result is checked against plan.json)
             _log(progress, f"corpus plan: {out}/{CORPUS_PLAN} is unreadable; tokenising the corpus again")
     with progress_bar(None, "tokenising", enabled=progress) as bar:
-        return scan(tok, data, text_field, wspec, progress=bar.update).to_dict()
+        return scan(tok, data, text_field, wspec, progress=bar.update).to_dict(), False
 
 
 def record_corpus_plan(fs: StoreFS, key: dict, plan: CorpusPlan) -> None:
-    """Keep ``plan`` in the store for a resume (a corpus of files only: a saved dataset has no sha256)."""
-    if key["source"]["sha256"] is not None and not fs.exists(CORPUS_PLAN):
+    """Keep ``plan`` in the store for a resume (a corpus of files only: a saved dataset has no
+    sha256); replaces a recorded plan of another corpus or an unreadable one."""
+    if key["source"]["sha256"] is not None:
         fs.write_atomic(CORPUS_PLAN, json.dumps({"key": key, **plan.to_dict()}).encode())
 
 
 class ShardInputs:
     """The windows of this rank's shards: read back from the store where the ``inputs`` part is
     committed, else rebuilt from the corpus (:class:`ShardWindows`) and, by a writer, queued for
-    writing. Shards are asked for in increasing order within one pass; a pass that goes back to
-    an earlier shard not committed yet re-reads the corpus from its start."""
+    writing. Shards are asked for in increasing order within one pass; the writer is flushed
+    between passes, so a later teacher's pass reads the inputs back (a pass that went back to a
+    shard not committed would re-read the corpus from its start)."""
 
     def __init__(self, pw: PartWriter, windows: ShardWindows, corpus: CorpusPlan, seq_len: int, vocab: int, *, write: bool):
         self.pw, self.windows, self.corpus = pw, windows, corpus
@@ -58,7 +62,7 @@ class ShardInputs:
         self.queued: set[int] = set()  # inputs this run submitted (maybe not yet committed)
 
     def get(self, j: int, bg: BackgroundWriter) -> tuple[np.ndarray, np.ndarray]:
-        if j not in self.queued and self.pw.committed(j, layout.INPUTS):
+        if self.pw.committed(j, layout.INPUTS):  # queued ones too: a pass starts after the writer is flushed
             arrays = self.pw.read(j, layout.INPUTS, inputs_specs(self.corpus.sizes[j], self.seq_len, self.vocab))
             return arrays["input_ids"], arrays["length"]
         if j <= self.windows.last:

@@ -245,6 +245,10 @@ class TeacherRunner:
         self.device = output_device(self.model)  # where the logits are: inputs go there too (hooks move them on)
         self.tensor_parallel = is_tensor_parallel(self.model)
         self.head = sharded_head_for(self.model) if self.tensor_parallel else head_for(self.model, fp32=True)
+        if self.tensor_parallel and self.head is None:
+            warnings.warn(f"teacher ({getattr(self.model.config, 'model_type', '?')}): under --tp its output layer is not split "
+                          "by vocabulary here (a family off the chunked-head list, or another plan), so every rank computes "
+                          "the statistics from the model's gathered logits: correct, more memory", RuntimeWarning, stacklevel=2)
         self._checked = self.head is None
 
     @property

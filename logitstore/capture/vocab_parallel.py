@@ -7,7 +7,8 @@ reduces its slice to a few ``[N, k]`` and ``[N]`` tensors (:func:`partial_stats`
 all-gathered (``T x N x (3k + 5)`` floats), and :func:`combine` gives exactly what
 :func:`logitstore.capture.teacher.topk_stats` gives on the full row:
 
-- ``lse = logsumexp_r lse_r``; with ``w_r = exp(lse_r - lse)`` the share of the mass on rank r;
+- ``lse = logsumexp_r lse_r``; with ``w_r = exp(lse_r - lse)`` the share of the mass on rank r
+  (in float64, from each rank's maximum and ``log_s_r = lse_r - max_r``);
 - top-k: the k largest of the ``T * k`` local candidates (every global top-k entry is in its rank's
   local top-k), log-probs ``x - lse``;
 - tail: rank r contributes ``c_r`` of the top-k; its mass outside them is summed on the rank for
@@ -30,7 +31,7 @@ from logitstore.errors import LogitStoreError
 
 #: log-probs below this (``-inf`` from masked logits) are stored as this value, here and in ``topk_stats``
 LOGPROB_FLOOR = -1.0e4
-KEYS = ("values", "ids", "lse", "entropy", "outside", "gold_x", "has_gold")
+KEYS = ("values", "ids", "max_x", "log_s", "entropy", "outside", "gold_x", "has_gold")
 
 
 def partial_stats(x_local: torch.Tensor, offset: int, k: int, vocab_size: int,
@@ -38,15 +39,18 @@ def partial_stats(x_local: torch.Tensor, offset: int, k: int, vocab_size: int,
     """One rank's reduction of its logits ``x_local`` [N, V_r] (columns ``offset ..``).
 
     Returns ``values``/``ids`` [N, k] (local top-k logits, global ids; ``-inf``/0 where the rank has
-    fewer than k real columns), ``lse``, ``entropy`` (of its own softmax), ``gold_x``, ``has_gold`` [N] and ``outside``
-    [N, k + 1] (its mass, under its own softmax, outside its top-c entries, for c = 0..k)."""
+    fewer than k real columns), ``max_x`` and ``log_s`` [N] (its log-normaliser is ``max_x +
+    log_s``, kept apart so that no precision is lost at large logits), ``entropy`` (of its own
+    softmax), ``gold_x``, ``has_gold`` [N] and ``outside`` [N, k + 1] (its mass, under its own
+    softmax, outside its top-c entries, for c = 0..k)."""
     N = x_local.shape[0]
     dev = x_local.device
     real = max(0, min(x_local.shape[1], vocab_size - offset))
     values = torch.full((N, k), float("-inf"), device=dev)
     ids = torch.zeros((N, k), dtype=torch.int64, device=dev)
     outside = torch.zeros((N, k + 1), device=dev)
-    lse = torch.full((N,), float("-inf"), device=dev)
+    max_x = torch.full((N,), float("-inf"), device=dev)
+    log_s = torch.zeros((N,), device=dev)
     entropy = torch.zeros((N,), device=dev)
     gold_x = torch.zeros((N,), device=dev)
     has_gold = torch.zeros((N,), device=dev)
@@ -55,22 +59,28 @@ def partial_stats(x_local: torch.Tensor, offset: int, k: int, vocab_size: int,
         kk = min(k, real)
         top_x, top_i = torch.topk(x, kk, dim=-1, sorted=True)
         dead = top_x[:, 0] == float("-inf")  # every logit of the row on this rank is masked
-        p = torch.softmax(torch.where(dead[:, None], torch.zeros((), device=dev), x), dim=-1)
+        zero = torch.zeros((), device=dev)
+        m = torch.where(dead, zero, top_x[:, 0])
+        shifted = x - m[:, None]  # <= 0: the moments below keep their precision at any logit scale
+        p = torch.softmax(torch.where(dead[:, None], zero, shifted), dim=-1)
         p_top = p.gather(-1, top_i)
-        lse = top_x[:, 0] - torch.log(p_top[:, 0])
-        mean_x = torch.bmm(p[:, None, :], x[:, :, None])[:, 0, 0]
-        if not torch.isfinite(mean_x).all():  # -inf logits: 0 * -inf
-            mean_x = torch.where(p > 0, p * x, torch.zeros((), device=dev)).sum(-1)
-        entropy = lse - mean_x
+        log_s = -torch.log(p_top[:, 0])  # p(top-1) >= 1/V_r: no underflow
+        mean_shift = torch.bmm(p[:, None, :], shifted[:, :, None])[:, 0, 0]
+        if not torch.isfinite(mean_shift).all():  # -inf logits: 0 * -inf
+            mean_shift = torch.where(p > 0, p * shifted, zero).sum(-1)
+        entropy = log_s - mean_shift
         p.scatter_(-1, top_i, 0.0)
         rest = p.sum(-1)
         suffix = torch.flip(torch.cumsum(torch.flip(p_top, [1]), 1), [1])  # [N, kk]: sum of p_top[j:]
         outside[:, :kk] = suffix + rest[:, None]
         outside[:, kk:] = rest[:, None]
-        values[:, :kk] = top_x
+        # a real column always beats a placeholder: masked (-inf) logits become the most negative
+        # finite float (their log-prob is floored either way), placeholders stay -inf
+        values[:, :kk] = top_x.clamp(min=torch.finfo(torch.float32).min)
         ids[:, :kk] = top_i + offset
+        max_x = torch.where(dead, float("-inf"), top_x[:, 0])
         if dead.any():
-            lse = torch.where(dead, float("-inf"), lse)
+            log_s = torch.where(dead, 0.0, log_s)
             entropy = torch.where(dead, 0.0, entropy)
             outside[dead] = 0.0
         if next_ids is not None:
@@ -78,36 +88,48 @@ def partial_stats(x_local: torch.Tensor, offset: int, k: int, vocab_size: int,
             mine = (next_ids >= 0) & (local >= 0) & (local < real)
             gold_x = torch.where(mine, x.gather(-1, local.clamp(0, real - 1)[:, None])[:, 0], gold_x)
             has_gold = mine.float()
-    return {"values": values, "ids": ids, "lse": lse, "entropy": entropy, "outside": outside, "gold_x": gold_x,
-            "has_gold": has_gold}
+    return {"values": values, "ids": ids, "max_x": max_x, "log_s": log_s, "entropy": entropy, "outside": outside,
+            "gold_x": gold_x, "has_gold": has_gold}
 
 
 def combine(parts: dict[str, torch.Tensor], k: int, next_ids: torch.Tensor | None) -> dict[str, torch.Tensor]:
     """The statistics of the full row from every rank's :func:`partial_stats`, stacked on a new
-    first dimension ``[T, ...]``. Same keys, shapes and conventions as ``topk_stats``."""
+    first dimension ``[T, ...]``. Same keys, shapes and conventions as ``topk_stats``.
+
+    The ranks' shares ``w_r`` and the log-normaliser are combined in float64 (``[T, N]``, cheap)
+    from the exact float32 maxima and the small ``log_s_r``: in float32 ``exp(lse_r - lse)`` would
+    carry the rounding of ``lse`` (~1e-4 at logits of 3,000) into the tail and entropy."""
     T, N, _ = parts["values"].shape
-    lse = torch.logsumexp(parts["lse"], dim=0)  # [N]
+    mx = parts["max_x"].double()
+    top = mx.max(dim=0).values  # [N]
+    if not torch.isfinite(top).all():
+        bad = int(torch.nonzero(~torch.isfinite(top))[0, 0])
+        raise LogitStoreError(f"teacher produced non-finite logits at position {bad} (fp16 overflow? try --dtype bf16 or fp32)")
+    a = (mx - top[None]) + parts["log_s"].double()  # lse_r - max, -inf for a rank without real columns
+    ls = torch.logsumexp(a, dim=0)
+    lse = top + ls  # [N], float64
     if not torch.isfinite(lse).all():
         bad = int(torch.nonzero(~torch.isfinite(lse))[0, 0])
         raise LogitStoreError(f"teacher produced non-finite logits at position {bad} (fp16 overflow? try --dtype bf16 or fp32)")
-    w = torch.exp(parts["lse"] - lse[None])  # [T, N]; 0 for a rank without real columns
+    log_w = a - ls[None]
+    w = torch.exp(log_w)  # [T, N]; 0 for a rank without real columns
     cand = parts["values"].permute(1, 0, 2).reshape(N, T * k)
     top_v, sel = torch.topk(cand, k, dim=-1, sorted=True)
     ids = parts["ids"].permute(1, 0, 2).reshape(N, T * k).gather(-1, sel)
     counts = torch.zeros((N, T), dtype=torch.int64, device=cand.device)
     counts.scatter_add_(1, sel // k, torch.ones_like(sel))
-    outside = parts["outside"].gather(-1, counts.t()[:, :, None])[:, :, 0]  # [T, N]
-    tail = (w * outside).sum(0).clamp_(0.0, 1.0)
+    outside = parts["outside"].gather(-1, counts.t()[:, :, None])[:, :, 0].double()  # [T, N]
+    tail = (w * outside).sum(0).float().clamp_(0.0, 1.0)
     # H = sum_r w_r (H_r - log w_r): terms of a few nats, so the rounding of sum_r w_r = 1 is not
     # multiplied by the logits' magnitude as in lse - sum_r w_r E_r[x]
-    zero = torch.zeros((), device=lse.device)
-    entropy = torch.where(w > 0, w * (parts["entropy"] + (lse[None] - parts["lse"])), zero).sum(0).clamp_(min=0.0)
+    zero = torch.zeros((), device=lse.device, dtype=torch.float64)
+    entropy = torch.where(w > 0, w * (parts["entropy"].double() - log_w), zero).sum(0).float().clamp_(min=0.0)
     if next_ids is None:
-        gold = torch.zeros_like(lse)
+        gold = torch.zeros((N,), device=lse.device)
     else:
-        x_gold = torch.where(parts["has_gold"] > 0, parts["gold_x"], torch.zeros((), device=lse.device)).sum(0)
-        gold = torch.where(next_ids >= 0, x_gold - lse, torch.zeros((), device=lse.device))
-    logprobs = (top_v - lse[:, None]).clamp_(min=LOGPROB_FLOOR)
+        x_gold = torch.where(parts["has_gold"] > 0, parts["gold_x"].double(), zero).sum(0)
+        gold = torch.where(next_ids >= 0, x_gold - lse, zero).float()
+    logprobs = (top_v.double() - lse[:, None]).float().clamp_(min=LOGPROB_FLOOR)
     return {"ids": ids, "logprobs": logprobs, "tail_mass": tail, "gold_logprob": gold, "entropy": entropy}
 
 

@@ -18,12 +18,13 @@ Memory: one batch of documents and one shard's windows (``S x seq_len`` ids), wh
 from __future__ import annotations
 
 import hashlib
+from collections import deque
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 import numpy as np
 
-from logitstore.capture.documents import iter_documents
+from logitstore.capture.documents import iter_positioned
 from logitstore.errors import ConfigError, LogitStoreError
 from logitstore.format.codec import id_dtype
 from logitstore.format.hashing import canonical_json_hash
@@ -67,6 +68,9 @@ class CorpusPlan:
     #: per shard, windows and tokens
     sizes: list[int]
     tokens: list[int]
+    #: per shard, where its first document is in the source (documents.iter_positioned), or None
+    #: for a source that cannot be entered in the middle
+    positions: list | None = None
 
     @property
     def n_shards(self) -> int:
@@ -74,15 +78,19 @@ class CorpusPlan:
 
     def to_dict(self) -> dict:
         return {"n_sequences": self.n_sequences, "n_tokens": self.n_tokens, "fingerprint": self.fingerprint,
-                "starts": [list(s) for s in self.starts], "sizes": self.sizes, "tokens": self.tokens}
+                "starts": [list(s) for s in self.starts], "sizes": self.sizes, "tokens": self.tokens,
+                "positions": None if self.positions is None else [list(p) for p in self.positions]}
 
     @classmethod
     def from_dict(cls, d: dict) -> "CorpusPlan":
         """Raises ValueError for a plan whose parts do not add up."""
+        pos = d.get("positions")
         plan = cls(int(d["n_sequences"]), int(d["n_tokens"]), str(d["fingerprint"]),
-                   [(int(a), int(b)) for a, b in d["starts"]], [int(x) for x in d["sizes"]], [int(x) for x in d["tokens"]])
+                   [(int(a), int(b)) for a, b in d["starts"]], [int(x) for x in d["sizes"]], [int(x) for x in d["tokens"]],
+                   None if pos is None else [(int(a), int(b)) for a, b in pos])
         if not (len(plan.starts) == len(plan.sizes) == len(plan.tokens)) or sum(plan.sizes) != plan.n_sequences or \
-                sum(plan.tokens) != plan.n_tokens or min(plan.sizes, default=0) < 1:
+                sum(plan.tokens) != plan.n_tokens or min(plan.sizes, default=0) < 1 or \
+                (plan.positions is not None and len(plan.positions) != len(plan.starts)):
             raise ValueError("corpus plan: shard starts, sizes and tokens do not add up")
         return plan
 
@@ -167,12 +175,25 @@ def scan(tokenizer, path: str, text_field: str, spec: WindowSpec, progress=None)
     tokens = _Tokens(tokenizer, spec)
     L, S = spec.seq_len, spec.shard_sequences
     h_ids, h_len = hashlib.sha256(), hashlib.sha256()
-    starts, sizes, counts = [], [], []
+    starts, sizes, counts, positions = [], [], [], []
     n, total = 0, 0
     row = np.empty(L, "<u4")
-    for d, o, w in _windows(_doc_stream(tokens, enumerate(iter_documents(path, text_field)), spec.max_tokens), L, spec.packed):
+    recent: deque = deque()  # (document, position) read but not yet past: a window starts in one of them
+    seekable = True
+
+    def docs():
+        nonlocal seekable
+        for d, (pos, t) in enumerate(iter_positioned(path, text_field)):
+            seekable = seekable and pos is not None
+            recent.append((d, pos))
+            yield d, t
+
+    for d, o, w in _windows(_doc_stream(tokens, docs(), spec.max_tokens), L, spec.packed):
         if n % S == 0:
+            while recent[0][0] < d:
+                recent.popleft()
             starts.append((d, o))
+            positions.append(recent[0][1])
             sizes.append(0)
             counts.append(0)
         row[: w.size] = w
@@ -188,7 +209,7 @@ def scan(tokenizer, path: str, text_field: str, spec: WindowSpec, progress=None)
     if total == 0:
         raise LogitStoreError("--data: tokenised to zero tokens")
     fingerprint = canonical_json_hash([L, h_ids.hexdigest(), h_len.hexdigest()])
-    return CorpusPlan(n, total, fingerprint, starts, sizes, counts)
+    return CorpusPlan(n, total, fingerprint, starts, sizes, counts, positions if seekable else None)
 
 
 class ShardWindows:
@@ -201,7 +222,8 @@ class ShardWindows:
         self.tokens = _Tokens(tokenizer, spec)
         self.spec, self.plan = spec, plan
         self.source = (tokenizer, path, text_field)
-        self._docs = enumerate(iter_documents(path, text_field, warn=False))
+        self._docs = self._open(0, None)
+        self._next = 0  # index of the next document self._docs yields
         self._cache: list[tuple[int, np.ndarray]] = []  # tokenised documents of the last shard and after
         self.last = -1
 
@@ -210,9 +232,18 @@ class ShardWindows:
         tokenizer, path, text_field = self.source
         return ShardWindows(tokenizer, path, text_field, self.spec, self.plan)
 
-    def _token_docs(self, d0: int) -> Iterator[tuple[int, np.ndarray]]:
-        """``(index, tokens)`` of documents ``d0, d0 + 1, ...``; earlier ones are read, not tokenised."""
+    def _open(self, d0: int, position) -> Iterator[tuple[int, str]]:
+        _, path, text_field = self.source
+        for d, (_, t) in enumerate(iter_positioned(path, text_field, warn=False, start=position), d0):
+            self._next = d + 1
+            yield d, t
+
+    def _token_docs(self, d0: int, position) -> Iterator[tuple[int, np.ndarray]]:
+        """``(index, tokens)`` of documents ``d0, d0 + 1, ...``; earlier ones are not tokenised, and
+        not even read where the source can be entered at a shard's first document."""
         self._cache = [x for x in self._cache if x[0] >= d0]
+        if not self._cache and d0 > self._next + SHARD_BATCH and position is not None:
+            self._docs = self._open(d0, position)  # jump there instead of reading the documents between
         i = 0
         while True:
             if i < len(self._cache):
@@ -238,7 +269,8 @@ class ShardWindows:
         ids = np.full((n, L), self.tokens.pad, dtype=self.tokens.dtype)
         lengths = np.zeros(n, dtype=np.uint32)
         got, i = 0, 0
-        for _, _, w in _windows(_budget(self._token_docs(d0), o0, budget), L, self.spec.packed, o0):
+        position = None if self.plan.positions is None else self.plan.positions[j]
+        for _, _, w in _windows(_budget(self._token_docs(d0, position), o0, budget), L, self.spec.packed, o0):
             ids[i, : w.size] = w
             lengths[i] = w.size
             got += int(w.size)

@@ -131,6 +131,15 @@ class BackgroundWriter:
         self._raise()
         self._q.put(job)
 
+    def flush(self) -> None:
+        """Wait until every job submitted so far has run; re-raise the first job error."""
+        done = threading.Event()
+        self.submit(done.set)
+        while not done.wait(0.2):
+            if self._error is not None:  # the jobs after a failed one are skipped, this one too
+                break
+        self._raise()
+
     def close(self) -> None:
         self._q.put(None)
         self._thread.join()
