@@ -110,6 +110,45 @@ def test_unpacked_windows_do_not_cross_documents(tmp_path, llama_dir, corpus, to
     assert store.manifest["packed"] is False
 
 
+def test_unpacked_windows_sorted_and_cut_per_batch_equal_the_models_own_forward(tmp_path, llama_dir, corpus, tokenizer):
+    """--no-pack runs each shard's windows longest first and cuts every batch to its longest window;
+    each stored window must equal the model's own forward over that window alone."""
+    import torch
+
+    from logitstore.capture.teacher import TeacherSpec
+
+    import json
+    import random
+
+    from conftest import corpus_texts
+
+    rng = random.Random(0)
+    texts = [t[: rng.randint(10, 260)] for t in corpus_texts(n_docs=6, max_chars=6000) for _ in range(4)]
+    data = tmp_path / "short.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    out = tmp_path / "nopack"
+    dump(DumpConfig(teachers=(f"t={llama_dir}",), data=str(data), out=str(out), top_k=6, seq_len=48, pack=False,
+                    batch_size=3, shard_sequences=7, encoding="lossless", progress=False))
+    store = logitstore.open(str(out))
+    lengths = [len(store[i]["input_ids"]) for i in range(len(store))]
+    assert len(set(lengths)) > 3  # windows of many lengths, so batches really were cut
+    model = TeacherSpec.parse(str(llama_dir)).load_model(torch.device("cpu"), torch.float32)
+    vocab = len(tokenizer)
+    for i in range(len(store)):
+        row = store[i]
+        ids = torch.from_numpy(row["input_ids"].astype(np.int64))[None]
+        with torch.no_grad():
+            ref = torch.log_softmax(model(ids).logits[0, :, :vocab].double(), -1)
+        t = row["teachers"]["t"]
+        top = torch.topk(ref, 6, dim=-1)
+        np.testing.assert_allclose(t["logprobs"], top.values.numpy(), atol=2e-5)
+        nxt = ids[0, 1:]
+        gold = ref[:-1].gather(-1, nxt[:, None])[:, 0].numpy()
+        np.testing.assert_allclose(t["gold_logprob"][:-1], gold, atol=2e-5)
+        ent = -(ref.exp() * ref).sum(-1).numpy()
+        np.testing.assert_allclose(t["entropy"], ent, atol=1e-4)  # float32 lse - E[x] at logits of ~100
+
+
 def test_padded_vocab_never_appears(tmp_path, llama_dir, corpus, tokenizer):
     # the llama fixture has 7 extra output rows; k = vocab exercises every real id
     vocab = len(tokenizer)
