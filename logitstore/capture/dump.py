@@ -239,7 +239,7 @@ def _summary(out: str, manifest: dict) -> dict:
 
 def _write_store(cfg: DumpConfig, ranks: Ranks, fs: StoreFS, plan: dict, t_start: float, specs: list, teacher_ids: list,
                  corpus: CorpusPlan, windows: ShardWindows, encoding: Encoding, vocab: int, device, dtype,
-                 plan_key: dict) -> DumpResult:
+                 plan_key: dict | None) -> DumpResult:
     rank = ranks.rank
     par = Parallel(rank, ranks.world_size, cfg.tp)
     if rank == 0:
