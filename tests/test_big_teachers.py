@@ -137,3 +137,17 @@ def test_placement_planning():
     groups = [Parallel(r, 8, 4) for r in range(8)]
     assert [p.group for p in groups] == [0, 0, 0, 0, 1, 1, 1, 1] and [p.writer for p in groups].count(True) == 2
     assert groups[5].shards(7) == [1, 3, 5] and groups[0].shards(7) == [0, 2, 4, 6]
+
+
+def test_a_corpus_error_on_rank_0_is_one_line_on_every_rank(tmp_path, llama_dir):
+    """Rank 0 alone reads the corpus to plan it; when that fails every rank stops with the same
+    line instead of waiting for a plan that never comes."""
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"text": "fine"}\n{"text": \n')
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "logitstore",
+           *_args(llama_dir, data, tmp_path / "s")]
+    r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    lines = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 2 and all("line 2 is not valid JSON" in line for line in lines), r.stderr[-3000:]
+    assert not (tmp_path / "s").exists()
