@@ -129,7 +129,14 @@ def test_bad_placement_settings_are_one_line_errors(tmp_path, llama_dir, corpus,
 
 
 def test_placement_planning():
+    from logitstore.capture.placement import device_map_kwargs
+
     assert parse_max_memory("0=70GiB, 1=70GiB,cpu=200GiB") == {0: "70GiB", 1: "70GiB", "cpu": "200GiB"}
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:  # each process of a node offloads into its own folder
+        folders = {device_map_kwargs("auto", None, tmp, r, 2)["offload_folder"] for r in range(2)}
+        assert len(folders) == 2 and all(f.startswith(tmp) for f in folders)
     assert parse_device_map("balanced") == "balanced"
     assert gpus_for_process(8, 1, 2) == [4, 5, 6, 7] and gpus_for_process(8, 0, 1) == list(range(8))
     with pytest.raises(ConfigError, match="share"):

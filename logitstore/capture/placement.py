@@ -154,6 +154,8 @@ def device_map_kwargs(device_map, max_memory: dict | None, offload_folder: str |
     if max_memory:
         kw["max_memory"] = max_memory
     if offload_folder:
+        if local_world_size > 1:  # processes of a node must not write each other's offloaded weights
+            offload_folder = os.path.join(offload_folder, f"local-rank-{local_rank}")
         os.makedirs(offload_folder, exist_ok=True)
         kw["offload_folder"] = offload_folder
     return kw
