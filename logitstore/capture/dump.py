@@ -204,10 +204,9 @@ def _dump(cfg: DumpConfig, ranks: Ranks) -> DumpResult:
         plan, reused = corpus_plan(fs, cfg.out, tok, cfg.data, cfg.text_field, wspec, key, cfg.progress)
         return {"key": key, "plan": plan, "reused": reused}
 
-    shared = share_from_rank0(ranks, planned, lambda d: d)
-    plan_key, corpus = shared["key"], CorpusPlan.from_dict(shared["plan"])
-    plan_key = None if shared["reused"] else plan_key  # None: nothing new to record
-    source = shared["key"]["source"]
+    shared = share_from_rank0(ranks, planned)
+    corpus, source = CorpusPlan.from_dict(shared["plan"]), shared["key"]["source"]
+    new_plan_key = None if shared["reused"] else shared["key"]  # a plan to record in the store
     n_seq = corpus.n_sequences
     encoding = Encoding(cfg.encoding)
     teacher_ids = [{**s.identity(t), "dtype": dtype_name, "k": cfg.top_k, "part": layout.teacher_part(i)}
@@ -228,7 +227,7 @@ def _dump(cfg: DumpConfig, ranks: Ranks) -> DumpResult:
     with store_lock(fs, cfg.out, "dump", enabled=rank == 0):  # one writer per store (logitstore/storage/lock.py)
         windows = ShardWindows(tok, cfg.data, cfg.text_field, wspec, corpus)
         return _write_store(cfg, ranks, fs, plan, t_start, specs, teacher_ids, corpus, windows, encoding, vocab, device, dtype,
-                            plan_key)
+                            new_plan_key)
 
 
 def _summary(out: str, manifest: dict) -> dict:
@@ -239,13 +238,13 @@ def _summary(out: str, manifest: dict) -> dict:
 
 def _write_store(cfg: DumpConfig, ranks: Ranks, fs: StoreFS, plan: dict, t_start: float, specs: list, teacher_ids: list,
                  corpus: CorpusPlan, windows: ShardWindows, encoding: Encoding, vocab: int, device, dtype,
-                 plan_key: dict | None) -> DumpResult:
+                 new_plan_key: dict | None) -> DumpResult:
     rank = ranks.rank
     par = Parallel(rank, ranks.world_size, cfg.tp)
     if rank == 0:
         resumed = check_or_write_plan(fs, plan, cfg.out)
-        if plan_key is not None:
-            record_corpus_plan(fs, plan_key, corpus)
+        if new_plan_key is not None:
+            record_corpus_plan(fs, new_plan_key, corpus)
     barrier(ranks)  # the other ranks check the plan rank 0 wrote (or found)
     if rank != 0:
         resumed = check_or_write_plan(fs, plan, cfg.out)

@@ -87,12 +87,12 @@ def barrier(ranks: Ranks) -> None:
         dist.barrier()
 
 
-def share_from_rank0(ranks: Ranks, compute, load):
-    """``load(compute())``, with ``compute`` (which returns plain Python data) run on rank 0 only and
-    its result broadcast to every rank. If it fails on rank 0 with a :class:`LogitStoreError`,
-    every rank raises the same one-line error instead of waiting for a result that never comes."""
+def share_from_rank0(ranks: Ranks, compute):
+    """``compute()`` (which returns plain Python data) run on rank 0 only, its result broadcast to
+    every rank. If it fails on rank 0 with a :class:`LogitStoreError`, every rank raises the same
+    one-line error instead of waiting for a result that never comes."""
     if not ranks.distributed:
-        return load(compute())
+        return compute()
     import torch.distributed as dist
 
     box: list = [None]
@@ -109,7 +109,7 @@ def share_from_rank0(ranks: Ranks, compute, load):
     if box[0][0] == "error":
         cls = ConfigError if box[0][1] == "ConfigError" else LogitStoreError
         raise cls(box[0][2])
-    return load(box[0][1])
+    return box[0][1]
 
 
 def share_from_group(par, groups: list | None, fn):

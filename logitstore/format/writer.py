@@ -20,6 +20,7 @@ from logitstore.errors import FormatError
 from logitstore.format import layout
 from logitstore.format.backends import get_backend
 from logitstore.format.codec import SCALARS, Encoding
+from logitstore.storage.fetch import PartFetcher
 from logitstore.storage.fsio import StoreFS
 from logitstore.format.hashing import sha256_hex
 from logitstore.format.manifest import check_relpath
@@ -50,18 +51,13 @@ class PartWriter:
         return rec
 
     def read(self, shard: int, part: str, specs: dict) -> dict[str, np.ndarray]:
-        """The arrays of a committed part, its files checked against the sha256 of its commit record."""
+        """The arrays of a committed part, its files fetched as a reader fetches them (exact size,
+        sha256 of the commit record)."""
         rec = self.committed(shard, part)
         where = layout.part_dir(shard, part)
         if rec is None:
             raise FormatError(f"{where}: not committed")
-        files = {}
-        for rel, meta in rec["files"].items():
-            data = self.fs.read(f"{where}/{rel}")
-            if sha256_hex(data) != meta["sha256"]:
-                raise FormatError(f"{where}/{rel}: sha256 differs from its commit record; delete the shard's "
-                                  f"{part} part and its commit record to rewrite it")
-            files[rel] = data
+        files = PartFetcher(self.fs, lambda key: (where, rec["files"])).fetch((shard, part))
         return self.backend.decode_part(files, specs, where)
 
     def write(self, shard: int, part: str, arrays: dict[str, np.ndarray], extra: dict) -> dict:
