@@ -52,7 +52,16 @@ def dump(
     encoding: str = typer.Option("compact", help="compact or lossless"),
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="stop after this many corpus tokens"),
     text_field: str = typer.Option("text", "--text-field"),
-    pack: bool = typer.Option(True, "--pack/--no-pack", help="pack documents into full windows, or one document per window"),
+    pack: Optional[bool] = typer.Option(None, "--pack/--no-pack", help="pack documents into full windows, or one document per "
+                                                                      "window (default: pack, except token rows)"),
+    input: str = typer.Option("auto", "--input", help="what --data rows hold: auto, text, messages (conversations) or tokens "
+                                                      "(input_ids, optional labels/attention_mask/loss_mask)"),
+    messages_field: str = typer.Option("messages", "--messages-field", help="the field holding a conversation"),
+    chat_template: Optional[str] = typer.Option(None, "--chat-template", help="a Jinja chat template file instead of the tokenizer's"),
+    train_on: str = typer.Option("assistant", "--train-on", help="conversations: which tokens are trained, assistant or all"),
+    overlong: str = typer.Option("refuse", "--overlong", help="a conversation or token row longer than --seq-len: refuse, truncate or drop"),
+    doc_boundaries: str = typer.Option("auto", "--doc-boundaries", help="packed windows keep each document's attention to itself: "
+                                                                         "auto (conversations and token rows), on or off"),
     bos: str = typer.Option("auto", "--bos", help="start each document with BOS: auto (the tokenizer's own convention), always or never"),
     shard_sequences: Optional[int] = typer.Option(None, "--shard-sequences", help="sequences per shard (default: ~524k tokens)"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="run custom model code from teacher repositories (off unless given)"),
@@ -72,7 +81,8 @@ def dump(
         teachers=tuple(teacher), data=data, out=out, top_k=top_k, seq_len=seq_len, batch_size=batch_size, device=device,
         dtype=dtype, format=format, encoding=encoding, max_tokens=max_tokens, text_field=text_field, pack=pack, bos=bos,
         shard_sequences=shard_sequences, trust_remote_code=trust_remote_code, device_map=device_map, max_memory=max_memory,
-        offload_folder=offload_folder, tp=tp, progress=not quiet)), resumable=True)
+        offload_folder=offload_folder, tp=tp, progress=not quiet, input=input, messages_field=messages_field,
+        chat_template=chat_template, train_on=train_on, overlong=overlong, doc_boundaries=doc_boundaries)), resumable=True)
 
 
 @app.command()

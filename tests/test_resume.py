@@ -144,9 +144,9 @@ def test_later_teachers_read_the_inputs_back_instead_of_the_corpus(tmp_path, lla
     from logitstore.capture.windows import ShardWindows
 
     restarts, gets = [], []
-    real_restarted, real_get = ShardWindows.restarted, ShardWindows.get
+    real_restarted, real_get = ShardWindows.restarted, ShardWindows.arrays
     monkeypatch.setattr(ShardWindows, "restarted", lambda self: restarts.append(1) or real_restarted(self))
-    monkeypatch.setattr(ShardWindows, "get", lambda self, j: gets.append(j) or real_get(self, j))
+    monkeypatch.setattr(ShardWindows, "arrays", lambda self, j: gets.append(j) or real_get(self, j))
     out = tmp_path / "s"
     m = dump(config((f"a={llama_dir}", f"b={gpt2_dir}"), corpus, out)).manifest
     assert restarts == [] and gets == list(range(m["n_shards"]))  # each shard built from the corpus once

@@ -11,6 +11,7 @@ import pytest
 
 from conftest import corpus_texts
 from logitstore.capture.corpus import pack
+from logitstore.capture.sources import Source
 from logitstore.capture.windows import CorpusPlan, ShardWindows, WindowSpec, scan
 from logitstore.errors import LogitStoreError
 
@@ -36,14 +37,14 @@ def test_every_rank_gets_the_windows_pack_makes(tmp_path, tokenizer, packed, seq
     path = _write(tmp_path, texts)
     ref = pack(tokenizer, texts, seq_len, packed=packed, max_tokens=max_tokens, bos=bos)
     spec = WindowSpec(seq_len, packed, max_tokens, bos, S)
-    plan = scan(tokenizer, str(path), "text", spec)
+    plan = scan(tokenizer, Source(str(path)), spec)
     assert plan.n_sequences == len(ref.lengths) and plan.n_tokens == ref.n_tokens
     assert plan.fingerprint == ref.fingerprint()
     assert plan.n_shards == -(-len(ref.lengths) // S) and sum(plan.sizes) == plan.n_sequences
     assert CorpusPlan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
     for world in (1, 2, 3, 7):
         for rank in range(world):
-            sw = ShardWindows(tokenizer, str(path), "text", spec, plan)
+            sw = ShardWindows(tokenizer, Source(str(path)), spec, plan)
             for j in range(rank, plan.n_shards, world):
                 ids, lens = sw.get(j)
                 np.testing.assert_array_equal(ids, ref.input_ids[j * S:(j + 1) * S])
@@ -79,9 +80,9 @@ def test_ranks_enter_the_source_at_their_shards(tmp_path, tokenizer, kind):
             (path / f"{i:04d}.txt").write_text(t, encoding="utf-8")
     ref = pack(tokenizer, texts, 24, packed=False)
     spec = WindowSpec(24, False, None, False, 5)
-    plan = scan(tokenizer, str(path), "text", spec)
+    plan = scan(tokenizer, Source(str(path)), spec)
     assert (plan.positions is None) == (kind == "json")
-    sw = ShardWindows(tokenizer, str(path), "text", spec, plan)
+    sw = ShardWindows(tokenizer, Source(str(path)), spec, plan)
     opened = []
     real_open = sw._open
     sw._open = lambda d0, position: opened.append(d0) or real_open(d0, position)
@@ -96,7 +97,7 @@ def test_ranks_enter_the_source_at_their_shards(tmp_path, tokenizer, kind):
 def test_shards_must_be_asked_for_in_order(tmp_path, tokenizer):
     path = _write(tmp_path, _mixed_texts(1))
     spec = WindowSpec(16, True, None, False, 2)
-    sw = ShardWindows(tokenizer, str(path), "text", spec, scan(tokenizer, str(path), "text", spec))
+    sw = ShardWindows(tokenizer, Source(str(path)), spec, scan(tokenizer, Source(str(path)), spec))
     sw.get(3)
     with pytest.raises(ValueError, match="increasing"):
         sw.get(1)
@@ -106,9 +107,9 @@ def test_a_corpus_that_changes_between_passes_is_refused(tmp_path, tokenizer):
     texts = _mixed_texts(2)
     path = _write(tmp_path, texts)
     spec = WindowSpec(16, True, None, False, 2)
-    plan = scan(tokenizer, str(path), "text", spec)
+    plan = scan(tokenizer, Source(str(path)), spec)
     _write(tmp_path, texts[: len(texts) // 2])
-    sw = ShardWindows(tokenizer, str(path), "text", spec, plan)
+    sw = ShardWindows(tokenizer, Source(str(path)), spec, plan)
     with pytest.raises(LogitStoreError, match="the corpus changed"):
         for j in range(plan.n_shards):
             sw.get(j)
@@ -121,7 +122,7 @@ def test_the_plan_does_not_tokenise_other_ranks_shards(tmp_path, tokenizer):
     texts = [rng.choice(base)[: rng.randint(40, 200)] for _ in range(2000)]
     path = _write(tmp_path, texts)
     spec = WindowSpec(32, True, None, False, 64)  # ~50 documents per shard
-    plan = scan(tokenizer, str(path), "text", spec)
+    plan = scan(tokenizer, Source(str(path)), spec)
     calls = []
 
     class Counting:
@@ -138,7 +139,7 @@ def test_the_plan_does_not_tokenise_other_ranks_shards(tmp_path, tokenizer):
             calls.append(len(batch))
             return self.tok(batch, **kw)
 
-    sw = ShardWindows(Counting(tokenizer), str(path), "text", spec, plan)
+    sw = ShardWindows(Counting(tokenizer), Source(str(path)), spec, plan)
     for j in range(3, plan.n_shards, 4):
         sw.get(j)
     assert sum(calls) < 0.4 * len(texts), (sum(calls), len(texts))

@@ -99,10 +99,10 @@ class Synth:
 # ---------------------------------------------------------------------------------- writing
 def _plan(cfg: dict, S: int, n_seq: int) -> dict:
     from logitstore.format.codec import Encoding
-    from logitstore.format.manifest import FORMAT_NAME, FORMAT_VERSION
+    from logitstore.format.manifest import FORMAT_NAME
 
     fp = "synthetic-zipf-v%d" % V
-    return {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "backend": "zarr", "encoding": Encoding("compact").to_dict(),
+    return {"format": FORMAT_NAME, "format_version": 2, "backend": "zarr", "encoding": Encoding("compact").to_dict(),
             "seq_len": cfg["seq_len"], "packed": True, "bos": False, "shard_sequences": S,
             "n_sequences": n_seq, "n_tokens": cfg["tokens"],
             "tokenizer": {"fingerprint": fp, "vocab_size": V, "eos_token_id": 0, "pad_token_id": 0},

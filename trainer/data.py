@@ -43,6 +43,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 import logitstore
 from logitstore.distributions.targets import build_targets
 from logitstore.errors import ConfigError, FormatError, LogitStoreError
+from logitstore.format.manifest import inputs_arrays
 from logitstore.sampling import Layout
 
 from .epochs import EpochOrder
@@ -156,6 +157,8 @@ class DistillDataset(EpochOrder, IterableDataset):
                 raise LogitStoreError(f"--logits {url}: vocab_size differs from {self.urls[0]}'s")
         self.vocab_size = m0["tokenizer"]["vocab_size"]
         self.seq_len = m0["seq_len"]
+        #: the primary store records document starts: batches carry ``position_ids`` restarting per document
+        self.segmented = "doc_start" in inputs_arrays(m0)
         self.teachers: list[tuple[int, str]] = [(si, name) for si, s in enumerate(self.stores) for name in s.teachers]
         self._refuse_repeated_teachers()
         names = [n for _, n in self.teachers]
@@ -287,11 +290,16 @@ class DistillDataset(EpochOrder, IterableDataset):
         B, L = len(indices), self.seq_len
         input_ids = np.zeros((B, L), np.int64)
         lengths = np.zeros(B, np.int64)
+        trained = np.zeros((B, L), bool)
+        positions = np.zeros((B, L), np.int64) if self.segmented else None
         per_teacher = [{"ids": [], "logprobs": [], "tail_mass": []} for _ in self.teachers]
         for b, i in enumerate(indices):
             sh, r = self._row(0, int(i), caches)
             lengths[b] = sh["length"][r]
             input_ids[b] = sh["input_ids"][r]
+            trained[b] = sh["loss_mask"][r]
+            if positions is not None:
+                positions[b] = sh["position_ids"][r]
             if not self.with_targets:
                 continue
             rows = {0: (sh, r)}
@@ -300,6 +308,9 @@ class DistillDataset(EpochOrder, IterableDataset):
                 if bytes(rows[si][0]["seq_hash"][rows[si][1]]) != bytes(sh["seq_hash"][r]):
                     raise LogitStoreError(f"--logits {self.urls[si]}: its sequence for {self.urls[0]}'s sequence {int(i)} has "
                                           f"another content hash; the stores do not hold the same data")
+                if not np.all(rows[si][0]["loss_mask"][rows[si][1]] >= trained[b]):
+                    raise LogitStoreError(f"--logits {self.urls[si]}: holds no targets at positions {self.urls[0]}'s sequence "
+                                          f"{int(i)} trains (its loss mask differs); dump both stores with the same --train-on")
             for t, (si, name) in enumerate(self.teachers):
                 tsh, tr = rows[si]
                 td = tsh["teachers"][name]
@@ -309,6 +320,7 @@ class DistillDataset(EpochOrder, IterableDataset):
         labels = np.full((B, L), -100, np.int64)
         labels[:, :-1] = input_ids[:, 1:]
         labels[pos + 1 >= lengths[:, None]] = -100  # no next token inside the window
+        labels[~trained] = -100  # the store's loss mask: CE and KD only where it trains (and its targets exist)
         labels[np.asarray(weights) == 0] = -100  # filler rows contribute nothing
         batch = {
             "input_ids": torch.from_numpy(input_ids),
@@ -317,6 +329,8 @@ class DistillDataset(EpochOrder, IterableDataset):
             "index": torch.from_numpy(np.asarray(indices, np.int64)),
             "weight": torch.from_numpy(np.asarray(weights, np.float32)),
         }
+        if positions is not None:  # packed documents: positions restart per document, attention stays inside it
+            batch["position_ids"] = torch.from_numpy(positions)
         if self.with_targets:
             cached = []
             for t in per_teacher:

@@ -18,6 +18,7 @@ import json
 import math
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 from itertools import islice
 from pathlib import Path
@@ -25,6 +26,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from logitstore.capture.lm_head import forward_logits
 from logitstore.errors import ConfigError, LogitStoreError
 from logitstore.format.manifest import store_id
 from logitstore.progress import quiet_libraries
@@ -40,8 +42,8 @@ from .metrics import MetricsLog
 from .resume import STATE, check_resume, has_progress, latest_checkpoint, planned_total, saved_store_ids
 from .schedules import lr_factor, temperature_at
 from .sharding import full_state_dict, gradient_sync, load_sharded, shard_module
-from .student import (DTYPES, DistillModule, adopt_special_ids, cast_parameters, check_student_tokenizer, find_tokenizer,
-                      load_online_teacher, load_student, output_vocab, parameter_dtype)
+from .student import (DTYPES, DistillModule, adopt_special_ids, cast_parameters, check_document_separation,
+                      check_student_tokenizer, find_tokenizer, load_online_teacher, load_student, output_vocab, parameter_dtype)
 
 __all__ = ["fit", "evaluate", "MetricsLog", "Run", "TrainState"]
 
@@ -123,6 +125,11 @@ class Run:
         source_dtype = getattr(student, "checkpoint_dtype", None) or parameter_dtype(student)
         self.save_dtype = source_dtype if cfg.save_dtype == "checkpoint" else DTYPES[cfg.save_dtype]
         cast_parameters(student, DTYPES[cfg.param_dtype])
+        if train.segmented:  # packed documents: the student should see each on its own, as the teacher did
+            why = check_document_separation(student, train.vocab_size, cfg.seed)
+            if why is not None and self.rank == 0:
+                warnings.warn(f"--logits {cfg.logits[0]}: its windows pack several documents and {why}; the student then "
+                              "sees context the teacher did not (dump with --no-pack to avoid it)", RuntimeWarning, stacklevel=2)
         sv = output_vocab(student)
         if sv is not None and sv < train.vocab_size:
             raise ConfigError(f"--student {cfg.student}: output vocabulary {sv} is smaller than the store's {train.vocab_size}")
@@ -227,7 +234,7 @@ class Run:
             mb = {k: v.to(acc.device, non_blocking=True) for k, v in mb.items()}
             if self.online is not None:
                 with torch.no_grad():  # not inference_mode: the logits feed the (student's) graph
-                    mb["teacher_logits"] = self.online(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits
+                    mb["teacher_logits"] = forward_logits(self.online, mb["input_ids"], mb["attention_mask"], mb.get("position_ids"))
             last = i == len(micro) - 1
             if cfg.fsdp:  # not wrapped by accelerate, so its autocast is applied here
                 sync, cast = gradient_sync(module, last), acc.autocast()

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from logitstore.errors import ConfigError, LogitStoreError
-from logitstore.capture.lm_head import head_for
+from logitstore.capture.lm_head import forward_logits, head_for, model_inputs, no_cache
 
 from logitstore.distributions.fusion import fuse
 from .losses import kd_ce_loss
@@ -118,8 +118,12 @@ class DistillModule(torch.nn.Module):
         self._head = head_for(student)
         self.fused_head = self._head is not None
 
-    def logits(self, input_ids, attention_mask):
-        out = self.student(input_ids=input_ids, attention_mask=attention_mask)
+    def logits(self, input_ids, attention_mask, position_ids=None):
+        if position_ids is not None and takes_position_ids(self.student):
+            # no KV cache: with one, transformers builds a plain causal mask and documents would mix
+            out = self.student(input_ids=input_ids, **model_inputs(attention_mask, position_ids), **no_cache(self.student))
+        else:
+            out = self.student(input_ids=input_ids, attention_mask=attention_mask)
         return out.logits if hasattr(out, "logits") else out
 
     def forward(self, batch: dict, *, temperature: float, teacher_temperatures: list[float], weights: list[float], fuse_mode: str,
@@ -128,12 +132,13 @@ class DistillModule(torch.nn.Module):
         """``return_argmax`` (evaluation): also the student's top-1 id per position [B * L], from the
         same chunked pass (see :func:`trainer.losses.kd_ce_loss`)."""
         ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+        pos = batch.get("position_ids")  # packed documents (a store with doc_start): attention stays in each
         B, L = ids.shape
         if self._head is not None:
-            x = self._head.hidden(ids, mask).reshape(B * L, -1)
+            x = self._head.hidden(ids, mask, pos).reshape(B * L, -1)
             head = self._head
         else:
-            x = self.logits(ids, mask).reshape(B * L, -1)
+            x = self.logits(ids, mask, pos).reshape(B * L, -1)
             head = None
             if x.shape[-1] < vocab_size:
                 raise ConfigError(f"--student: outputs {x.shape[-1]} logits per position, fewer than the store's vocabulary of "
@@ -146,6 +151,38 @@ class DistillModule(torch.nn.Module):
                           temperatures=teacher_temperatures, weights=weights, mode=fuse_mode)
         return kd_ce_loss(x, labels.reshape(-1), target, head=head, temperature=temperature, loss=loss, tail=tail, beta=beta,
                           chunk_positions=chunk_positions, vocab_size=vocab_size, teacher_logits=t_logits, return_argmax=return_argmax)
+
+
+def takes_position_ids(model: torch.nn.Module) -> bool:
+    """Whether ``model`` is a transformers model (they all take ``position_ids``); any other
+    module is called with ``input_ids`` and ``attention_mask`` only."""
+    from transformers import PreTrainedModel
+
+    return isinstance(model, PreTrainedModel)
+
+
+def check_document_separation(model: torch.nn.Module, vocab_size: int, seed: int = 0) -> str | None:
+    """Whether ``model`` keeps packed documents apart when given restarting ``position_ids``: two
+    random documents packed into one row must give the second the log-probs it has alone.
+    Returns None if so, else why not (for a warning or an error). Runs in eval mode, no gradients."""
+    if not takes_position_ids(model):
+        return "the student is not a transformers model, so it gets no position_ids and packed documents attend to each other"
+    g = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    a, b = torch.randint(0, vocab_size, (1, 7), generator=g), torch.randint(0, vocab_size, (1, 9), generator=g)
+    ids = torch.cat([a, b], 1).to(device)
+    pos = torch.cat([torch.arange(7), torch.arange(9)])[None].to(device)
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            packed = forward_logits(model, ids, None, pos)[0, 7:].float().log_softmax(-1)
+            alone = forward_logits(model, b.to(device), torch.ones_like(b).to(device))[0].float().log_softmax(-1)
+    finally:
+        model.train(was)
+    d = float((packed - alone).abs().max())
+    tol = 1e-3 if next(model.parameters()).dtype == torch.float32 else 0.25
+    return None if d <= tol else f"its attention mixes packed documents ({d:.3g} nats between a document packed and alone)"
 
 
 def load_online_teacher(source: str, train, device: torch.device, trust_remote_code: bool = False) -> torch.nn.Module:

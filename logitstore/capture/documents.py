@@ -115,14 +115,37 @@ def iter_positioned(path: str, text_field: str = "text", count: DocumentCount | 
         raise LogitStoreError(f"--data {path}: no non-empty documents in field {field!r}")
 
 
+def iter_records(path: str, field: str, optional: tuple[str, ...] = (),
+                 start: tuple[int, int] | None = None) -> Iterator[tuple[tuple[int, int] | None, dict]]:
+    """Every row of ``--data`` as ``(position, {field: value, optional field: value, ...})``, in
+    order, none skipped (a row's index is its place in this sequence): for sources whose rows are
+    not text (conversations, token ids), which the caller validates row by row. ``position`` and
+    ``start`` as in :func:`iter_positioned`. A source without ``field`` at all is refused."""
+    batches, field = _open(path, field, start, optional)
+    try:
+        for batch in batches:
+            if field not in batch:
+                raise LogitStoreError(f"--data {path}: no field {field!r} (fields: {', '.join(k for k in batch if k != POSITIONS)})")
+            positions = batch.get(POSITIONS) or [None] * len(batch[field])
+            names = [f for f in (field, *optional) if f in batch]
+            for r, pos in enumerate(positions):
+                yield pos, {f: batch[f][r] for f in names}
+    except LogitStoreError:
+        raise
+    except Exception as e:  # datasets raises many types for unreadable input, lazily while streaming
+        raise LogitStoreError(f"--data {path}: cannot read ({type(e).__name__}: {_first_line(e)})") from e
+
+
 def load_texts(path: str, text_field: str = "text") -> list[str]:
     """Every document of ``--data`` as a list (small corpora, tests and tools; a dump streams)."""
     return list(iter_documents(path, text_field))
 
 
-def _open(path: str, text_field: str, start: tuple[int, int] | None = None) -> tuple[Iterator[dict], str]:
+def _open(path: str, text_field: str, start: tuple[int, int] | None = None,
+          optional: tuple[str, ...] = ()) -> tuple[Iterator[dict], str]:
     """Batches ``{field: [values], POSITIONS: [positions]}`` of ``--data`` (from ``start``, where
-    the source can be entered there) and the field that holds documents."""
+    the source can be entered there) and the field that holds documents; ``optional`` fields are
+    read too where the source has them (absent ones are left out of the batches)."""
     import datasets
 
     datasets.disable_progress_bars()  # our own bar reports the dump; theirs would bury error lines
@@ -141,7 +164,7 @@ def _open(path: str, text_field: str, start: tuple[int, int] | None = None) -> t
             ds = ds["train"]
         if text_field not in ds.column_names:
             raise LogitStoreError(f"--data {path}: no field {text_field!r} (fields: {', '.join(ds.column_names)}); pass --text-field")
-        return ds.select_columns([text_field]).iter(batch_size=BATCH_ROWS), text_field
+        return ds.select_columns([text_field] + [f for f in optional if f in ds.column_names]).iter(batch_size=BATCH_ROWS), text_field
     if files is None:
         kind = p.suffix.lower()
         if kind not in KINDS:
@@ -160,15 +183,15 @@ def _open(path: str, text_field: str, start: tuple[int, int] | None = None) -> t
         return ({"text": [f.read_text(encoding="utf-8")], POSITIONS: [(i, 0)]}
                 for i, f in enumerate(paths) if i >= first), "text"
     if kind == ".jsonl":
-        return _jsonl_batches(paths, text_field, first, offset), text_field
+        return _jsonl_batches(paths, text_field, first, offset, optional), text_field
     if kind == ".parquet":
-        return _parquet_batches(paths, text_field, first, offset), text_field
+        return _parquet_batches(paths, text_field, first, offset, optional), text_field
     # .json may be one array of records: datasets reads both shapes
     ds = datasets.load_dataset("json", data_files=[str(f) for f in paths], split="train", streaming=True)
     return ds.iter(batch_size=BATCH_ROWS), text_field
 
 
-def _jsonl_batches(paths: list[Path], field: str, first: int = 0, offset: int = 0) -> Iterator[dict]:
+def _jsonl_batches(paths: list[Path], field: str, first: int = 0, offset: int = 0, optional: tuple[str, ...] = ()) -> Iterator[dict]:
     """JSON Lines read line by line (blank lines skipped): one record per line, an object; from
     byte ``offset`` of file ``first`` on."""
     import json
@@ -180,6 +203,7 @@ def _jsonl_batches(paths: list[Path], field: str, first: int = 0, offset: int = 
             at = offset if i == first else 0
             fh.seek(at)
             values: list = []
+            extra: dict[str, list] = {f: [] for f in optional}
             positions: list = []
             lineno = 0 if at == 0 else None  # entered in the middle: lines are named by byte offset
             first_record = at == 0
@@ -199,15 +223,17 @@ def _jsonl_batches(paths: list[Path], field: str, first: int = 0, offset: int = 
                     raise LogitStoreError(f"--data {f}: no field {field!r} (fields: {', '.join(row)}); pass --text-field")
                 first_record = False
                 values.append(row.get(field))
+                for f in optional:
+                    extra[f].append(row.get(f))
                 positions.append(pos)
                 if len(values) == BATCH_ROWS:
-                    yield {field: values, POSITIONS: positions}
-                    values, positions = [], []
+                    yield {field: values, **extra, POSITIONS: positions}
+                    values, positions, extra = [], [], {f: [] for f in optional}
             if values:
-                yield {field: values, POSITIONS: positions}
+                yield {field: values, **extra, POSITIONS: positions}
 
 
-def _parquet_batches(paths: list[Path], field: str, first: int = 0, row: int = 0) -> Iterator[dict]:
+def _parquet_batches(paths: list[Path], field: str, first: int = 0, row: int = 0, optional: tuple[str, ...] = ()) -> Iterator[dict]:
     """One column of Parquet files, a row batch at a time, from row ``row`` of file ``first`` on
     (whole row groups before it are not read)."""
     import pyarrow.parquet as pq
@@ -229,13 +255,14 @@ def _parquet_batches(paths: list[Path], field: str, first: int = 0, row: int = 0
                 groups.append(g)
             else:
                 at += n  # whole row groups before ``skip``: not read
-        for b in pf.iter_batches(batch_size=BATCH_ROWS, columns=[field], row_groups=groups):
-            values = b.column(0).to_pylist()
-            positions = [(i, at + r) for r in range(len(values))]
-            at += len(values)
+        columns = [field] + [f for f in optional if f in pf.schema_arrow.names]
+        for b in pf.iter_batches(batch_size=BATCH_ROWS, columns=columns, row_groups=groups):
+            cols = {c: b.column(n).to_pylist() for n, c in enumerate(columns)}
+            positions = [(i, at + r) for r in range(b.num_rows)]
+            at += b.num_rows
             keep = [k for k, p in enumerate(positions) if p[1] >= skip]
             if keep:
-                yield {field: [values[k] for k in keep], POSITIONS: [positions[k] for k in keep]}
+                yield {**{c: [v[k] for k in keep] for c, v in cols.items()}, POSITIONS: [positions[k] for k in keep]}
 
 
 def _check_utf8(p: Path) -> None:

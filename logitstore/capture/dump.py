@@ -23,7 +23,8 @@ import torch
 from logitstore.format import layout
 from logitstore.format.codec import ENCODINGS, SCALARS, Encoding
 from logitstore.capture.corpus import BOS_MODES, adds_bos, resolve_bos
-from logitstore.capture.documents import describe_source
+from logitstore.capture.chat import TRAIN_ON, ChatSpec
+from logitstore.capture.sources import INPUT_KINDS, OVERLONG, Source, resolve_kind
 from logitstore.capture.placement import Parallel, device_map_kwargs, parse_device_map, parse_max_memory, tp_kwargs
 from logitstore.capture.ranks import (Ranks, any_rank_has_work, barrier, process_group, rank_device, ranks_from_env,
                                      share_from_group, share_from_rank0, tp_groups)
@@ -34,9 +35,10 @@ from logitstore.storage.fsio import StoreFS
 from logitstore.storage.lock import store_lock
 from logitstore.format.hashing import tokenizer_fingerprint
 from logitstore.format.commit import CHUNK_TOKENS, build_manifest, check_or_write_plan, refuse_foreign, summarize
-from logitstore.format.manifest import FORMAT_NAME, FORMAT_VERSION, MANIFEST, dumps, parse_manifest
+from logitstore.format.manifest import FORMAT_NAME, FORMAT_VERSION, MANIFEST, dumps, parse_manifest, written_version
 from logitstore.progress import progress_bar
 from logitstore.capture.teacher import DTYPES, TeacherRunner, TeacherSpec, model_identity, position_limit, resolve_device
+from logitstore.format.decode import position_ids
 from logitstore.format.writer import BackgroundWriter, PartWriter, encode_teacher_part
 
 #: default shard size in tokens (``--shard-sequences`` = this / ``seq_len``): at k = 64 a teacher part
@@ -62,7 +64,8 @@ class DumpConfig:
     encoding: str = "compact"
     max_tokens: int | None = None
     text_field: str = "text"
-    pack: bool = True
+    #: None: pack text and conversations, keep one row per window for token rows (``--pack/--no-pack``)
+    pack: bool | None = None
     shard_sequences: int | None = None
     trust_remote_code: bool = False
     progress: bool = True
@@ -74,6 +77,18 @@ class DumpConfig:
     offload_folder: str | None = None
     #: tensor-parallel ranks per copy of the teacher (under torchrun; WORLD_SIZE = dp x tp)
     tp: int = 1
+    #: what ``--data`` rows hold: auto, text, messages or tokens (logitstore/capture/sources.py)
+    input: str = "auto"
+    messages_field: str = "messages"
+    #: a Jinja chat template file replacing the tokenizer's
+    chat_template: str | None = None
+    #: which tokens of a conversation are trained: assistant or all (logitstore/capture/chat.py)
+    train_on: str = "assistant"
+    #: a conversation or token row longer than seq_len: refuse, truncate or drop
+    overlong: str = "refuse"
+    #: packed windows record where each document starts, and teacher and student attend within it:
+    #: auto (for conversations and token rows, not for text), on or off
+    doc_boundaries: str = "auto"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "teachers", tuple(self.teachers))
@@ -109,6 +124,14 @@ class DumpConfig:
             raise ConfigError("--tp and --device-map: choose one (tensor parallelism places the teacher itself)")
         if (self.max_memory or self.offload_folder) and not self.device_map:
             raise ConfigError("--max-memory/--offload-folder: only with --device-map")
+        if self.input not in INPUT_KINDS:
+            raise ConfigError(f"--input: expected one of {', '.join(INPUT_KINDS)}, got {self.input!r}")
+        if self.train_on not in TRAIN_ON:
+            raise ConfigError(f"--train-on: expected one of {', '.join(TRAIN_ON)}, got {self.train_on!r}")
+        if self.overlong not in OVERLONG:
+            raise ConfigError(f"--overlong: expected one of {', '.join(OVERLONG)}, got {self.overlong!r}")
+        if self.doc_boundaries not in ("auto", "on", "off"):
+            raise ConfigError(f"--doc-boundaries: expected auto, on or off, got {self.doc_boundaries!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -175,13 +198,18 @@ def _dump(cfg: DumpConfig, ranks: Ranks) -> DumpResult:
         if fp != fps[0]:
             raise ConfigError(f"--teacher {s.source}: tokenizer differs from {specs[0].source}'s (fingerprints {fp[:12]} vs {fps[0][:12]}); all teachers in one store must share a tokenizer")
     tok = tokenizers[0]
-    if cfg.bos == "auto":
+    source = _source(cfg)
+    if source.kind != "text":  # the template or the user's own rows decide the special tokens
+        if cfg.bos == "always":
+            raise ConfigError(f"--bos always: rows of {source.kind} are used as the "
+                              f"{'chat template renders them' if source.kind == 'messages' else 'user tokenised them'}")
+    elif cfg.bos == "auto":
         conventions = [adds_bos(t) for t in tokenizers]
         for s, c in zip(specs[1:], conventions[1:]):
             if c != conventions[0]:
                 raise ConfigError(f"--teacher {s.source}: its tokenizer {'adds' if c else 'does not add'} a BOS token and "
                                   f"{specs[0].source}'s {'does' if conventions[0] else 'does not'}; choose with --bos always|never")
-    bos = resolve_bos(tok, cfg.bos)
+    bos = resolve_bos(tok, cfg.bos) if source.kind == "text" else False
     vocab = len(tok)
     if cfg.top_k > vocab:
         raise ConfigError(f"--top-k: {cfg.top_k} is larger than the vocabulary ({vocab} tokens)")
@@ -196,16 +224,16 @@ def _dump(cfg: DumpConfig, ranks: Ranks) -> DumpResult:
     dtype = DTYPES[dtype_name]
 
     S = cfg.shard_sequences or max(1, math.ceil(SHARD_TOKENS / cfg.seq_len))
-    wspec = WindowSpec(cfg.seq_len, cfg.pack, cfg.max_tokens, bos, S)
+    wspec = window_spec(cfg, source, bos, S)
     fs = StoreFS(cfg.out)
 
     def planned() -> dict:  # rank 0 only: hashing and tokenising the corpus once, not once per rank
-        key = {"source": describe_source(cfg.data, cfg.text_field), "tokenizer": fps[0], "window": asdict(wspec)}
-        plan, reused = corpus_plan(fs, cfg.out, tok, cfg.data, cfg.text_field, wspec, key, cfg.progress)
+        key = {"source": source.describe(), "tokenizer": fps[0], "window": asdict(wspec)}
+        plan, reused = corpus_plan(fs, cfg.out, tok, source, wspec, key, cfg.progress)
         return {"key": key, "plan": plan, "reused": reused}
 
     shared = share_from_rank0(ranks, planned)
-    corpus, source = CorpusPlan.from_dict(shared["plan"]), shared["key"]["source"]
+    corpus, described = CorpusPlan.from_dict(shared["plan"]), shared["key"]["source"]
     new_plan_key = None if shared["reused"] else shared["key"]  # a plan to record in the store
     n_seq = corpus.n_sequences
     encoding = Encoding(cfg.encoding)
@@ -214,20 +242,53 @@ def _dump(cfg: DumpConfig, ranks: Ranks) -> DumpResult:
     plan = {
         "format": FORMAT_NAME, "format_version": FORMAT_VERSION,
         "backend": cfg.format, "encoding": encoding.to_dict(),
-        "seq_len": cfg.seq_len, "packed": cfg.pack, "bos": bos, "shard_sequences": S,
+        "seq_len": cfg.seq_len, "packed": wspec.packed, "bos": bos, "shard_sequences": S,
         "n_sequences": n_seq, "n_tokens": corpus.n_tokens,
         "tokenizer": {"fingerprint": fps[0], "vocab_size": vocab, "eos_token_id": tok.eos_token_id,
                       "pad_token_id": tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id},
-        "data": {"fingerprint": corpus.fingerprint, "source": source,
+        "data": {"fingerprint": corpus.fingerprint, "source": described,
                  "max_tokens": cfg.max_tokens},
         "teachers": teacher_ids,
     }
+    optional = optional_inputs(wspec)
+    if optional:  # format version 3 (FORMAT.md): per-token inputs, and targets at trained positions only
+        plan.update({"inputs": list(optional), "targets": "trained" if wspec.masked else "all"})
+    plan["format_version"] = written_version(plan)
     if rank == 0:
         refuse_foreign(fs, cfg.out)  # before a lock file is put into someone else's directory
     with store_lock(fs, cfg.out, "dump", enabled=rank == 0):  # one writer per store (logitstore/storage/lock.py)
-        windows = ShardWindows(tok, cfg.data, cfg.text_field, wspec, corpus)
+        windows = ShardWindows(tok, source, wspec, corpus)
         return _write_store(cfg, ranks, fs, plan, t_start, specs, teacher_ids, corpus, windows, encoding, vocab, device, dtype,
                             new_plan_key)
+
+
+def _source(cfg: DumpConfig) -> Source:
+    template = None
+    if cfg.chat_template is not None:
+        try:
+            with open(cfg.chat_template, encoding="utf-8") as f:
+                template = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"--chat-template {cfg.chat_template}: cannot read ({type(e).__name__}: {e})") from None
+    kind = resolve_kind(cfg.data, cfg.input, cfg.text_field, cfg.messages_field)
+    if kind != "messages" and (cfg.chat_template or cfg.train_on != "assistant"):
+        raise ConfigError(f"--chat-template/--train-on: only for conversations; --data {cfg.data} holds {kind}")
+    return Source(cfg.data, kind, cfg.text_field, ChatSpec(cfg.messages_field, template, cfg.train_on), cfg.overlong)
+
+
+def window_spec(cfg: DumpConfig, source: Source, bos: bool, shard_sequences: int) -> WindowSpec:
+    """How this dump cuts windows (see :class:`WindowSpec`): token rows stay one per window unless
+    ``--pack``; packed conversations and token rows record document starts unless ``--doc-boundaries off``."""
+    packed = cfg.pack if cfg.pack is not None else source.kind != "tokens"
+    segments = packed and (cfg.doc_boundaries == "on" or (cfg.doc_boundaries == "auto" and source.whole_rows))
+    masked = source.kind != "text" or segments
+    return WindowSpec(cfg.seq_len, packed, cfg.max_tokens, bos, shard_sequences, whole=source.whole_rows,
+                      segments=segments, masked=masked, rows=source.kind != "text")
+
+
+def optional_inputs(wspec: WindowSpec) -> tuple[str, ...]:
+    """The optional inputs arrays a store of these windows holds (manifest ``inputs``)."""
+    return tuple(a for a, on in (("loss_mask", wspec.masked), ("doc_start", wspec.segments), ("row", wspec.rows)) if on)
 
 
 def _summary(out: str, manifest: dict) -> dict:
@@ -255,7 +316,7 @@ def _write_store(cfg: DumpConfig, ranks: Ranks, fs: StoreFS, plan: dict, t_start
 
     pw = PartWriter(fs, cfg.format, chunk_rows=max(1, CHUNK_TOKENS // cfg.seq_len))
     mine = par.shards(corpus.n_shards)
-    inputs = ShardInputs(pw, windows, corpus, cfg.seq_len, vocab, write=par.writer)
+    inputs = ShardInputs(pw, windows, corpus, cfg.seq_len, vocab, write=par.writer, optional=tuple(plan.get("inputs", ())))
     groups = tp_groups(ranks, par)
     if par.writer:
         for j in mine:  # temporary directories a crashed writer left behind
@@ -315,15 +376,19 @@ def _run_teacher(cfg: DumpConfig, spec: TeacherSpec, part: str, todo: list[int],
         for j in todo:
             t_shard = time.perf_counter()
             fwd0 = runner.forward_seconds
-            ids, lens = inputs.get(j, bg)
-            res = _run_shard(runner, ids, lens, cfg.batch_size, bar)
-            valid = np.arange(cfg.seq_len)[None, :] < lens[:, None]
+            arrays = inputs.get(j, bg)
+            ids, lens = arrays["input_ids"], arrays["length"]
+            pos = position_ids(arrays["doc_start"].astype(bool)) if "doc_start" in arrays else None
+            res = _run_shard(runner, ids, lens, cfg.batch_size, bar, pos)
+            trained = arrays["loss_mask"].astype(bool) if "loss_mask" in arrays else None
+            valid = trained if trained is not None else np.arange(cfg.seq_len)[None, :] < lens[:, None]
             stats = {"n_positions": int(valid.sum()), "sum_tail_mass": float(res["tail_mass"][valid].sum(dtype=np.float64)),
                      "sum_entropy": float(res["entropy"][valid].sum(dtype=np.float64)),
                      "forward_seconds": runner.forward_seconds - fwd0, "wall_seconds": time.perf_counter() - t_shard,
                      "lm_head": runner.lm_head_path, **mid}
             if par.writer:
-                bg.submit(lambda j=j, res=res, stats=stats: _write_teacher_part(pw, encoding, vocab, j, part, res, stats))
+                bg.submit(lambda j=j, res=res, stats=stats, trained=trained:
+                          _write_teacher_part(pw, encoding, vocab, j, part, res, stats, trained))
             tokens_run += int(lens.sum())
     forward = runner.forward_seconds
     del model, runner
@@ -343,10 +408,12 @@ def _placement(cfg: DumpConfig, par: Parallel, ranks: Ranks) -> dict | None:
     return None
 
 
-def _run_shard(runner: TeacherRunner, input_ids: np.ndarray, lengths: np.ndarray, batch_size: int, bar) -> dict:
+def _run_shard(runner: TeacherRunner, input_ids: np.ndarray, lengths: np.ndarray, batch_size: int, bar,
+               position_ids: np.ndarray | None = None) -> dict:
     """Run a shard's windows through the teacher, longest first, each batch cut to its longest
     window (right padding past it is not computed; causal attention makes the kept positions
-    independent of it). Returns ``[n, L, ...]`` arrays, zero past each window's length."""
+    independent of it). ``position_ids`` [n, L]: restarting per document (attention then stays
+    inside each document). Returns ``[n, L, ...]`` arrays, zero past each window's length."""
     n, L = input_ids.shape
     k = runner.k
     out = {"ids": np.zeros((n, L, k), np.int64), "logprobs": np.zeros((n, L, k), np.float32)}
@@ -356,15 +423,16 @@ def _run_shard(runner: TeacherRunner, input_ids: np.ndarray, lengths: np.ndarray
     for s in range(0, n, batch_size):
         rows = order[s:s + batch_size]
         width = int(lengths[rows].max())
-        r = runner.run(input_ids[rows, :width], lengths[rows])
+        r = runner.run(input_ids[rows, :width], lengths[rows], None if position_ids is None else position_ids[rows, :width])
         for name, v in r.items():
             out[name][rows, :width] = v
         bar.update(int(lengths[rows].sum()))
     return out
 
 
-def _write_teacher_part(pw: PartWriter, encoding: Encoding, vocab: int, j: int, part: str, res: dict, stats: dict) -> None:
-    pw.write(j, part, encode_teacher_part(encoding, vocab, res), {"stats": stats})
+def _write_teacher_part(pw: PartWriter, encoding: Encoding, vocab: int, j: int, part: str, res: dict, stats: dict,
+                        trained: np.ndarray | None = None) -> None:
+    pw.write(j, part, encode_teacher_part(encoding, vocab, res, trained), {"stats": stats})
 
 
 def format_summary(r: DumpResult) -> str:

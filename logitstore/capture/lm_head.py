@@ -84,8 +84,12 @@ class ChunkedHead:
         self.head = self.model.get_output_embeddings()
         self._out_dtype_mm = True  # torch.mm(..., out_dtype=float32): CUDA only; turned off if it fails
 
-    def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        return self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, **no_cache(self.model)).last_hidden_state
+    def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+               position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """``position_ids`` [B, L] restarting per document: attention stays inside each (see
+        :func:`model_inputs`)."""
+        return self.model.base_model(input_ids=input_ids, **model_inputs(attention_mask, position_ids),
+                                     **no_cache(self.model)).last_hidden_state
 
     @contextmanager
     def loaded(self):
@@ -173,9 +177,22 @@ def no_cache(model: torch.nn.Module) -> dict:
     return {"use_cache": False} if hasattr(getattr(model, "config", None), "use_cache") else {}
 
 
-def forward_logits(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+def model_inputs(attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None) -> dict:
+    """The mask arguments of a forward over windows. Without ``position_ids``: the padding mask.
+    With ``position_ids`` that restart at each packed document: those and no mask, from which
+    transformers (>= 4.56, ``masking_utils.find_packed_sequence_indices``) builds a causal mask
+    that keeps every document to itself for the eager, SDPA and flex kernels, and flash attention
+    takes the documents' boundaries from the positions. Right padding needs no mask under causal
+    attention (no real token attends to a later one)."""
+    if position_ids is None:
+        return {"attention_mask": attention_mask}
+    return {"position_ids": position_ids}
+
+
+def forward_logits(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                   position_ids: torch.Tensor | None = None) -> torch.Tensor:
     """The model's own logits ``[B, L, V]`` (what every caller compares with)."""
-    out = model(input_ids=input_ids, attention_mask=attention_mask, **no_cache(model))
+    out = model(input_ids=input_ids, **model_inputs(attention_mask, position_ids), **no_cache(model))
     return out.logits if hasattr(out, "logits") else out
 
 

@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 
+from logitstore.capture.sources import Source
 from logitstore.capture.windows import CorpusPlan, ShardWindows, WindowSpec, scan
 from logitstore.format import layout
 from logitstore.format.hashing import sequence_hashes
@@ -24,7 +25,7 @@ def _log(enabled: bool, msg: str) -> None:
         print(msg, flush=True)
 
 
-def corpus_plan(fs: StoreFS, out: str, tok, data: str, text_field: str, wspec: WindowSpec, key: dict,
+def corpus_plan(fs: StoreFS, out: str, tok, source: Source, wspec: WindowSpec, key: dict,
                 progress: bool) -> tuple[dict, bool]:
     """The corpus plan (rank 0 only): the one a started store recorded for the same corpus file(s)
     (same sha256), tokenizer and window settings, else one tokenising pass, with a progress bar.
@@ -39,7 +40,7 @@ def corpus_plan(fs: StoreFS, out: str, tok, data: str, text_field: str, wspec: W
         except (ValueError, KeyError, TypeError):  # unreadable: plan again (the result is checked against plan.json)
             _log(progress, f"corpus plan: {out}/{CORPUS_PLAN} is unreadable; tokenising the corpus again")
     with progress_bar(None, "tokenising", enabled=progress) as bar:
-        return scan(tok, data, text_field, wspec, progress=bar.update).to_dict(), False
+        return scan(tok, source, wspec, progress=bar.update).to_dict(), False
 
 
 def record_corpus_plan(fs: StoreFS, key: dict, plan: CorpusPlan) -> None:
@@ -56,25 +57,28 @@ class ShardInputs:
     between passes, so a later teacher's pass reads the inputs back (a pass that went back to a
     shard not committed would re-read the corpus from its start)."""
 
-    def __init__(self, pw: PartWriter, windows: ShardWindows, corpus: CorpusPlan, seq_len: int, vocab: int, *, write: bool):
+    def __init__(self, pw: PartWriter, windows: ShardWindows, corpus: CorpusPlan, seq_len: int, vocab: int, *, write: bool,
+                 optional: tuple[str, ...] = ()):
         self.pw, self.windows, self.corpus = pw, windows, corpus
         self.seq_len, self.vocab, self.write = seq_len, vocab, write
+        self.optional = optional  # the store's optional inputs arrays (loss_mask, doc_start, row)
         self.queued: set[int] = set()  # inputs this run submitted (maybe not yet committed)
 
-    def get(self, j: int, bg: BackgroundWriter) -> tuple[np.ndarray, np.ndarray]:
+    def get(self, j: int, bg: BackgroundWriter) -> dict[str, np.ndarray]:
+        """Shard ``j``'s inputs arrays: ``input_ids``, ``length`` and the store's optional ones."""
         if self.pw.committed(j, layout.INPUTS):  # queued ones too: a pass starts after the writer is flushed
-            arrays = self.pw.read(j, layout.INPUTS, inputs_specs(self.corpus.sizes[j], self.seq_len, self.vocab))
-            return arrays["input_ids"], arrays["length"]
+            return self.pw.read(j, layout.INPUTS, inputs_specs(self.corpus.sizes[j], self.seq_len, self.vocab, self.optional))
         if j <= self.windows.last:
             self.windows = self.windows.restarted()
-        ids, lens = self.windows.get(j)
+        arrays = self.windows.arrays(j)
         if self.write and j not in self.queued:
             self.queued.add(j)
             start = j * self.corpus.sizes[0]  # every shard but the last holds sizes[0] windows
-            arrays = {"input_ids": ids, "length": lens, "seq_hash": sequence_hashes(ids, lens)}
+            lens = arrays["length"]
+            arrays = {**arrays, "seq_hash": sequence_hashes(arrays["input_ids"], lens)}
             bg.submit(lambda j=j, arrays=arrays, start=start, lens=lens: self.pw.write(
                 j, layout.INPUTS, arrays, {"start": start, "n_sequences": len(lens), "n_tokens": int(lens.sum())}))
-        return ids, lens
+        return arrays
 
     def write_missing(self, shards: list[int], bg: BackgroundWriter) -> int:
         """Queue the inputs of ``shards`` not committed or queued; return how many were committed."""

@@ -250,6 +250,7 @@ class TeacherRunner:
                           "by vocabulary here (a family off the chunked-head list, or another plan), so every rank computes "
                           "the statistics from the model's gathered logits: correct, more memory", RuntimeWarning, stacklevel=2)
         self._checked = self.head is None
+        self._segments_checked = False
 
     @property
     def lm_head_path(self) -> str:
@@ -269,36 +270,69 @@ class TeacherRunner:
                           "using the model's forward instead", RuntimeWarning, stacklevel=3)
             self.head = None
 
-    def _logit_chunks(self, ids: torch.Tensor, mask: torch.Tensor):
+    def _check_segments(self, ids: torch.Tensor, lengths: torch.Tensor, pos: torch.Tensor) -> None:
+        """Prove, on the first window that packs several documents, that the model keeps them apart:
+        the packed window's log-probs over its second document equal that document's run alone."""
+        starts = (pos == 0) & (torch.arange(ids.shape[1], device=pos.device)[None, :] < lengths[:, None])
+        rows = torch.nonzero(starts.sum(1) >= 2).flatten()
+        if not rows.numel():
+            return
+        self._segments_checked = True
+        b = int(rows[0])
+        s = torch.nonzero(starts[b]).flatten().tolist()
+        a, e = s[1], (s[2] if len(s) > 2 else int(lengths[b]))
+        e = min(e, a + 64)
+        packed = self._logprobs(ids[b : b + 1, :e], pos[b : b + 1, :e])[0, a:e]
+        alone = self._logprobs(ids[b : b + 1, a:e], None)[0]
+        d = float((packed - alone).abs().max())
+        tol = 1e-3 if next(self.model.parameters()).dtype == torch.float32 else 0.25
+        if d > tol:
+            name = getattr(self.model.config, "model_type", type(self.model).__name__)
+            raise ConfigError(f"teacher ({name}): its attention does not keep packed documents apart (a document's log-probs "
+                              f"differ by {d:.3g} nats packed vs alone); dump with --no-pack or --doc-boundaries off")
+
+    def _logprobs(self, ids: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
+        mask = torch.ones_like(ids)
+        if self.head is not None:
+            logits = self.head.full_logits(self.head.hidden(ids, mask, pos))
+        else:
+            logits = forward_logits(self.model, ids, mask, pos)
+        return torch.log_softmax(logits[..., : self.vocab_size].float(), -1)
+
+    def _logit_chunks(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor | None = None):
         """Yield ``(start, x)`` over the flattened ``B * L`` positions: ``x`` is the final hidden
         states ``[n, H]`` of a chunk on the chunked path, the logits ``[n, V_model]`` on the forward path."""
         B, L = ids.shape
         if self.head is not None:
-            flat_h = self.head.hidden(ids, mask).reshape(B * L, -1)  # [B, L, H]: the head runs per chunk
+            flat_h = self.head.hidden(ids, mask, pos).reshape(B * L, -1)  # [B, L, H]: the head runs per chunk
             with self.head.loaded():
                 for s in range(0, B * L, self.chunk_positions):
                     yield s, flat_h[s : s + self.chunk_positions]
             return
         rows = max(1, self.chunk_positions // L)  # whole sequences per forward: [rows, L, V] logits at a time
         for b in range(0, B, rows):
-            logits = forward_logits(self.model, ids[b : b + rows], mask[b : b + rows])
+            logits = forward_logits(self.model, ids[b : b + rows], mask[b : b + rows], None if pos is None else pos[b : b + rows])
             yield b * L, logits.reshape(-1, logits.shape[-1])
 
-    def run(self, input_ids: np.ndarray, lengths: np.ndarray) -> dict[str, np.ndarray]:
-        """``input_ids`` [B, L], ``lengths`` [B] -> ids/logprobs [B, L, k], scalars [B, L]."""
+    def run(self, input_ids: np.ndarray, lengths: np.ndarray, position_ids: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """``input_ids`` [B, L], ``lengths`` [B] -> ids/logprobs [B, L, k], scalars [B, L].
+        ``position_ids`` [B, L]: restarting at each packed document, which attention then keeps apart."""
         # FSDP (the data-parallel copies of a tensor-parallel teacher) refuses inference tensors
         with torch.no_grad() if self.tensor_parallel else torch.inference_mode():
-            return self._run(input_ids, lengths)
+            return self._run(input_ids, lengths, position_ids)
 
-    def _run(self, input_ids: np.ndarray, lengths: np.ndarray) -> dict[str, np.ndarray]:
+    def _run(self, input_ids: np.ndarray, lengths: np.ndarray, position_ids: np.ndarray | None = None) -> dict[str, np.ndarray]:
         B, L = input_ids.shape
         ids_t = torch.from_numpy(input_ids.astype(np.int64)).to(self.device)
         lens_t = torch.from_numpy(lengths.astype(np.int64)).to(self.device)
+        pos_t = None if position_ids is None else torch.from_numpy(np.ascontiguousarray(position_ids, np.int64)).to(self.device)
         pos = torch.arange(L, device=self.device)
         mask = (pos[None, :] < lens_t[:, None]).long()
         t0 = time.perf_counter()
         if not self._checked:
             self._check(ids_t, mask, lens_t)
+        if pos_t is not None and not self._segments_checked:
+            self._check_segments(ids_t, lens_t, pos_t)
         # next token of position t is token t+1 of the same window; none at the last real position
         nxt = torch.full_like(ids_t, -1)
         nxt[:, :-1] = ids_t[:, 1:]
@@ -310,7 +344,7 @@ class TeacherRunner:
         # (~20% faster than whole chunks); a GPU takes the chunk in one go
         rows = self.chunk_positions if self.device.type == "cuda" else 128
         sharded = isinstance(self.head, ShardedHead)
-        for s, chunk in self._logit_chunks(ids_t, mask):
+        for s, chunk in self._logit_chunks(ids_t, mask, pos_t):
             if sharded:  # chunk: hidden states; only [chunk, k]-sized partials cross the group
                 st = self.head.stats(chunk, self.k, self.vocab_size, flat_next[s : s + chunk.shape[0]])
                 for n, v in st.items():

@@ -24,9 +24,8 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from logitstore.capture.documents import iter_positioned
+from logitstore.capture.sources import Encoder, Source
 from logitstore.errors import ConfigError, LogitStoreError
-from logitstore.format.codec import id_dtype
 from logitstore.format.hashing import canonical_json_hash
 
 #: documents tokenised per call of the tokenizer in a full pass, and when one shard is prepared (smaller:
@@ -41,13 +40,22 @@ SHARD_BATCH = 16
 @dataclass(frozen=True)
 class WindowSpec:
     """How documents become windows: ``seq_len`` tokens, packed or one document per window,
-    at most ``max_tokens`` tokens of corpus, BOS before each document, ``shard_sequences`` per shard."""
+    at most ``max_tokens`` tokens of corpus, BOS before each document, ``shard_sequences`` per shard.
+
+    ``whole``: documents are never split (conversations, token rows: a packed window takes the
+    next one only if it fits whole, else it is closed and padded). What each window records besides
+    its tokens: ``segments`` where each document starts (``doc_start``), ``masked`` which positions
+    are trained (``loss_mask``), ``rows`` the row of its first document (``row``)."""
 
     seq_len: int
     packed: bool = True
     max_tokens: int | None = None
     bos: bool = False
     shard_sequences: int = 1
+    whole: bool = False
+    segments: bool = False
+    masked: bool = False
+    rows: bool = False
 
     def __post_init__(self) -> None:
         if self.seq_len <= 0:
@@ -95,45 +103,27 @@ class CorpusPlan:
         return plan
 
 
-class _Tokens:
-    """Documents as token arrays (BOS + ids + EOS), tokenised a batch at a time."""
-
-    def __init__(self, tokenizer, spec: WindowSpec):
-        eos = tokenizer.eos_token_id
-        if eos is None:
-            raise ConfigError("tokenizer: has no EOS token to separate documents")
-        if spec.bos and tokenizer.bos_token_id is None:
-            raise ConfigError("tokenizer: has no BOS token to start documents with")
-        self.tokenizer, self.eos = tokenizer, eos
-        self.head = [tokenizer.bos_token_id] if spec.bos else []
-        self.dtype = id_dtype(len(tokenizer))
-        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-
-    def encode(self, texts: list[str]) -> list[np.ndarray]:
-        enc = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
-        return [np.asarray(self.head + ids + [self.eos], dtype=self.dtype) for ids in enc]
-
-
-def _doc_stream(tokens: _Tokens, docs: Iterable[tuple[int, str]], limit: int | None,
+def _doc_stream(tokens: Encoder, docs: Iterable[tuple[int, object]], limit: int | None,
                 batch_docs: int = TOKENIZE_BATCH) -> Iterator[tuple[int, np.ndarray]]:
-    """``(document index, tokens)`` for each document, the running total cut at ``limit`` tokens;
-    ``batch_docs`` documents per call of the tokenizer."""
+    """``(document index, [2, n] ids and trained flags)`` for each document, the running total cut
+    at ``limit`` tokens; ``batch_docs`` documents per call of the tokenizer."""
     total, batch, chars = 0, [], 0
 
     def flush():
         nonlocal total
-        for (d, _), arr in zip(batch, tokens.encode([t for _, t in batch])):
-            if limit is not None and total + arr.size > limit:
-                arr = arr[: limit - total]
-            if arr.size:
-                total += arr.size
+        for (d, _), arr in zip(batch, tokens.encode(batch)):
+            n = arr.shape[1]
+            if limit is not None and total + n > limit:
+                arr, n = arr[:, : limit - total], limit - total
+            if n:
+                total += n
                 yield d, arr
             if limit is not None and total >= limit:
                 return
 
     for item in docs:
         batch.append(item)
-        chars += len(item[1])
+        chars += len(item[1]) if isinstance(item[1], str) else 1024
         if len(batch) == batch_docs or chars >= TOKENIZE_CHARS:
             yield from flush()
             batch, chars = [], 0
@@ -143,52 +133,108 @@ def _doc_stream(tokens: _Tokens, docs: Iterable[tuple[int, str]], limit: int | N
         yield from flush()
 
 
-def _windows(stream: Iterable[tuple[int, np.ndarray]], seq_len: int, packed: bool,
-             first_offset: int = 0) -> Iterator[tuple[int, int, np.ndarray]]:
-    """``(document, offset, window tokens)`` of each window, ``(document, offset)`` being where its
-    first token is; ``first_offset`` skips that many tokens of the first document."""
+def _windows(stream: Iterable[tuple[int, np.ndarray]], seq_len: int, packed: bool, first_offset: int = 0,
+             whole: bool = False) -> Iterator[tuple[int, int, np.ndarray, list[int]]]:
+    """``(document, offset, window [2, m], document starts)`` of each window, ``(document, offset)``
+    being where its first token is and the starts the window positions where a document's first
+    token lies; ``first_offset`` skips that many tokens of the first document. ``whole``: a
+    document goes into a packed window only whole (documents are at most ``seq_len`` long)."""
     pending: list[np.ndarray] = []  # packed: pieces of the window being filled
+    starts: list[int] = []
     have, at = 0, None
+
+    def emit():
+        return at[0], at[1], pending[0] if len(pending) == 1 else np.concatenate(pending, axis=1), starts
+
     for d, arr in stream:
         o = first_offset
         first_offset = 0
-        while o < arr.size:
+        n = arr.shape[1]
+        if packed and whole and have and have + n > seq_len:
+            yield emit()
+            pending, starts, have, at = [], [], 0, None
+        while o < n:
             if not packed:
-                yield d, o, arr[o : o + seq_len]
+                yield d, o, arr[:, o : o + seq_len], [0] if o == 0 else []
                 o += seq_len
                 continue
             if at is None:
                 at = (d, o)
-            piece = arr[o : o + seq_len - have]
+            if o == 0:
+                starts.append(have)
+            piece = arr[:, o : o + seq_len - have]
             pending.append(piece)
-            have += piece.size
-            o += piece.size
+            have += piece.shape[1]
+            o += piece.shape[1]
             if have == seq_len:
-                yield at[0], at[1], pending[0] if len(pending) == 1 else np.concatenate(pending)
-                pending, have, at = [], 0, None
+                yield emit()
+                pending, starts, have, at = [], [], 0, None
     if packed and have:
-        yield at[0], at[1], np.concatenate(pending)
+        yield emit()
 
 
-def scan(tokenizer, path: str, text_field: str, spec: WindowSpec, progress=None) -> CorpusPlan:
+class _Rows:
+    """Fills the arrays of a run of windows (what :func:`scan` hashes and a shard holds)."""
+
+    def __init__(self, spec: WindowSpec, pad: int, dtype, n: int):
+        L = spec.seq_len
+        self.spec = spec
+        self.input_ids = np.full((n, L), pad, dtype=dtype)
+        self.length = np.zeros(n, dtype=np.uint32)
+        if spec.masked:
+            self.loss_mask = np.zeros((n, L), np.uint8)
+        if spec.segments:
+            self.doc_start = np.zeros((n, L), np.uint8)
+        if spec.rows:
+            self.row = np.zeros(n, np.int64)
+
+    def set(self, i: int, d: int, w: np.ndarray, starts: list[int]) -> None:
+        m = w.shape[1]
+        self.input_ids[i, :m] = w[0]
+        self.length[i] = m
+        if self.spec.segments:
+            self.doc_start[i, starts] = 1
+            self.doc_start[i, 0] = 1
+        if self.spec.masked:
+            # position t trains token t + 1 if that token is trained and does not start a document
+            # (the previous document's last token does not predict the next document's first)
+            nxt = w[1, 1:].astype(bool)
+            if starts:
+                nxt[[s - 1 for s in starts if s > 0]] = False
+            self.loss_mask[i, : m - 1] = nxt
+        if self.spec.rows:
+            self.row[i] = d
+
+    def arrays(self, n: int | None = None) -> dict[str, np.ndarray]:
+        names = ["input_ids", "length"] + [a for a, on in (("loss_mask", self.spec.masked), ("doc_start", self.spec.segments),
+                                                            ("row", self.spec.rows)) if on]
+        return {a: getattr(self, a)[:n] for a in names}
+
+
+def _encoder(tokenizer, source: Source, spec: WindowSpec) -> Encoder:
+    return Encoder(tokenizer, source, spec.seq_len, spec.bos)
+
+
+def scan(tokenizer, source: Source, spec: WindowSpec, progress=None) -> CorpusPlan:
     """One pass over ``--data`` (see the module docstring). ``progress(tokens)`` is called per window."""
-    tokens = _Tokens(tokenizer, spec)
+    tokens = _encoder(tokenizer, source, spec)
     L, S = spec.seq_len, spec.shard_sequences
-    h_ids, h_len = hashlib.sha256(), hashlib.sha256()
+    h_ids, h_len, h_extra = hashlib.sha256(), hashlib.sha256(), hashlib.sha256()
+    extra = spec.masked or spec.segments or spec.rows
     starts, sizes, counts, positions = [], [], [], []
     n, total = 0, 0
-    row = np.empty(L, "<u4")
+    row = _Rows(spec, tokens.pad, "<u4", 1)
     recent: deque = deque()  # (document, position) read but not yet past: a window starts in one of them
     seekable = True
 
     def docs():
         nonlocal seekable
-        for d, (pos, t) in enumerate(iter_positioned(path, text_field)):
+        for d, (pos, t) in enumerate(source.items()):
             seekable = seekable and pos is not None
             recent.append((d, pos))
             yield d, t
 
-    for d, o, w in _windows(_doc_stream(tokens, docs(), spec.max_tokens), L, spec.packed):
+    for d, o, w, doc_starts in _windows(_doc_stream(tokens, docs(), spec.max_tokens), L, spec.packed, whole=spec.whole):
         if n % S == 0:
             while recent[0][0] < d:
                 recent.popleft()
@@ -196,32 +242,43 @@ def scan(tokenizer, path: str, text_field: str, spec: WindowSpec, progress=None)
             positions.append(recent[0][1])
             sizes.append(0)
             counts.append(0)
-        row[: w.size] = w
-        row[w.size :] = tokens.pad
-        h_ids.update(row.tobytes())
-        h_len.update(np.uint32(w.size).astype("<u4").tobytes())
+        row.input_ids[0] = tokens.pad
+        row.set(0, d, w, doc_starts)
+        m = int(w.shape[1])
+        h_ids.update(row.input_ids[0].tobytes())
+        h_len.update(np.uint32(m).astype("<u4").tobytes())
+        if extra:
+            for a in row.arrays().values():
+                if a.dtype != np.uint32:
+                    h_extra.update(a[0].astype("<i8").tobytes())
+            if spec.masked:
+                row.loss_mask[0] = 0
+            if spec.segments:
+                row.doc_start[0] = 0
         sizes[-1] += 1
-        counts[-1] += int(w.size)
+        counts[-1] += m
         n += 1
-        total += int(w.size)
+        total += m
         if progress is not None:
-            progress(int(w.size))
+            progress(m)
+    tokens.warn_dropped()
     if total == 0:
         raise LogitStoreError("--data: tokenised to zero tokens")
-    fingerprint = canonical_json_hash([L, h_ids.hexdigest(), h_len.hexdigest()])
-    return CorpusPlan(n, total, fingerprint, starts, sizes, counts, positions if seekable else None)
+    parts = [L, h_ids.hexdigest(), h_len.hexdigest()] + ([h_extra.hexdigest()] if extra else [])
+    return CorpusPlan(n, total, canonical_json_hash(parts), starts, sizes, counts, positions if seekable else None)
 
 
 class ShardWindows:
     """The windows of the shards one rank asks for, in increasing order (see the module docstring).
 
     ``get(j)`` -> ``(input_ids [n, seq_len], lengths [n] uint32)``, padded with the pad id, equal to
-    rows ``j * S .. j * S + n`` of ``pack(...)``. Shards must be asked for in increasing order."""
+    rows ``j * S .. j * S + n`` of ``pack(...)``; :meth:`arrays` also gives the recorded extras
+    (``loss_mask``, ``doc_start``, ``row``). Shards must be asked for in increasing order."""
 
-    def __init__(self, tokenizer, path: str, text_field: str, spec: WindowSpec, plan: CorpusPlan):
-        self.tokens = _Tokens(tokenizer, spec)
+    def __init__(self, tokenizer, source: Source, spec: WindowSpec, plan: CorpusPlan):
+        self.tokens = _encoder(tokenizer, source, spec)
         self.spec, self.plan = spec, plan
-        self.source = (tokenizer, path, text_field)
+        self.source = (tokenizer, source)
         self._docs = self._open(0, None)
         self._next = 0  # index of the next document self._docs yields
         self._cache: list[tuple[int, np.ndarray]] = []  # tokenised documents of the last shard and after
@@ -229,12 +286,11 @@ class ShardWindows:
 
     def restarted(self) -> "ShardWindows":
         """A new reader from the corpus's start (to go back to an earlier shard)."""
-        tokenizer, path, text_field = self.source
-        return ShardWindows(tokenizer, path, text_field, self.spec, self.plan)
+        tokenizer, source = self.source
+        return ShardWindows(tokenizer, source, self.spec, self.plan)
 
-    def _open(self, d0: int, position) -> Iterator[tuple[int, str]]:
-        _, path, text_field = self.source
-        for d, (_, t) in enumerate(iter_positioned(path, text_field, warn=False, start=position), d0):
+    def _open(self, d0: int, position) -> Iterator[tuple[int, object]]:
+        for d, (_, t) in enumerate(self.source[1].items(start=position, warn=False), d0):
             self._next = d + 1
             yield d, t
 
@@ -258,29 +314,33 @@ class ShardWindows:
                         break
             if not batch:
                 return
-            self._cache.extend((d, arr) for (d, _), arr in zip(batch, self.tokens.encode([t for _, t in batch])))
+            self._cache.extend((d, arr) for (d, _), arr in zip(batch, self.tokens.encode(batch)) if arr.shape[1])
 
     def get(self, j: int) -> tuple[np.ndarray, np.ndarray]:
+        a = self.arrays(j)
+        return a["input_ids"], a["length"]
+
+    def arrays(self, j: int) -> dict[str, np.ndarray]:
+        """Shard ``j``'s ``input_ids`` [n, L], ``length`` [n] and the extras its spec records."""
         if not 0 <= j < self.plan.n_shards or j <= self.last:
             raise ValueError(f"shard {j}: expected increasing shards in [0, {self.plan.n_shards}), after {self.last}")
         self.last = j
         (d0, o0), n, budget = self.plan.starts[j], self.plan.sizes[j], self.plan.tokens[j]
         L = self.spec.seq_len
-        ids = np.full((n, L), self.tokens.pad, dtype=self.tokens.dtype)
-        lengths = np.zeros(n, dtype=np.uint32)
+        rows = _Rows(self.spec, self.tokens.pad, self.tokens.dtype, n)
         got, i = 0, 0
         position = None if self.plan.positions is None else self.plan.positions[j]
-        for _, _, w in _windows(_budget(self._token_docs(d0, position), o0, budget), L, self.spec.packed, o0):
-            ids[i, : w.size] = w
-            lengths[i] = w.size
-            got += int(w.size)
+        for d, _, w, starts in _windows(_budget(self._token_docs(d0, position), o0, budget), L, self.spec.packed, o0,
+                                        whole=self.spec.whole):
+            rows.set(i, d, w, starts)
+            got += int(w.shape[1])
             i += 1
             if i == n:
                 break
         if i != n or got != budget:
             raise LogitStoreError(f"--data: shard {j} has {i} windows and {got} tokens now, the plan says {n} and {budget}; "
                                   "the corpus changed while it was read")
-        return ids, lengths
+        return rows.arrays()
 
 
 def _budget(stream: Iterator[tuple[int, np.ndarray]], first_offset: int, budget: int) -> Iterator[tuple[int, np.ndarray]]:
@@ -288,8 +348,8 @@ def _budget(stream: Iterator[tuple[int, np.ndarray]], first_offset: int, budget:
     holds ``budget`` tokens."""
     left = budget + first_offset
     for d, arr in stream:
-        if arr.size >= left:
-            yield d, arr[:left]
+        if arr.shape[1] >= left:
+            yield d, arr[:, :left]
             return
-        left -= arr.size
+        left -= arr.shape[1]
         yield d, arr

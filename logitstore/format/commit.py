@@ -24,7 +24,7 @@ from logitstore.format import layout
 from logitstore.format.backends import get_backend
 from logitstore.format.hashing import SEQ_HASH_BYTES
 from logitstore.format.index_files import write_index
-from logitstore.format.manifest import FORMAT_VERSION, MODEL_FIELDS, PLAN, dumps, validate_manifest
+from logitstore.format.manifest import MODEL_FIELDS, PLAN, dumps, validate_manifest, written_version
 from logitstore.storage.fsio import StoreFS
 from logitstore.storage.lock import LOCK
 
@@ -127,7 +127,7 @@ def finish_manifest(fs: StoreFS, header: dict, shards: list[dict], seqs: list[tu
     h = np.concatenate([s[0] for s in seqs]) if seqs else np.zeros((0, SEQ_HASH_BYTES), np.uint8)
     lengths = np.concatenate([s[1] for s in seqs]) if seqs else np.zeros(0, np.uint32)
     total = sum(m["bytes"] for s in shards for p in s["parts"].values() for m in p["files"].values())
-    manifest = {**{k: v for k, v in header.items() if k != "shards"}, "format_version": FORMAT_VERSION, "total_bytes": total}
+    manifest = {**{k: v for k, v in header.items() if k != "shards"}, "format_version": written_version(header), "total_bytes": total}
     manifest.update(write_index(fs, header, shards, h, lengths))
     return validate_manifest(manifest)
 

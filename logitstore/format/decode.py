@@ -14,27 +14,88 @@ def check_lengths(lengths: np.ndarray, seq_len: int, where: str) -> None:
         raise FormatError(f"{where}/inputs/length: values must lie in [1, {seq_len}]")
 
 
-def decode_teacher(encoding: Encoding, arrays: dict[str, np.ndarray], vocab_size: int, where: str) -> dict[str, np.ndarray]:
+def decode_teacher(encoding: Encoding, arrays: dict[str, np.ndarray], vocab_size: int, where: str,
+                   trained: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """A teacher part's stored arrays ([S, L, ...] plus ``id_order`` for ``compact``, as
     :meth:`~logitstore.format.reader.Store.read_part` returns them) to ``ids``,
-    ``logprobs`` [S, L, k] and ``tail_mass``, ``gold_logprob``, ``entropy`` [S, L]."""
-    n, L, k = arrays["ids"].shape
-    flat = {a: v.reshape(n * L, *v.shape[2:]) for a, v in arrays.items() if a != "id_order"}
+    ``logprobs`` [S, L, k] and ``tail_mass``, ``gold_logprob``, ``entropy`` [S, L].
+
+    ``trained`` [S, L] bool: the part holds only these positions, as ``[P, ...]`` rows in
+    sequence-major order (``targets: "trained"``); they are scattered back to ``[S, L, ...]`` with
+    zeros elsewhere, as at padding. ``P`` must equal ``trained.sum()``."""
+    if trained is None:
+        n, L, k = arrays["ids"].shape
+        flat = {a: v.reshape(n * L, *v.shape[2:]) for a, v in arrays.items() if a != "id_order"}
+    else:
+        (n, L), k = trained.shape, arrays["ids"].shape[-1]
+        if arrays["ids"].shape[0] != int(trained.sum()):
+            raise FormatError(f"{where}/ids: holds {arrays['ids'].shape[0]} positions, the inputs' loss_mask trains "
+                              f"{int(trained.sum())}")
+        flat = {a: v for a, v in arrays.items() if a != "id_order"}
     if "id_order" in arrays:
         flat["id_order"] = arrays["id_order"]
     try:
         ids, lps, scalars = encoding.decode(flat, vocab_size)
     except FormatError as e:
         raise FormatError(f"{where}/{e}") from None
-    out = {"ids": ids.reshape(n, L, k), "logprobs": lps.reshape(n, L, k)}
-    out.update({s: scalars[s].reshape(n, L) for s in SCALARS})
+    if trained is None:
+        out = {"ids": ids.reshape(n, L, k), "logprobs": lps.reshape(n, L, k)}
+        out.update({s: scalars[s].reshape(n, L) for s in SCALARS})
+        return out
+    out = {"ids": np.zeros((n, L, k), ids.dtype), "logprobs": np.zeros((n, L, k), np.float32)}
+    out["ids"][trained], out["logprobs"][trained] = ids, lps
+    for s in SCALARS:
+        out[s] = np.zeros((n, L), np.float32)
+        out[s][trained] = scalars[s]
     return out
+
+
+def check_inputs(part: dict[str, np.ndarray], seq_len: int, where: str) -> dict[str, np.ndarray]:
+    """Check a decoded inputs part's lengths and optional arrays (FORMAT.md, version 3) and add what
+    readers hand out: ``loss_mask`` [S, L] bool (stored, or every position with a next token in the
+    window) and ``position_ids`` [S, L] int32 (restarting at each ``doc_start``, else ``0 .. L - 1``)."""
+    lengths = part["length"]
+    check_lengths(lengths, seq_len, where)
+    n = len(lengths)
+    pos = np.arange(seq_len)[None, :]
+    out = dict(part)
+    if "loss_mask" in part:
+        m = part["loss_mask"]
+        if m.size and (m.max() > 1 or np.any(m[pos + 1 >= lengths[:, None]])):
+            raise FormatError(f"{where}/inputs/loss_mask: expected 0 or 1, and 0 from each window's last token on")
+        out["loss_mask"] = m.astype(bool)
+    else:
+        out["loss_mask"] = np.broadcast_to(pos + 1 < lengths[:, None], (n, seq_len))
+    if "doc_start" in part:
+        d = part["doc_start"]
+        if d.size and (d.max() > 1 or np.any(d[:, 0] != 1)):
+            raise FormatError(f"{where}/inputs/doc_start: expected 0 or 1, and 1 at position 0")
+        out["doc_start"] = d.astype(bool)
+        out["position_ids"] = position_ids(out["doc_start"])
+    else:
+        out["position_ids"] = np.broadcast_to(np.arange(seq_len, dtype=np.int32), (n, seq_len))
+    if "row" in part and part["row"].size and part["row"].min() < 0:
+        raise FormatError(f"{where}/inputs/row: expected indices >= 0")
+    return out
+
+
+def position_ids(doc_start: np.ndarray) -> np.ndarray:
+    """Positions that restart at every document start: ``doc_start`` [S, L] bool -> [S, L] int32."""
+    S, L = doc_start.shape
+    idx = np.broadcast_to(np.arange(L), (S, L))
+    last_start = np.maximum.accumulate(np.where(doc_start, idx, 0), axis=1)
+    return (idx - last_start).astype(np.int32)
+
+
+#: per-sequence arrays of a decoded shard besides the teachers' (``doc_start``, ``row``: only where stored)
+ROW_KEYS = ("input_ids", "length", "seq_hash", "loss_mask", "position_ids", "doc_start", "row")
 
 
 def slice_rows(sh: dict, a: int, b: int) -> dict:
     """Rows ``a:b`` of a decoded shard (views, no copy)."""
-    return {"input_ids": sh["input_ids"][a:b], "length": sh["length"][a:b], "seq_hash": sh["seq_hash"][a:b],
-            "teachers": {n: {k: v[a:b] for k, v in td.items()} for n, td in sh["teachers"].items()}}
+    out = {k: sh[k][a:b] for k in ROW_KEYS if k in sh}
+    out["teachers"] = {n: {k: v[a:b] for k, v in td.items()} for n, td in sh["teachers"].items()}
+    return out
 
 
 def join_rows(parts: list[dict], as_torch: bool) -> dict:
@@ -43,7 +104,7 @@ def join_rows(parts: list[dict], as_torch: bool) -> dict:
     if len(parts) == 1:
         out = parts[0]
     else:
-        out = {k: np.concatenate([p[k] for p in parts]) for k in ("input_ids", "length", "seq_hash")}
+        out = {k: np.concatenate([p[k] for p in parts]) for k in ROW_KEYS if k in parts[0]}
         out["teachers"] = {n: {k: np.concatenate([p["teachers"][n][k] for p in parts]) for k in parts[0]["teachers"][n]}
                            for n in parts[0]["teachers"]}
     if not as_torch:
@@ -53,7 +114,9 @@ def join_rows(parts: list[dict], as_torch: bool) -> dict:
     def conv(a: np.ndarray):
         return torch.from_numpy(a if a.flags.writeable else a.copy())  # torch wants writable memory
 
+    extra = {k: conv(np.ascontiguousarray(out[k], np.int64 if k in ("position_ids", "row") else None))
+             for k in ("loss_mask", "position_ids", "doc_start", "row") if k in out}
     return {"input_ids": conv(out["input_ids"].astype(np.int64)), "length": conv(out["length"].astype(np.int64)),
-            "seq_hash": out["seq_hash"],
+            "seq_hash": out["seq_hash"], **extra,
             "teachers": {n: {k: conv(v.astype(np.int64) if k == "ids" else v) for k, v in td.items()}
                          for n, td in out["teachers"].items()}}

@@ -19,7 +19,7 @@ from logitstore.format import layout
 from logitstore.format.backends import AtMost
 from logitstore.format.codec import Encoding, id_dtype
 from logitstore.format.hashing import SEQ_HASH_BYTES
-from logitstore.format.manifest import MAX_FILE_NAMES, MAX_SHARD_SEQUENCES, check_relpath
+from logitstore.format.manifest import MAX_FILE_NAMES, MAX_SHARD_SEQUENCES, check_relpath, inputs_arrays, trained_only
 
 
 class ShardIndex:
@@ -38,6 +38,8 @@ class ShardIndex:
         self.n_sequences: int = manifest["n_sequences"]
         self.seq_len: int = manifest["seq_len"]
         self.vocab_size: int = manifest["tokenizer"]["vocab_size"]
+        self.optional_inputs = inputs_arrays(manifest)
+        self.trained_only = trained_only(manifest)
         self.encoding = encoding
         self.names = names
         self._paths = paths  # version 1 only: the manifest's shard paths; else shards/NNNNNN
@@ -142,18 +144,32 @@ class ShardIndex:
         """``{array: (dtype, shape)}`` a part must hold; a shape entry may be :class:`AtMost`."""
         n, L, V = int(self.sizes[shard]), self.seq_len, self.vocab_size
         if part == layout.INPUTS:
-            return inputs_specs(n, L, V)
+            return inputs_specs(n, L, V, self.optional_inputs)
         t = next(t for t in self.teachers if t["part"] == part)
-        specs = {name: (dt, (n, L) + shape) for name, (dt, shape) in self.encoding.array_specs(t["k"], V).items()}
+        # trained positions only: one row per position the loss mask trains, at most every position
+        # of the shard (the exact count is checked against the inputs' loss mask before decoding)
+        rows = (AtMost(n * L),) if self.trained_only else (n, L)
+        specs = {name: (dt, rows + shape) for name, (dt, shape) in self.encoding.array_specs(t["k"], V).items()}
         if self.encoding.name == "compact":
             specs["id_order"] = (id_dtype(V), (AtMost(V),))  # refused before decoding if longer
         return specs
 
 
-def inputs_specs(n: int, seq_len: int, vocab_size: int) -> dict:
-    """``{array: (dtype, shape)}`` of the ``inputs`` part of a shard of ``n`` sequences."""
-    return {"input_ids": (id_dtype(vocab_size), (n, seq_len)), "length": (np.dtype(np.uint32), (n,)),
-            "seq_hash": (np.dtype(np.uint8), (n, SEQ_HASH_BYTES))}
+#: the optional inputs arrays (manifest ``inputs``, version 3): dtype and per-sequence trailing shape
+#: (``None``: ``seq_len``). ``loss_mask``/``doc_start`` hold 0 or 1; ``row`` is an index into ``--data``.
+OPTIONAL_SPECS = {"loss_mask": (np.dtype(np.uint8), (None,)), "doc_start": (np.dtype(np.uint8), (None,)),
+                  "row": (np.dtype(np.int64), ())}
+
+
+def inputs_specs(n: int, seq_len: int, vocab_size: int, optional: tuple[str, ...] = ()) -> dict:
+    """``{array: (dtype, shape)}`` of the ``inputs`` part of a shard of ``n`` sequences, with the
+    store's ``optional`` arrays."""
+    specs = {"input_ids": (id_dtype(vocab_size), (n, seq_len)), "length": (np.dtype(np.uint32), (n,)),
+             "seq_hash": (np.dtype(np.uint8), (n, SEQ_HASH_BYTES))}
+    for name in optional:
+        dt, tail = OPTIONAL_SPECS[name]
+        specs[name] = (dt, (n,) + tuple(seq_len if d is None else d for d in tail))
+    return specs
 
 
 def file_table(per_shard: list[list[dict[str, dict]]], where: str) -> tuple[dict[str, np.ndarray], list[str]]:

@@ -15,9 +15,16 @@ from logitstore.errors import FormatError
 from logitstore.format.hashing import canonical_json_hash
 
 FORMAT_NAME = "logitstore"
-FORMAT_VERSION = 2
-#: versions this package reads: 1 (per-shard table inside the manifest) and 2 (index files)
-READ_VERSIONS = (1, 2)
+#: the newest version this package writes and reads; a store is written as version 2 unless it uses
+#: a field of version 3 (:func:`written_version`), so stores of plain text stay readable by older readers
+FORMAT_VERSION = 3
+#: versions this package reads: 1 (per-shard table inside the manifest), 2 (index files) and 3
+#: (optional per-token inputs: loss mask, document starts, source rows; teacher targets for trained positions only)
+READ_VERSIONS = (1, 2, 3)
+#: optional arrays of the inputs part (version 3), named by the manifest's ``inputs``
+OPTIONAL_INPUTS = ("loss_mask", "doc_start", "row")
+#: what a teacher part holds: every position of every window, or only the positions the loss mask trains
+TARGETS = ("all", "trained")
 MANIFEST = "manifest.json"
 PLAN = "plan.json"
 MAX_MANIFEST_BYTES = 256 << 20
@@ -109,6 +116,7 @@ def validate_header(d: object, where: str = MANIFEST) -> dict:
     Encoding.from_dict(_get(d, "encoding", dict, where))
     seq_len = _int(d, "seq_len", where, 1, MAX_SEQ_LEN)
     _get(d, "packed", bool, where)
+    _validate_v3_fields(d, version, where)
     if "bos" in d:  # optional: absent (stores written before it existed) means no BOS
         _get(d, "bos", bool, where)
     _int(d, "n_sequences", where, 0, MAX_SEQUENCES)
@@ -132,6 +140,39 @@ def validate_header(d: object, where: str = MANIFEST) -> dict:
     if len({t["part"] for t in teachers}) != len(teachers) or "inputs" in {t["part"] for t in teachers}:
         raise FormatError(f"{where}.teachers: every teacher needs its own part name, other than 'inputs'")
     return d
+
+
+def _validate_v3_fields(d: dict, version: int, where: str) -> None:
+    """``inputs`` (optional inputs arrays) and ``targets`` (``all`` | ``trained``): version 3 only."""
+    if version < 3:
+        for key in ("inputs", "targets"):
+            if key in d:
+                raise FormatError(f"{where}.{key}: a version-3 field in a version-{version} store")
+        return
+    arrays = _get(d, "inputs", list, where)
+    if any(a not in OPTIONAL_INPUTS for a in arrays) or len(set(arrays)) != len(arrays):
+        raise FormatError(f"{where}.inputs: expected distinct names from {list(OPTIONAL_INPUTS)}, got {arrays!r}")
+    targets = _get(d, "targets", str, where)
+    if targets not in TARGETS:
+        raise FormatError(f"{where}.targets: expected one of {list(TARGETS)}, got {targets!r}")
+    if targets == "trained" and "loss_mask" not in arrays:
+        raise FormatError(f"{where}.targets: 'trained' needs a loss_mask among the inputs")
+
+
+def written_version(header: dict) -> int:
+    """The version a store with this header is written as: 3 if it has optional inputs or
+    trained-only targets, else 2."""
+    return 3 if header.get("inputs") or header.get("targets", "all") != "all" else 2
+
+
+def inputs_arrays(manifest: dict) -> tuple[str, ...]:
+    """The optional inputs arrays a store holds (none before version 3)."""
+    return tuple(manifest.get("inputs", ()))
+
+
+def trained_only(manifest: dict) -> bool:
+    """Teacher parts hold only the positions the loss mask trains (``targets: "trained"``)."""
+    return manifest.get("targets", "all") == "trained"
 
 
 def _file_meta(meta: object, where: str) -> None:

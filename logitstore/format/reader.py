@@ -20,7 +20,7 @@ import numpy as np
 from logitstore.format import layout
 from logitstore.format.backends import get_backend
 from logitstore.format.codec import Encoding
-from logitstore.format.decode import check_lengths, decode_teacher, join_rows, slice_rows
+from logitstore.format.decode import check_inputs, check_lengths, decode_teacher, join_rows, slice_rows
 from logitstore.format.index import ShardIndex
 from logitstore.format.index_files import read_index, read_sequences
 from logitstore.format.live import LiveView
@@ -172,8 +172,11 @@ class Store:
 
     # ------------------------------------------------------------------ decoded shards
     def load_shard(self, shard: int, teachers: list[str] | None = None) -> dict:
-        """Decode shard ``shard``: ``input_ids`` [S, L], ``length`` [S], ``seq_hash`` [S, 16] and
-        ``teachers`` {name: {ids, logprobs [S, L, k]; tail_mass, gold_logprob, entropy [S, L]}}."""
+        """Decode shard ``shard``: ``input_ids`` [S, L], ``length`` [S], ``seq_hash`` [S, 16],
+        ``loss_mask`` [S, L] bool (position ``t`` trains token ``t + 1``), ``position_ids`` [S, L]
+        (restarting per document where the store records document starts), ``doc_start`` [S, L] and
+        ``row`` [S] where stored, and ``teachers`` {name: {ids, logprobs [S, L, k]; tail_mass,
+        gold_logprob, entropy [S, L]}} (zeros where a trained-only store holds no target)."""
         names = tuple(self.teachers if teachers is None else teachers)
         key = (shard, names)
         if key in self._cache:
@@ -190,25 +193,30 @@ class Store:
         names = tuple(self.teachers if teachers is None else teachers)
         if not 0 <= shard < self.n_shards:
             raise IndexError(f"shard {shard} out of range [0, {self.n_shards})")
-        out = dict(self.read_part(shard, layout.INPUTS))
-        check_lengths(out["length"], self.seq_len, self.index.where(shard))
+        out = check_inputs(self.read_part(shard, layout.INPUTS), self.seq_len, self.index.where(shard))
+        trained = out["loss_mask"] if self.index.trained_only else None
         out["teachers"] = {}
         for name in names:
             part = self.teacher(name)["part"]
             out["teachers"][name] = decode_teacher(self.encoding, self.read_part(shard, part), self.vocab_size,
-                                                   self.index.where(shard, part))
+                                                   self.index.where(shard, part), trained)
         return out
 
     def __getitem__(self, i: int) -> dict:
-        """Sequence ``i``: ``input_ids`` [n], ``seq_hash`` (16 bytes) and ``teachers`` {name: {``ids``,
-        ``logprobs`` [n, k]; ``tail_mass``, ``gold_logprob``, ``entropy`` [n]}} with ``n`` its length.
-        Position ``t`` describes the teacher's distribution of token ``t + 1`` given tokens ``<= t``."""
+        """Sequence ``i``: ``input_ids`` [n], ``seq_hash`` (16 bytes), ``loss_mask`` [n] bool
+        (position ``t`` is True when token ``t + 1`` is trained), ``position_ids`` [n], ``row`` (the
+        ``--data`` row it came from, or None) and ``teachers`` {name: {``ids``, ``logprobs`` [n, k];
+        ``tail_mass``, ``gold_logprob``, ``entropy`` [n]}} with ``n`` its length. Position ``t``
+        describes the teacher's distribution of token ``t + 1`` given tokens ``<= t`` of its document."""
         j, r = self.index.locate(int(i))
         sh = self.load_shard(j)
         n = int(sh["length"][r])
         return {
             "input_ids": sh["input_ids"][r, :n],
             "seq_hash": bytes(sh["seq_hash"][r]),
+            "loss_mask": sh["loss_mask"][r, :n],
+            "position_ids": sh["position_ids"][r, :n],
+            "row": int(sh["row"][r]) if "row" in sh else None,
             "teachers": {name: {a: v[r, :n] for a, v in td.items()} for name, td in sh["teachers"].items()},
         }
 

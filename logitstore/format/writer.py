@@ -29,10 +29,13 @@ from logitstore.format.manifest import check_relpath
 class PartWriter:
     """Encodes parts with one backend into one store root."""
 
-    def __init__(self, fs: StoreFS, backend: str, chunk_rows: int):
+    def __init__(self, fs: StoreFS, backend: str, chunk_rows: int, position_rows: int = 32768):
+        """``chunk_rows``: sequences per inner chunk; ``position_rows``: positions per inner chunk of
+        a teacher part that holds trained positions only (its arrays are ``[P, ...]``)."""
         self.fs = fs
         self.backend = get_backend(backend)
         self.chunk_rows = chunk_rows
+        self.position_rows = position_rows
 
     def committed(self, shard: int, part: str) -> dict | None:
         """The commit record of a part if it exists and its files have the recorded sizes."""
@@ -66,7 +69,8 @@ class PartWriter:
         store's sequence index is built without reading the part again."""
         if part == layout.INPUTS and "sequences" not in extra:
             extra = {**extra, "sequences": sequences_record(arrays["seq_hash"], arrays["length"])}
-        return self.write_files(shard, part, self.backend.encode_part(arrays, self.chunk_rows), extra)
+        rows = self.position_rows if part != layout.INPUTS and arrays["ids"].ndim == 2 else self.chunk_rows
+        return self.write_files(shard, part, self.backend.encode_part(arrays, rows), extra)
 
     def write_files(self, shard: int, part: str, files: dict[str, bytes], extra: dict) -> dict:
         """Commit already-encoded files as ``part`` of ``shard``; ``extra`` goes into the commit record."""
@@ -152,9 +156,12 @@ class BackgroundWriter:
         self._thread.join()
 
 
-def encode_teacher_part(encoding: Encoding, vocab: int, res: dict) -> dict[str, np.ndarray]:
+def encode_teacher_part(encoding: Encoding, vocab: int, res: dict, trained: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """The arrays of a teacher part from ``ids``/``logprobs`` [n, L, k] (log-probs descending) and
-    ``tail_mass``, ``gold_logprob``, ``entropy`` [n, L]."""
+    ``tail_mass``, ``gold_logprob``, ``entropy`` [n, L]; with ``trained`` [n, L] bool, only those
+    positions, as ``[P, ...]`` rows in sequence-major order (FORMAT.md, trained-only targets)."""
+    if trained is not None:
+        return encoding.encode(res["ids"][trained], res["logprobs"][trained], {s: res[s][trained] for s in SCALARS}, vocab)
     n, L, k = res["ids"].shape
     scal = {s: res[s].reshape(-1) for s in SCALARS}
     enc = encoding.encode(res["ids"].reshape(n * L, k), res["logprobs"].reshape(n * L, k), scal, vocab)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from logitstore.format.backends import BACKENDS
 from logitstore.tools.derive import ShardJob, check_out, header_of, source_ref, write_derived
 from logitstore.errors import ConfigError
-from logitstore.format.manifest import FORMAT_VERSION
+from logitstore.format.manifest import written_version
 from logitstore.format.reader import Store
 
 
@@ -20,8 +20,8 @@ def convert(src: str, out: str, to: str, *, progress: bool = True) -> dict:
     if to not in BACKENDS:
         raise ConfigError(f"--to: expected one of {', '.join(BACKENDS)}, got {to!r}")
     store = Store(src)
-    if store.manifest["backend"] == to and store.format_version == FORMAT_VERSION:
-        raise ConfigError(f"--to {to}: {src} is already a {to} store of format version {FORMAT_VERSION}")
+    if store.manifest["backend"] == to and store.format_version == written_version(store.manifest):
+        raise ConfigError(f"--to {to}: {src} is already a {to} store of format version {store.format_version}")
     check_out(out, [src])
     header = {**header_of(store.manifest), "backend": to, "derived": {"op": "convert", "sources": [source_ref(src, store.manifest)]}}
     ix = store.index

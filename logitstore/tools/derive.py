@@ -20,7 +20,7 @@ from logitstore.format.commit import CHUNK_TOKENS, check_or_write_plan, finish_m
 from logitstore.errors import ConfigError
 from logitstore.storage.fsio import StoreFS
 from logitstore.storage.lock import store_lock
-from logitstore.format.manifest import FORMAT_VERSION, MANIFEST, PLAN, dumps, store_id
+from logitstore.format.manifest import MANIFEST, PLAN, dumps, store_id, written_version
 from logitstore.progress import progress_bar
 from logitstore.format.writer import BackgroundWriter, PartWriter, sequences_record
 
@@ -67,7 +67,7 @@ def write_derived(out: str, header: dict, jobs: list[ShardJob], *, progress: boo
 
 def _write_derived(fs: StoreFS, out: str, header: dict, jobs: list[ShardJob], *, progress: bool, desc: str) -> dict:
     plan = {k: v for k, v in header.items() if k not in VOLATILE}
-    plan["format_version"] = FORMAT_VERSION
+    plan["format_version"] = written_version(plan)
     plan["teachers"] = [{k: v for k, v in t.items() if k not in ("stats", "timings")} for t in header["teachers"]]
     if check_or_write_plan(fs, plan, out) and fs.exists(MANIFEST):
         return json.loads(fs.read(MANIFEST))  # already complete

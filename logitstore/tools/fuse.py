@@ -31,7 +31,7 @@ from logitstore.format.codec import SCALARS, Encoding
 from logitstore.tools.derive import ShardJob, check_out, header_of, source_ref, write_derived
 from logitstore.format.writer import encode_teacher_part
 from logitstore.errors import ConfigError, FormatError
-from logitstore.format.manifest import FORMAT_VERSION, teacher_identity
+from logitstore.format.manifest import teacher_identity, written_version
 from logitstore.format.reader import Store
 
 BLOCK_POSITIONS = 1 << 14  # positions fused at once; bounds the [M, N, sum k] working set
@@ -146,7 +146,7 @@ def fuse_store(sources: list[str], out: str, *, teachers: list[str] | None = Non
 
     def produce(part: str, j: int):
         if part == layout.INPUTS:
-            if first.format_version == FORMAT_VERSION and first.manifest["backend"] == header["backend"]:
+            if first.format_version == written_version(first.manifest) and first.manifest["backend"] == header["backend"]:
                 return "files", first.part_files(j, layout.INPUTS), None
             return "arrays", first.read_part(j, layout.INPUTS), None
         a, b = int(first.index.starts[j]), int(first.index.starts[j] + first.index.sizes[j])

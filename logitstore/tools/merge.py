@@ -21,7 +21,7 @@ import sys
 from logitstore.tools.derive import ShardJob, check_out, header_of, source_ref, write_derived
 from logitstore.errors import ConfigError
 from logitstore.format.hashing import canonical_json_hash
-from logitstore.format.manifest import FORMAT_VERSION, teacher_identity
+from logitstore.format.manifest import teacher_identity, written_version
 from logitstore.format.reader import Store
 
 _SAME = ("encoding", "seq_len", "packed", "bos", "tokenizer")
@@ -125,7 +125,7 @@ def merge(sources: list[str], out: str, *, progress: bool = True, allow_shared: 
               "derived": {"op": "merge", "sources": [source_ref(u, m) for u, m in zip(sources, ms)]}}
     jobs, start = [], 0
     for store in stores:
-        same = store.manifest["backend"] == backend and store.format_version == FORMAT_VERSION  # else re-encoded
+        same = store.manifest["backend"] == backend and store.format_version == written_version(store.manifest)  # else re-encoded
         ix = store.index
         for j, s in enumerate(ix.shard_entry(j) for j in range(len(ix))):
             def produce(part, store=store, j=j, same=same):
