@@ -5,7 +5,14 @@ compact encoding). Columns, with ``n`` the sequence's length and per teacher ``T
 
 - ``input_ids`` list<int32> [n], ``length`` int32, ``seq_hash`` binary(16);
 - ``T.ids`` list<fixed_size_list<int32, k>> [n, k] and ``T.logprobs`` (float32, the same shape);
-- ``T.tail_mass``, ``T.gold_logprob``, ``T.entropy`` list<float32> [n].
+- ``T.tail_mass``, ``T.gold_logprob``, ``T.entropy`` list<float32> [n];
+- in a version-3 store also ``loss_mask`` list<bool> [n] (position ``t`` trains token ``t + 1``;
+  targets at other positions are zeros in a store of trained positions only), ``position_ids``
+  list<int32> [n] where it records document starts, and ``row`` int64 (the ``--data`` row).
+
+:func:`join_targets` goes the other way: it adds the teachers' columns to the user's own rows
+(a pre-tokenised dataset dumped with ``--input tokens``), matched by row index and checked by
+content hash.
 
 ``--to parquet`` writes ``OUT/data/train-SSSSS-of-NNNNN.parquet`` (one file per shard), readable by
 ``datasets.load_dataset("parquet", data_dir=OUT)`` or any Parquet reader; the manifest's header
@@ -54,6 +61,12 @@ def shard_table(store: Store, j: int) -> pa.Table:
 
     cols = {"input_ids": ragged(sh["input_ids"], np.int32), "length": pa.array(lengths.astype(np.int32)),
             "seq_hash": pa.array([bytes(h) for h in sh["seq_hash"]], pa.binary(16))}
+    if "loss_mask" in store.index.optional_inputs:
+        cols["loss_mask"] = ragged(np.asarray(sh["loss_mask"]), bool)
+    if "doc_start" in store.index.optional_inputs:
+        cols["position_ids"] = ragged(np.asarray(sh["position_ids"]), np.int32)
+    if "row" in sh:
+        cols["row"] = pa.array(sh["row"].astype(np.int64))
     for name, td in sh["teachers"].items():
         cols[f"{name}.ids"] = ragged(td["ids"], np.int32)
         cols[f"{name}.logprobs"] = ragged(td["logprobs"], np.float32)
@@ -116,3 +129,57 @@ def _export_hf(store: Store, fs: StoreFS, progress: bool) -> dict:
         fs.mv(f".partial/{name}", name)
     fs.rm(".partial")
     return {"format": "hf", "source": source_ref(store.url, store.manifest), "rows": len(store), "path": fs.url}
+
+
+def join_targets(dataset, src: str, teachers: list[str] | None = None):
+    """The user's ``dataset`` (a ``datasets.Dataset`` with ``input_ids`` and whatever else it holds,
+    the rows a store was dumped from with ``--input tokens``) with the teachers' targets added as
+    columns ``T.ids``, ``T.logprobs`` [n, k], ``T.tail_mass``, ``T.gold_logprob``, ``T.entropy``
+    [n] and ``loss_mask`` [n], ``n`` being the row's real tokens (its ``attention_mask`` ones).
+
+    Rows are matched by their index (the store's ``row``) and every match is checked by content
+    hash: a dataset that was filtered, reordered or re-tokenised since the dump is refused with the
+    first row that differs. Rows the dump left out (``--overlong drop``) get empty lists."""
+    import datasets
+
+    from logitstore.errors import LogitStoreError
+    from logitstore.format.hashing import sequence_hashes
+
+    store = Store(src)
+    if "row" not in store.index.optional_inputs or store.manifest["packed"]:
+        raise ConfigError(f"{src}: not a store of token rows one per window (dump with --input tokens --no-pack)")
+    names = teachers or store.teachers
+    where: dict[int, int] = {}
+    for j in range(store.n_shards):
+        rows = store.read_part(j, "inputs")["row"]
+        start = int(store.index.starts[j])
+        where.update({int(r): start + i for i, r in enumerate(rows)})
+
+    def add(batch, indices):
+        out: dict[str, list] = {c: [] for c in ["loss_mask"] + [f"{n}.{a}" for n in names for a in ("ids", "logprobs", *SCALARS)]}
+        for b, r in enumerate(indices):
+            ids = np.asarray(batch["input_ids"][b], np.int64)
+            if batch.get("attention_mask") is not None and batch["attention_mask"][b] is not None:
+                real = np.flatnonzero(np.asarray(batch["attention_mask"][b]) != 0)
+                ids = ids[real[0]: real[-1] + 1] if real.size else ids[:0]
+            if r not in where:
+                for c in out:
+                    out[c].append([])
+                continue
+            seq = store[where[r]]
+            ids = ids[: store.seq_len]  # a row the dump truncated (--overlong truncate) keeps its beginning
+            mine = sequence_hashes(ids[None, :].astype(np.uint32), np.array([ids.size], np.uint32))[0]
+            if bytes(mine) != seq["seq_hash"]:
+                raise LogitStoreError(f"join: row {r} of the dataset differs from the row the store {src} was dumped from "
+                                      "(content hash); join onto the dataset exactly as it was dumped")
+            out["loss_mask"].append(seq["loss_mask"].tolist())
+            for n in names:
+                td = seq["teachers"][n]
+                for a in ("ids", "logprobs", *SCALARS):
+                    out[f"{n}.{a}"].append(td[a].tolist())
+        return out
+
+    datasets.disable_progress_bars()
+    if not isinstance(dataset, datasets.Dataset):
+        raise ConfigError("join: expected a datasets.Dataset")
+    return dataset.map(add, batched=True, batch_size=256, with_indices=True, keep_in_memory=True)
