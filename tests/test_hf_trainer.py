@@ -163,6 +163,10 @@ def test_collator_builds_make_batchs_batch_from_the_stores_rows(setup):
     for k in ("input_ids", "attention_mask", "labels", "support", "valid", "teacher_lp", "rest_lp", "n_out"):
         assert torch.equal(got[k], ref[k]), k
     assert got["shift_labels"] is got["labels"]
+    import pickle  # DataLoader workers get a pickled collator: it reopens the stores
+
+    again = pickle.loads(pickle.dumps(col))([{"input_ids": r["input_ids"].tolist()} for r in rows])
+    assert all(torch.equal(again[k], got[k]) for k in got)
     # the targets are the store's own top-k: each stored (id, log-prob) is on the support with that log-prob
     B, L = got["input_ids"].shape
     for b, r in enumerate(rows):
@@ -295,3 +299,30 @@ def test_ddp_two_processes_take_the_same_step_as_one(setup, tmp_path):
     a, b = (torch.load(tmp_path / d / "w.pt") for d in ("one", "two"))
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def test_packed_documents_carry_position_ids_and_the_loss_still_equals_fits(setup, tmp_path, monkeypatch, llama_dir, corpus):
+    """A store that records document starts (--doc-boundaries on): the collator hands out make_batch's
+    restarting position_ids, and the loss through them is trainer fit's."""
+    seg = tmp_path / "segmented"
+    dump(DumpConfig(teachers=(f"a={llama_dir}",), data=str(corpus), out=str(seg), top_k=8, seq_len=64, max_tokens=2000,
+                    shard_sequences=8, progress=False, doc_boundaries="on"))
+    s = logitstore.open(str(seg))
+    starts = [i for i in range(len(s)) if int(s[i]["position_ids"].max()) < len(s[i]["input_ids"]) - 1]
+    assert starts, "the case needs windows in which a new document starts"
+    targets = TeacherTargets(str(seg))
+    assert targets.segmented
+    idx = sorted(set(starts[:2]) | {0})  # window 0 is full: the batch is seq_len long, as make_batch's
+    got = KDDataCollator(targets, pad_token_id=0)([{"input_ids": s[i]["input_ids"]} for i in idx])
+    ref = DistillDataset([str(seg)], batch_size=len(idx), shuffle=False, num_workers=0).make_batch(np.array(idx),
+                                                                                                  np.ones(len(idx), np.float32))
+    for k in ("input_ids", "attention_mask", "labels", "position_ids", "support", "valid", "teacher_lp", "rest_lp", "n_out"):
+        assert torch.equal(got[k], ref[k]), k
+    monkeypatch.setitem(setup, "both", seg)  # fit and the trainer below read the segmented store
+    row, micro = fit_one_step(setup, tmp_path, monkeypatch, batch_size=3, grad_accum=1, alpha=0.5)
+    assert "position_ids" in micro[0]
+    trainer = make_trainer(setup, tmp_path, alpha=0.5, batch_size=3, grad_accum=1, max_steps=1)
+    trainer.model.train()
+    with torch.no_grad():
+        loss = float(trainer.compute_loss(trainer.model, trainer.data_collator(features_of(micro[0]))))
+    assert loss == pytest.approx(row["loss"], rel=1e-5)

@@ -75,6 +75,8 @@ def fit(
     prefetch: Optional[int] = typer.Option(None, "--prefetch", help=_help("prefetch", "store parts fetched ahead per data worker (0: off)")),
     follow: bool = typer.Option(False, "--follow", help="train while the stores are still written (each epoch: the shards committed so far)"),
     streams: Optional[int] = typer.Option(None, "--streams", help=_help("streams", "streams of the epoch order (default: ranks x workers)")),
+    group_by_length: bool = typer.Option(False, "--group-by-length", help="batch sequences of similar length (little padding "
+                                                                          "for stores of unpacked rows or conversations)"),
     fsdp: bool = typer.Option(False, "--fsdp", help="shard the student across ranks (FSDP) instead of replicating it (DDP)"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
@@ -93,6 +95,8 @@ def fit(
             flags["resume"] = True
         if skip_bad_shards:
             flags["skip_bad_shards"] = True
+        if group_by_length:
+            flags["group_by_length"] = True
         if fsdp:
             flags["fsdp"] = True
         if follow:

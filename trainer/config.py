@@ -64,6 +64,9 @@ class FitConfig:
     save_dtype: str = "checkpoint"
     num_workers: int = 1
     shuffle_buffer: int = 1024
+    #: batches of sequences of similar length (stores of unpadded rows: --no-pack, conversations);
+    #: each stream sorted longest first in blocks of 50 batches (trainer/epochs.py)
+    group_by_length: bool = False
     chunk_positions: int = 1024
     log_every: int = 1
     eval_every: int = 0

@@ -54,7 +54,8 @@ class DistillDataset(EpochOrder, IterableDataset):
     def __init__(self, stores: list[str], *, batch_size: int, seed: int = 0, shuffle: bool = True, shuffle_buffer: int = 256,
                  rank: int = 0, world_size: int = 1, num_workers: int = 0, verify_checksums: bool = True,
                  with_targets: bool = True, cache_shards: int = 4, skip_bad_shards: bool = False,
-                 cache_dir: str | None = None, prefetch: int = 4, n_streams: int | None = None, follow: bool = False):
+                 cache_dir: str | None = None, prefetch: int = 4, n_streams: int | None = None, follow: bool = False,
+                 group_by_length: bool = False):
         if batch_size < 1:
             raise LogitStoreError(f"--batch-size: expected a positive integer, got {batch_size}")
         self.urls = [str(s) for s in stores]
@@ -72,6 +73,9 @@ class DistillDataset(EpochOrder, IterableDataset):
         self.cache_dir = cache_dir
         self.prefetch = prefetch
         self.follow = follow
+        self.group_by_length = group_by_length
+        if follow and group_by_length:
+            raise ConfigError("--group-by-length: cannot be combined with --follow (the lengths of shards not yet written are unknown)")
         if follow and skip_bad_shards:
             raise ConfigError("--follow: cannot be combined with --skip-bad-shards (it reads every shard before training)")
         self._limit: int | None = None  # shards of the primary store in use (follow: the committed prefix)
@@ -184,6 +188,8 @@ class DistillDataset(EpochOrder, IterableDataset):
             other, _ = self._sequences(len(self._maps), {b["shard"] for b in self.skipped if b["store"] == url and not b["inputs_ok"]})
             self._maps.append(hash_map(primary, other, unknown, url, self.urls[0]))
         self._excluded = self._excluded_indices()
+        #: per-sequence lengths for --group-by-length (20 bytes per sequence from the sequence index)
+        self.group_lengths = self.stores[0].sequences()[1] if self.group_by_length else None
 
     def _sequences(self, si: int, unreadable: set[int]) -> tuple[np.ndarray, np.ndarray]:
         """Hashes [n, 16] of store ``si`` and which are unknown [n] bool: from its sequence index, or,
@@ -285,21 +291,23 @@ class DistillDataset(EpochOrder, IterableDataset):
         return self.stores[si].load_shard(j, None if self.with_targets else []), r
 
     def make_batch(self, indices: np.ndarray, weights: np.ndarray, caches: list[ShardCache] | None = None) -> dict:
-        """The padded batch of primary-store sequences ``indices`` [B] with ``weights`` [B] (0: filler).
+        """The padded batch of primary-store sequences ``indices`` [B] with ``weights`` [B] (0: filler),
+        ``[B, L]`` with ``L`` its longest sequence (padding past it is never computed).
         ``caches``: the iterating worker's decoded shards; without, the stores' own LRU is used."""
-        B, L = len(indices), self.seq_len
+        rows0 = [self._row(0, int(i), caches) for i in indices]
+        B, L = len(indices), max([int(sh["length"][r]) for sh, r in rows0], default=1)
         input_ids = np.zeros((B, L), np.int64)
         lengths = np.zeros(B, np.int64)
         trained = np.zeros((B, L), bool)
         positions = np.zeros((B, L), np.int64) if self.segmented else None
         per_teacher = [{"ids": [], "logprobs": [], "tail_mass": []} for _ in self.teachers]
         for b, i in enumerate(indices):
-            sh, r = self._row(0, int(i), caches)
+            sh, r = rows0[b]
             lengths[b] = sh["length"][r]
-            input_ids[b] = sh["input_ids"][r]
-            trained[b] = sh["loss_mask"][r]
+            input_ids[b] = sh["input_ids"][r, :L]
+            trained[b] = sh["loss_mask"][r, :L]
             if positions is not None:
-                positions[b] = sh["position_ids"][r]
+                positions[b] = sh["position_ids"][r, :L]
             if not self.with_targets:
                 continue
             rows = {0: (sh, r)}
@@ -308,14 +316,14 @@ class DistillDataset(EpochOrder, IterableDataset):
                 if bytes(rows[si][0]["seq_hash"][rows[si][1]]) != bytes(sh["seq_hash"][r]):
                     raise LogitStoreError(f"--logits {self.urls[si]}: its sequence for {self.urls[0]}'s sequence {int(i)} has "
                                           f"another content hash; the stores do not hold the same data")
-                if not np.all(rows[si][0]["loss_mask"][rows[si][1]] >= trained[b]):
+                if not np.all(rows[si][0]["loss_mask"][rows[si][1], :L] >= trained[b]):
                     raise LogitStoreError(f"--logits {self.urls[si]}: holds no targets at positions {self.urls[0]}'s sequence "
                                           f"{int(i)} trains (its loss mask differs); dump both stores with the same --train-on")
             for t, (si, name) in enumerate(self.teachers):
                 tsh, tr = rows[si]
                 td = tsh["teachers"][name]
                 for key in per_teacher[t]:
-                    per_teacher[t][key].append(td[key][tr])
+                    per_teacher[t][key].append(td[key][tr, :L])
         pos = np.arange(L)[None, :]
         labels = np.full((B, L), -100, np.int64)
         labels[:, :-1] = input_ids[:, 1:]

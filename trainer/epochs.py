@@ -15,14 +15,18 @@ from logitstore.sampling import EpochPlan, Layout
 
 #: version of the order a checkpoint's ``dataset`` state describes (absent: the order before streams)
 ORDER_VERSION = 2
+#: length grouping (``--group-by-length``): each stream is sorted in blocks of this many batches
+GROUP_BATCHES = 50
 
 
 class EpochOrder:
     def plan(self, epoch: int) -> EpochPlan:
         """The epoch's plan over the primary store's shards (same on every rank and worker)."""
         ix = self.stores[0].index
+        grouping = getattr(self, "group_lengths", None)
         return EpochPlan(ix.sizes[:self._limit], seed=self.seed, epoch=epoch, shuffle=self.shuffle, mix=self.shuffle_buffer if self.shuffle else 1,
-                         n_streams=self.n_streams, excluded=getattr(self, "_excluded", None))
+                         n_streams=self.n_streams, excluded=getattr(self, "_excluded", None),
+                         lengths=grouping, group=GROUP_BATCHES * self.batch_size if grouping is not None else 0)
 
     def epoch_order(self, epoch: int) -> np.ndarray:
         """Every sequence of an epoch (without skipped shards) in canonical order: element ``p`` of

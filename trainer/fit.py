@@ -93,7 +93,8 @@ class Run:
         self.train = DistillDataset(list(cfg.logits), batch_size=cfg.batch_size, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer,
                                     rank=rank, world_size=world, num_workers=cfg.num_workers, verify_checksums=cfg.verify_checksums,
                                     with_targets=cfg.alpha > 0 and not cfg.online_teacher, skip_bad_shards=cfg.skip_bad_shards,
-                                    cache_dir=cfg.cache_dir, prefetch=cfg.prefetch, n_streams=cfg.streams, follow=cfg.follow)
+                                    cache_dir=cfg.cache_dir, prefetch=cfg.prefetch, n_streams=cfg.streams, follow=cfg.follow,
+                                    group_by_length=cfg.group_by_length)
         wait_for_shards(self.train, cfg.follow_poll, rank == 0)  # --follow: at least one committed shard
         for b in self.train.skipped:
             print(f"warning: skipping {b['store']}/{b['path']} ({b['sequences']} sequences): {b['error']}", file=sys.stderr)

@@ -48,9 +48,12 @@ TRL's ``SFTTrainer`` (a ``Trainer`` subclass) takes the same loss through the mi
 
 For SFTTrainer pass the collator explicitly (its own collator does not build the targets),
 ``remove_unused_columns=False`` (keep the dataset's columns for the collator), and a dataset that is
-already the store's windows: any re-tokenisation, truncation, packing or added EOS/BOS changes the
-token ids, so the row's hash is not in the store and the collator stops with an error naming the
-row (these SFTConfig fields were not tested here: TRL is not a dependency). TRL's
+already the store's windows, with SFT's own preparation skipped: any re-tokenisation, truncation,
+packing or added EOS/BOS changes the token ids, so the row's hash is not in the store and the
+collator stops with an error naming the row. Checked by hand with TRL 1.16.0 (not a dependency, not
+in the test suite): the settings above train, and with ``bf16=False`` the step loss equals
+:func:`kd_loss_for_batch`'s to 1e-7; note that ``SFTConfig`` defaults to ``bf16=True`` (autocast,
+also on CPU) and ``gradient_checkpointing=True``. TRL's
 ``compute_loss_func`` receives only the model's outputs and the labels, not the batch, so it cannot
 see the teacher targets; use the mixin (or :func:`kd_loss_for_batch` in a loop of your own).
 
@@ -98,6 +101,7 @@ from logitstore.distributions.fusion import MODES, normalize_weights
 from logitstore.distributions.targets import build_targets
 from logitstore.errors import ConfigError, LogitStoreError
 from logitstore.format.hashing import sequence_hash
+from logitstore.format.manifest import inputs_arrays
 
 from .joins import _keys, hash_map, same_layout
 from .losses import LOSSES, TAILS
@@ -134,8 +138,8 @@ class TeacherTargets:
         if not urls:
             raise LogitStoreError("TeacherTargets: at least one store is required")
         self.urls = urls
-        self.stores = [logitstore.open(u, verify_checksums=verify_checksums, cache_shards=cache_shards, cache_dir=cache_dir)
-                       for u in urls]
+        self._open_kwargs = dict(verify_checksums=verify_checksums, cache_shards=cache_shards, cache_dir=cache_dir)
+        self._open()
         m0 = self.stores[0].manifest
         for url, s in zip(urls[1:], self.stores[1:]):
             m = s.manifest
@@ -149,6 +153,9 @@ class TeacherTargets:
         self.vocab_size: int = int(m0["tokenizer"]["vocab_size"])
         self.seq_len: int = int(m0["seq_len"])
         self.fingerprint: str = m0["tokenizer"]["fingerprint"]
+        #: the primary store records document starts: batches carry ``position_ids`` restarting per
+        #: document (as ``DistillDataset``'s), so packed documents stay apart in the student too
+        self.segmented: bool = "doc_start" in inputs_arrays(m0)
         #: (store index, teacher name) of every teacher, in fusion order
         self.teachers: list[tuple[int, str]] = [(si, n) for si, s in enumerate(self.stores) for n in s.teachers]
         self._refuse_repeated_teachers()
@@ -166,6 +173,18 @@ class TeacherTargets:
         keys = _keys(primary)
         self._order = np.argsort(keys, kind="stable")  # first occurrence of a repeated sequence first
         self._sorted = keys[self._order]
+
+    def _open(self) -> None:
+        self.stores = [logitstore.open(u, **self._open_kwargs) for u in self.urls]
+
+    def __getstate__(self):  # DataLoader workers reopen the stores; file handles and decoded shards do not travel
+        d = dict(self.__dict__)
+        d.pop("stores", None)
+        return d
+
+    def __setstate__(self, d):
+        self.__dict__.update(d)
+        self._open()
 
     def _refuse_repeated_teachers(self) -> None:
         from logitstore.format.manifest import teacher_identity
@@ -209,7 +228,10 @@ class TeacherTargets:
         bytes, "loss_mask" [n] bool or None (the store's: position ``t`` True when token ``t + 1`` is
         trained; None when the store records none, i.e. positions ``0 .. n-2``), "teachers" {name:
         {ids, logprobs [n, k]; tail_mass, gold_logprob, entropy [n]}}}`` with ``name`` as in
-        :attr:`teacher_names`."""
+        :attr:`teacher_names`, and ``"position_ids"`` [n] (restarting at each document start in a
+        store that records them; None from a reader that hands out none). Readers of format version 3
+        hand out a ``loss_mask`` for every store (stored, or positions ``0 .. n-2``); teacher arrays
+        are zeros at positions it does not train in a store of trained-only targets."""
         first = self.stores[0][int(i)]
         rows = {0: first}
         for si in range(1, len(self.stores)):
@@ -218,9 +240,15 @@ class TeacherTargets:
             if rows[si]["seq_hash"] != first["seq_hash"]:
                 raise LogitStoreError(f"TeacherTargets: {self.urls[si]}: its sequence for {self.urls[0]}'s sequence {int(i)} "
                                       f"has another content hash; the stores do not hold the same data")
+            theirs, mine = rows[si].get("loss_mask"), first.get("loss_mask")
+            if theirs is not None and mine is not None and not np.all(np.asarray(theirs, bool) >= np.asarray(mine, bool)):
+                raise LogitStoreError(f"TeacherTargets: {self.urls[si]}: holds no targets at positions {self.urls[0]}'s sequence "
+                                      f"{int(i)} trains (its loss mask differs); dump both stores with the same --train-on")
         mask = first.get("loss_mask")
+        pos = first.get("position_ids")
         return {"input_ids": first["input_ids"], "seq_hash": first["seq_hash"],
                 "loss_mask": None if mask is None else np.asarray(mask, bool),
+                "position_ids": None if pos is None else np.asarray(pos, np.int64),
                 "teachers": {label: rows[si]["teachers"][name] for label, (si, name) in zip(self.teacher_names, self.teachers)}}
 
     def lookup(self, input_ids) -> dict[str, dict[str, np.ndarray]]:
@@ -269,6 +297,10 @@ class KDDataCollator:
     ``M`` teachers, ``K`` the largest support in the batch):
 
     - ``input_ids`` [B, L] int64, right-padded with ``pad_token_id``; ``attention_mask`` [B, L] int64;
+    - ``position_ids`` [B, L] int64, only from a store that records document starts (packed
+      documents): positions restart at each document, so the student attends within it as the
+      teacher did (:class:`trainer.student.DistillModule` passes them on); any ``position_ids`` in
+      the features are ignored;
     - ``labels`` [B, L] int64, **shifted**: ``input_ids[b, t + 1]`` where position ``t`` is trained,
       else ``-100`` (never at the last token of a row or in padding), exactly as
       :meth:`trainer.data.DistillDataset.make_batch` builds them; ``shift_labels``: the same tensor
@@ -352,6 +384,7 @@ class KDDataCollator:
         input_ids = np.full((B, L), self.pad_token_id, np.int64)
         attention = np.zeros((B, L), np.int64)
         labels = np.full((B, L), -100, np.int64)
+        positions = np.zeros((B, L), np.int64) if self.targets.segmented else None
         names = self.targets.teacher_names
         per_teacher = []
         for name in names:
@@ -364,6 +397,10 @@ class KDDataCollator:
             input_ids[b, :n] = ids
             attention[b, :n] = 1
             labels[b, :n] = shifted
+            if positions is not None:  # padding continues the last document's count, as in a padded store window
+                p = row["position_ids"]
+                positions[b, :n] = p
+                positions[b, n:] = (int(p[-1]) + 1 if n else 0) + np.arange(L - n)
             for t, name in enumerate(names):
                 td = row["teachers"][name]
                 for key in TARGET_FIELDS:
@@ -372,6 +409,8 @@ class KDDataCollator:
         lab = torch.from_numpy(labels)
         batch = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(attention), "labels": lab,
                  "shift_labels": lab}
+        if positions is not None:
+            batch["position_ids"] = torch.from_numpy(positions)
         for k, v in build_targets(cached, self.targets.vocab_size).items():
             batch[k] = torch.from_numpy(v)
         return batch

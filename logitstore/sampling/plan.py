@@ -114,16 +114,24 @@ class EpochPlan:
     leave out (any order, duplicates ignored). ``mix`` >= 1: bound on the displacement of the
     in-stream shuffle (1 = none; only with ``shuffle``). ``n_streams``: ``C``, fixed for the life
     of a run; any layout with ``world_size * num_workers <= C`` can read the plan.
+
+    ``lengths`` [n] (tokens per sequence) with ``group`` > 1: length grouping. Each stream is cut
+    into consecutive blocks of ``group`` elements and each block sorted longest first (stable), so
+    a batch, which takes the same positions of every stream of its slot, holds sequences of similar
+    length and little padding (what ``transformers``' ``group_by_length`` does with its megabatches).
+    The epoch's sequences, and each stream's membership, do not change; only the order inside blocks.
     """
 
     def __init__(self, sizes, *, starts=None, seed: int = 0, epoch: int = 0, shuffle: bool = True,
-                 mix: int = 1, n_streams: int = 1, excluded=None) -> None:
+                 mix: int = 1, n_streams: int = 1, excluded=None, lengths=None, group: int = 0) -> None:
         seed = check_int(seed, "seed", 0)
         epoch = check_int(epoch, "epoch", 0)
         self.mix = check_int(mix, "mix", 1)
         self._c = check_int(n_streams, "n_streams", 1)
         self._q = CanonicalOrder(sizes, starts, seed, epoch, shuffle, excluded)
         self.seed, self.epoch, self.shuffle = seed, epoch, bool(shuffle)
+        self._group = check_int(group, "group", 0)
+        self._seq_lengths = None if lengths is None or self._group < 2 else np.asarray(lengths)
         n, c = self._q.n, self._c
         ids = np.arange(c, dtype=np.int64)
         self._lengths = n // c + (ids < n % c).astype(np.int64)
@@ -152,6 +160,11 @@ class EpochPlan:
         block = self._q.take(lo, lo + int(self._lengths[c]))
         if self.shuffle and self.mix > 1 and block.size > 1:
             block = block[mix_order(block.size, self.mix, np.random.default_rng([self.seed, self.epoch, 2, c]))]
+        if self._seq_lengths is not None:
+            g = self._group
+            for a in range(0, block.size, g):
+                part = block[a:a + g]
+                block[a:a + g] = part[np.argsort(-self._seq_lengths[part].astype(np.int64), kind="stable")]
         return block
 
     def slot_streams(self, layout: Layout, rank: int, worker: int) -> list[int]:
