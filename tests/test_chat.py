@@ -249,3 +249,40 @@ def test_text_data_still_writes_version_2(tmp_path, llama_dir, corpus):
     s = logitstore.open(str(tmp_path / "s"))[0]
     assert s["loss_mask"].tolist() == [True] * 63 + [False] and s["row"] is None
     assert s["position_ids"].tolist() == list(range(64))
+
+
+def test_training_on_a_packed_conversation_store_equals_a_hand_computed_loss(chat_setup, chat_tok):
+    """CE and KD only at the assistant positions, each conversation seeing only itself: the batch's
+    summed losses equal those computed conversation by conversation from the student's and the
+    teacher's own forwards (k = vocabulary, so the dense KL is the reference)."""
+    from transformers import AutoModelForCausalLM
+
+    from trainer.data import DistillDataset
+    from trainer.student import DistillModule
+
+    teacher, data, convs, d = chat_setup
+    V = len(chat_tok)
+    _dump(teacher, data, d / "full-k", top_k=V)
+    ds = DistillDataset([str(d / "full-k")], batch_size=4)
+    n = len(ds.stores[0])
+    batch = ds.make_batch(np.arange(n), np.ones(n, np.float32))
+    assert "position_ids" in batch and int((batch["labels"] != -100).sum()) == sum(int(render(chat_tok, c, ChatSpec(), "")[1][1:].sum()) for c in convs)
+    student = AutoModelForCausalLM.from_pretrained(save_llama(d / "student", chat_tok, seed=11)).eval()
+    with torch.no_grad():
+        ce, kd, npos = DistillModule(student)(batch, temperature=2.0, teacher_temperatures=[2.0], weights=[1.0], fuse_mode="mean-probs",
+                                              loss="fkl", tail="bucket", beta=0.5, chunk_positions=64, vocab_size=V)
+    tmodel = AutoModelForCausalLM.from_pretrained(teacher).eval()
+    ref_ce = ref_kd = 0.0
+    for c in convs:
+        ids, trained = render(chat_tok, c, ChatSpec(), "")
+        t = np.flatnonzero(trained[1:])
+        x = torch.tensor(ids)[None]
+        with torch.no_grad():
+            q = torch.log_softmax(student(x).logits[0].double(), -1)
+            p = torch.log_softmax(tmodel(x).logits[0].double() / 2.0, -1)
+            qT = torch.log_softmax(student(x).logits[0].double() / 2.0, -1)
+        ref_ce += float(-q[t, torch.tensor(ids[t + 1])].sum())
+        ref_kd += float((p[t].exp() * (p[t] - qT[t])).sum()) * 4.0  # T^2
+    assert int(npos) == sum(int(render(chat_tok, c, ChatSpec(), "")[1][1:].sum()) for c in convs)
+    assert float(ce) == pytest.approx(ref_ce, rel=1e-4)
+    assert float(kd) == pytest.approx(ref_kd, rel=1e-3)

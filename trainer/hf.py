@@ -103,7 +103,7 @@ from logitstore.errors import ConfigError, LogitStoreError
 from logitstore.format.hashing import sequence_hash
 from logitstore.format.manifest import inputs_arrays
 
-from .joins import _keys, hash_map, same_layout
+from .joins import hash_keys, hash_map, same_layout
 from .losses import LOSSES, TAILS
 from .student import DistillModule
 
@@ -170,7 +170,7 @@ class TeacherTargets:
                 self._maps.append(None)
             else:
                 self._maps.append(hash_map(primary, s.sequences()[0], np.zeros(len(primary), bool), url, urls[0]))
-        keys = _keys(primary)
+        keys = hash_keys(primary)
         self._order = np.argsort(keys, kind="stable")  # first occurrence of a repeated sequence first
         self._sorted = keys[self._order]
 
@@ -217,7 +217,7 @@ class TeacherTargets:
 
     def _find(self, h: bytes) -> int | None:
         key = np.frombuffer(h, np.uint8).reshape(1, 16)
-        k = _keys(key)[0]
+        k = hash_keys(key)[0]
         at = int(np.searchsorted(self._sorted, k))
         if at < len(self._sorted) and self._sorted[at] == k:
             return int(self._order[at])

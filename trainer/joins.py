@@ -24,7 +24,7 @@ def same_layout(a, b, shards: int | None = None) -> bool:
     return np.array_equal(a.index.sizes[:shards], b.index.sizes[:shards])
 
 
-def _keys(h: np.ndarray) -> np.ndarray:
+def hash_keys(h: np.ndarray) -> np.ndarray:
     """Hashes [n, 16] uint8 as [n] ``S16`` (a view; ``S16`` orders fixed 16-byte values as bytes)."""
     return np.ascontiguousarray(h, np.uint8).view("S16").ravel()
 
@@ -37,7 +37,7 @@ def hash_map(primary: np.ndarray, other: np.ndarray, unknown: np.ndarray, url: s
         raise LogitStoreError(f"--logits {url}: holds {len(other)} sequences, {primary_url} holds {n}; "
                               f"stores must cover the same sequences")
     mapping = np.full(n, -1, dtype=np.int64)
-    pk, ok = _keys(primary), _keys(other)
+    pk, ok = hash_keys(primary), hash_keys(other)
     known = np.flatnonzero(~unknown)
     po = known[np.argsort(pk[known], kind="stable")]  # sorted by hash, occurrences in store order
     oo = np.argsort(ok, kind="stable")
