@@ -286,3 +286,33 @@ def test_training_on_a_packed_conversation_store_equals_a_hand_computed_loss(cha
     assert int(npos) == sum(int(render(chat_tok, c, ChatSpec(), "")[1][1:].sum()) for c in convs)
     assert float(ce) == pytest.approx(ref_ce, rel=1e-4)
     assert float(kd) == pytest.approx(ref_kd, rel=1e-3)
+
+
+def test_store_tools_keep_trained_only_stores_intact(chat_setup, tmp_path):
+    """verify, convert, fuse and merge on a store of trained positions only."""
+    from logitstore.tools.convert import convert
+    from logitstore.tools.fuse import fuse_store
+    from logitstore.tools.merge import merge
+    from logitstore.tools.verify import verify
+
+    teacher, data, convs, d = chat_setup
+    lines = data.read_text(encoding="utf-8").splitlines(keepends=True)
+    (tmp_path / "a.jsonl").write_text("".join(lines[:7]), encoding="utf-8")
+    (tmp_path / "b.jsonl").write_text("".join(lines[7:]), encoding="utf-8")
+    t2 = save_llama(tmp_path / "t2", logitstore.capture.teacher.TeacherSpec.parse(str(teacher)).load_tokenizer(), seed=5)
+    for n in ("a", "b"):
+        _dump(teacher, tmp_path / f"{n}.jsonl", tmp_path / n, teachers=(f"t={teacher}", f"u={t2}"), encoding="compact")
+    assert verify(str(tmp_path / "a")) == []
+    convert(str(tmp_path / "a"), str(tmp_path / "c"), "arrow", progress=False)
+    fuse_store([str(tmp_path / "a")], str(tmp_path / "f"), progress=False)
+    merge([str(tmp_path / "a"), str(tmp_path / "b")], str(tmp_path / "m"), progress=False)
+    a, c, f, m = (logitstore.open(str(tmp_path / n)) for n in "acfm")
+    for s in (c, f, m):
+        assert verify(s.url) == [] and s.manifest["targets"] == "trained" and s.manifest["format_version"] == 3
+    assert len(m) == len(a) + len(logitstore.open(str(tmp_path / "b")))
+    for i in range(len(a)):
+        mask = a[i]["loss_mask"]
+        np.testing.assert_array_equal(c[i]["teachers"]["t"]["logprobs"], a[i]["teachers"]["t"]["logprobs"])
+        np.testing.assert_array_equal(m[i]["teachers"]["u"]["ids"], a[i]["teachers"]["u"]["ids"])
+        fused = f[i]["teachers"][f.teachers[0]]
+        assert (fused["logprobs"][~mask] == 0).all() and (fused["logprobs"][mask].max(-1) < 0).all()

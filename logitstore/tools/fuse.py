@@ -46,13 +46,14 @@ def _rows(store: Store, a: int, b: int, names: list[str]) -> dict:
         s0 = int(store.index.starts[j])
         lo, hi = a - s0, min(b - s0, len(sh["length"]))
         out.append({"seq_hash": sh["seq_hash"][lo:hi], "input_ids": sh["input_ids"][lo:hi], "length": sh["length"][lo:hi],
+                    "loss_mask": sh["loss_mask"][lo:hi],
                     "teachers": {n: {k: v[lo:hi] for k, v in sh["teachers"][n].items()} for n in names}})
         a += hi - lo
         j += 1
     if len(out) == 1:
         return out[0]
     return {"seq_hash": np.concatenate([o["seq_hash"] for o in out]), "input_ids": np.concatenate([o["input_ids"] for o in out]),
-            "length": np.concatenate([o["length"] for o in out]),
+            "length": np.concatenate([o["length"] for o in out]), "loss_mask": np.concatenate([o["loss_mask"] for o in out]),
             "teachers": {n: {k: np.concatenate([o["teachers"][n][k] for o in out]) for k in out[0]["teachers"][n]} for n in names}}
 
 
@@ -155,19 +156,21 @@ def fuse_store(sources: list[str], out: str, *, teachers: list[str] | None = Non
         for s in stores[1:]:
             if not np.array_equal(rows[id(s)]["seq_hash"], base["seq_hash"]):
                 raise FormatError(f"{s.url}: sequences {a}..{b} differ from {first.url}'s (seq_hash); the stores do not hold the same data")
-        return "arrays", *_fuse_rows(base, [rows[id(s)]["teachers"][t["name"]] for s, t in chosen], vocab, k, w, temps, mode, encoding)
+        return "arrays", *_fuse_rows(base, [rows[id(s)]["teachers"][t["name"]] for s, t in chosen], vocab, k, w, temps, mode, encoding,
+                                     first.index.trained_only)
 
     ix = first.index
     jobs = [ShardJob(int(ix.starts[j]), int(ix.sizes[j]), int(ix.tokens[j]), lambda part, j=j: produce(part, j)) for j in range(len(ix))]
     return write_derived(out, header, jobs, progress=progress, desc="fuse")
 
 
-def _fuse_rows(base: dict, tds: list[dict], vocab: int, k: int, w, temps, mode, encoding: Encoding):
+def _fuse_rows(base: dict, tds: list[dict], vocab: int, k: int, w, temps, mode, encoding: Encoding, trained_only: bool = False):
     n, L = base["input_ids"].shape
-    valid = np.arange(L)[None, :] < base["length"][:, None]  # [n, L]
+    real = np.arange(L)[None, :] < base["length"][:, None]  # [n, L]
+    valid = np.asarray(base["loss_mask"]) if trained_only else real  # a trained-only store has targets there alone
     nxt = np.full((n, L), -1, np.int64)
     nxt[:, :-1] = base["input_ids"][:, 1:]
-    nxt[~np.concatenate([valid[:, 1:], np.zeros((n, 1), bool)], axis=1)] = -1  # no next token at a window's end
+    nxt[~np.concatenate([real[:, 1:], np.zeros((n, 1), bool)], axis=1)] = -1  # no next token at a window's end
     flat_idx = np.flatnonzero(valid.ravel())
     res = {"ids": np.zeros((n * L, k), np.int64), "logprobs": np.zeros((n * L, k), np.float32)}
     for s in SCALARS:
@@ -181,4 +184,4 @@ def _fuse_rows(base: dict, tds: list[dict], vocab: int, k: int, w, temps, mode, 
     stats = {"n_positions": int(flat_idx.size), "sum_tail_mass": float(res["tail_mass"].sum(dtype=np.float64)),
              "sum_entropy": float(res["entropy"].sum(dtype=np.float64))}
     res = {key: v.reshape(n, L, *v.shape[1:]) for key, v in res.items()}
-    return encode_teacher_part(encoding, vocab, res), stats
+    return encode_teacher_part(encoding, vocab, res, valid if trained_only else None), stats

@@ -24,7 +24,7 @@ from logitstore.format.hashing import canonical_json_hash
 from logitstore.format.manifest import teacher_identity, written_version
 from logitstore.format.reader import Store
 
-_SAME = ("encoding", "seq_len", "packed", "bos", "tokenizer")
+_SAME = ("encoding", "seq_len", "packed", "bos", "tokenizer", "inputs", "targets")
 #: fields that older stores may lack, read as these values (FORMAT.md)
 _DEFAULTS = {"bos": False}
 

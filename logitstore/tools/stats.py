@@ -31,14 +31,15 @@ def store_stats(url: str, *, max_positions: int | None = None) -> dict:
         for j in range(store.n_shards):
             sh = store.load_shard(j, [name])
             td = sh["teachers"][name]
-            valid = np.arange(store.seq_len)[None, :] < sh["length"][:, None]
+            real = np.arange(store.seq_len)[None, :] < sh["length"][:, None]
+            valid = sh["loss_mask"] if store.index.trained_only else real  # a trained-only store: its stored positions
             lp = td["logprobs"][valid].astype(np.float64)  # [n, k]
             p = np.sort(np.exp(lp), axis=-1)[:, ::-1]
             cum.append(np.cumsum(p, axis=-1))
             tail.append(td["tail_mass"][valid])
             ent.append(td["entropy"][valid])
             # the last position of a window has no next token (gold 0): leave it out
-            has_next = np.arange(store.seq_len)[None, :] + 1 < sh["length"][:, None]
+            has_next = (np.arange(store.seq_len)[None, :] + 1 < sh["length"][:, None]) & valid
             g, lmin = td["gold_logprob"][has_next], td["logprobs"][has_next].min(axis=-1)
             gold_in.append(g >= lmin - 1e-3)
             seen += int(valid.sum())

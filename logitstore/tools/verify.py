@@ -6,6 +6,7 @@ import numpy as np
 
 from logitstore.format import layout
 from logitstore.errors import FormatError
+from logitstore.format.decode import check_inputs
 from logitstore.format.hashing import sequence_hashes, sha256_hex
 from logitstore.format.reader import Store
 
@@ -100,6 +101,10 @@ def _check_inputs(inp: dict, store: Store, entry: dict) -> list[str]:
     bad = np.flatnonzero((sequence_hashes(ids, lens) != inp["seq_hash"]).any(axis=1))
     if bad.size:
         out.append(f"{where}/seq_hash: {bad.size} sequence(s) do not match their token ids (first: row {bad[0]})")
+    try:
+        check_inputs(inp, store.seq_len, entry["path"])  # the optional arrays: loss_mask, doc_start, row
+    except FormatError as e:
+        out.append(str(e))
     return out
 
 
@@ -107,7 +112,8 @@ def _check_teacher(store: Store, j: int, t: dict, entry: dict) -> list[str]:
     where = f"{entry['path']}/{t['part']}"
     sh = store.load_shard(j, [t["name"]])
     td = sh["teachers"][t["name"]]
-    valid = np.arange(store.seq_len)[None, :] < sh["length"][:, None]
+    # a store of trained positions only holds targets where the loss mask trains (zeros elsewhere)
+    valid = sh["loss_mask"] if store.index.trained_only else np.arange(store.seq_len)[None, :] < sh["length"][:, None]
     out = []
     for name, arr in td.items():
         if name == "ids":
