@@ -316,3 +316,104 @@ def test_store_tools_keep_trained_only_stores_intact(chat_setup, tmp_path):
         np.testing.assert_array_equal(m[i]["teachers"]["u"]["ids"], a[i]["teachers"]["u"]["ids"])
         fused = f[i]["teachers"][f.teachers[0]]
         assert (fused["logprobs"][~mask] == 0).all() and (fused["logprobs"][mask].max(-1) < 0).all()
+
+
+NO_GEN_PROMPT = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}")
+DEFAULT_SYSTEM = ("{% if messages[0]['role'] != 'system' %}{{ '<|im_start|>system\\nYou are helpful.<|im_end|>\\n' }}{% endif %}"
+                  + CHATML)
+GEMMA = ("{{ '<|begin_of_text|>' }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '\\n' + m['content'] | trim + "
+         "'<|eot_id|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>model\\n' }}{% endif %}")
+EOS_AT_END = CHATML + "{% if not add_generation_prompt %}{{ '<|endoftext|>' }}{% endif %}"
+DATED = "{{ '<|begin_of_text|>' + (date_string if date_string is defined else strftime_now('%d %b %Y')) }}" + CHATML
+
+
+@pytest.mark.parametrize("template, conv, want", [
+    # a template that ignores add_generation_prompt: the header is still not trained
+    (NO_GEN_PROMPT, CONVS[0], ["Use sorted(xs) or xs.sort().<|im_end|>"]),
+    # an opening assistant turn after a default system turn: neither the system turn nor the header is trained
+    (DEFAULT_SYSTEM, [{"role": "assistant", "content": "Welcome!"}, {"role": "user", "content": "Hi"},
+                      {"role": "assistant", "content": "How can I help?"}], ["Welcome!<|im_end|>", "How can I help?<|im_end|>"]),
+    # Gemma's role name
+    (GEMMA, [{"role": "user", "content": "Q?"}, {"role": "model", "content": " A. "}, {"role": "user", "content": "R?"},
+             {"role": "model", "content": "B."}], ["A.<|eot_id|>", "B.<|eot_id|>"]),
+    # an EOS written only after the last turn (Phi-3): earlier turns still re-join; the last turn keeps it
+    (EOS_AT_END, CONVS[1], ["An immutable sequence.<|im_end|>", "A mutable one, written [1, 2].<|im_end|>\n<|endoftext|>"]),
+])
+def test_mask_for_other_template_shapes(chat_tok, template, conv, want):
+    ids, trained = render(chat_tok, conv, ChatSpec(template=template), "row 0")
+    runs, cur = [], []
+    for i, t in zip(ids, trained):
+        if t:
+            cur.append(int(i))
+        elif cur:
+            runs.append(chat_tok.decode(cur))
+            cur = []
+    if cur:
+        runs.append(chat_tok.decode(cur))
+    assert runs == want
+
+
+def test_a_template_that_prints_the_date_renders_the_same_every_day(chat_tok):
+    ids, _ = render(chat_tok, CONVS[0], ChatSpec(template=DATED), "row 0")
+    assert "26 Jul 2024" in chat_tok.decode(ids)
+
+
+def test_flattened_rows_equal_the_batched_forward(chat_setup, chat_tok):
+    """What flash kernels get (rows' real tokens in one row, positions restarting) equals the batched
+    forward: checked on CPU by forcing the flattening under SDPA."""
+    from transformers import AutoModelForCausalLM
+
+    from logitstore.capture.lm_head import head_for, packed_call
+
+    teacher, data, convs, d = chat_setup
+    model = AutoModelForCausalLM.from_pretrained(teacher).eval()
+    rows = [render(chat_tok, c, ChatSpec(), "")[0] for c in convs[:5]]
+    L = max(len(rows[0]) + len(rows[1]), len(rows[2]), len(rows[3]) + len(rows[4]) + 3)
+    ids, pos, mask = torch.zeros(3, L, dtype=torch.long), torch.zeros(3, L, dtype=torch.long), torch.zeros(3, L, dtype=torch.long)
+    for b, docs in enumerate([[0, 1], [2], [3, 4]]):
+        at = 0
+        for r in docs:
+            n = len(rows[r])
+            ids[b, at:at + n], pos[b, at:at + n], mask[b, at:at + n] = torch.tensor(rows[r]), torch.arange(n), 1
+            at += n
+    head = head_for(model)
+
+    def run(i, m, p):
+        return head.model.base_model(input_ids=i, position_ids=p, use_cache=False).last_hidden_state
+
+    with torch.no_grad():
+        batched = packed_call(model, run, ids, mask, pos, flatten=False)
+        flat = packed_call(model, run, ids, mask, pos, flatten=True)
+        alone = run(torch.tensor(rows[4])[None], None, None)[0]
+    keep = mask.bool()
+    torch.testing.assert_close(flat[keep], batched[keep], atol=1e-5, rtol=1e-5)
+    a = len(rows[3])
+    torch.testing.assert_close(flat[2, a:a + len(rows[4])], alone, atol=1e-5, rtol=1e-5)
+    assert (flat[~keep] == 0).all()
+
+
+def test_a_student_that_mixes_documents_is_caught(chat_setup, chat_tok):
+    """A student module whose forward takes no position_ids mixes packed documents: the check says so;
+    a wrapper that passes keyword arguments on (PEFT, torch.compile) keeps them apart."""
+    from transformers import AutoModelForCausalLM
+
+    from trainer.student import check_document_separation
+
+    teacher, *_ = chat_setup
+    model = AutoModelForCausalLM.from_pretrained(teacher)
+
+    class Plain(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, input_ids, attention_mask=None):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask)
+
+    class Passes(Plain):
+        def forward(self, input_ids, **kwargs):
+            return self.inner(input_ids=input_ids, **kwargs)
+
+    assert check_document_separation(model, len(chat_tok)) is None
+    assert check_document_separation(Passes(), len(chat_tok)) is None
+    assert "takes no position_ids" in check_document_separation(Plain(), len(chat_tok))

@@ -91,3 +91,22 @@ def test_bad_token_rows_name_the_row_and_field(tmp_path, llama_dir, bad, match):
     with pytest.raises(LogitStoreError, match=match):
         dump(DumpConfig(teachers=(f"t={llama_dir}",), data=str(data), out=str(tmp_path / "s"), top_k=4, seq_len=32, progress=False))
     assert not (tmp_path / "s" / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "arrow"])
+@pytest.mark.parametrize("encoding", ["compact", "lossless"])
+def test_a_shard_that_trains_nothing_reads_back(tmp_path, llama_dir, fmt, encoding):
+    """Rows whose labels are all -100 store no teacher position: an empty part, written and read."""
+    rows = [{"input_ids": [1, 2, 3, 4], "labels": [-100, 2, 3, 4]}, {"input_ids": [5, 6, 7], "labels": [-100] * 3},
+            {"input_ids": [8, 9], "labels": [-100, -100]}]
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    out = tmp_path / "s"
+    dump(DumpConfig(teachers=(f"t={llama_dir}",), data=str(data), out=str(out), top_k=4, seq_len=8, progress=False,
+                    shard_sequences=1, format=fmt, encoding=encoding))
+    from logitstore.tools.verify import verify
+
+    assert verify(str(out)) == []
+    s = logitstore.open(str(out))
+    assert [int(s[i]["loss_mask"].sum()) for i in range(3)] == [3, 0, 0]
+    assert (s[1]["teachers"]["t"]["logprobs"] == 0).all() and (s[0]["teachers"]["t"]["logprobs"][:3] < 0).all()

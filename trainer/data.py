@@ -159,6 +159,10 @@ class DistillDataset(EpochOrder, IterableDataset):
                 raise LogitStoreError(f"--logits {url}: seq_len {m['seq_len']} differs from {self.urls[0]}'s {m0['seq_len']}")
             if m["tokenizer"]["vocab_size"] != m0["tokenizer"]["vocab_size"]:
                 raise LogitStoreError(f"--logits {url}: vocab_size differs from {self.urls[0]}'s")
+            if ("doc_start" in inputs_arrays(m)) != ("doc_start" in inputs_arrays(m0)):
+                raise LogitStoreError(f"--logits {url}: {'records' if 'doc_start' in inputs_arrays(m) else 'does not record'} "
+                                      f"document starts and {self.urls[0]} {'does not' if 'doc_start' in inputs_arrays(m) else 'does'}: "
+                                      "its teacher saw other context; dump both with the same --doc-boundaries")
         self.vocab_size = m0["tokenizer"]["vocab_size"]
         self.seq_len = m0["seq_len"]
         #: the primary store records document starts: batches carry ``position_ids`` restarting per document

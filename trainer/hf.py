@@ -105,7 +105,7 @@ from logitstore.format.manifest import inputs_arrays
 
 from .joins import hash_keys, hash_map, same_layout
 from .losses import LOSSES, TAILS
-from .student import DistillModule
+from .student import DistillModule, check_document_separation
 
 __all__ = ["TeacherTargets", "KDDataCollator", "KDLossMixin", "KDTrainer", "kd_loss_for_batch", "kd_sums"]
 
@@ -149,6 +149,10 @@ class TeacherTargets:
                 raise LogitStoreError(f"TeacherTargets: {url}: seq_len {m['seq_len']} differs from {urls[0]}'s {m0['seq_len']}")
             if m["tokenizer"]["vocab_size"] != m0["tokenizer"]["vocab_size"]:
                 raise LogitStoreError(f"TeacherTargets: {url}: vocab_size differs from {urls[0]}'s")
+            if ("doc_start" in inputs_arrays(m)) != ("doc_start" in inputs_arrays(m0)):
+                raise LogitStoreError(f"TeacherTargets: {url}: {'records' if 'doc_start' in inputs_arrays(m) else 'does not record'} "
+                                      f"document starts and {urls[0]} {'does not' if 'doc_start' in inputs_arrays(m) else 'does'}: "
+                                      "its teacher saw other context; dump both with the same --doc-boundaries")
         #: the stores' vocabulary ``V`` (the student's may be larger), ``seq_len`` and tokenizer fingerprint
         self.vocab_size: int = int(m0["tokenizer"]["vocab_size"])
         self.seq_len: int = int(m0["seq_len"])
@@ -539,6 +543,11 @@ class KDLossMixin:
         except ValueError as e:
             raise ConfigError(f"{str(e).replace('--weights', 'teacher_weights')} (teachers: {', '.join(targets.teacher_names)})") from None
         super().__init__(*args, **kwargs)
+        if targets.segmented:  # packed documents: the student must keep them apart, as the teacher did
+            why = check_document_separation(self.model, targets.vocab_size)
+            if why is not None:
+                raise ConfigError(f"KDTrainer: the stores pack several documents per window and {why}; the student would "
+                                  "see context its teacher did not (use a transformers model, or dump with --no-pack)")
         self.kd_targets = targets
         self.kd_settings = dict(vocab_size=targets.vocab_size, kd_alpha=float(kd_alpha), temperature=float(temperature),
                                 kd_loss=kd_loss, tail=tail, fuse=fuse, teacher_weights=weights,

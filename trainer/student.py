@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from logitstore.errors import ConfigError, LogitStoreError
-from logitstore.capture.lm_head import forward_logits, head_for, model_inputs, no_cache
+from logitstore.capture.lm_head import forward_logits, head_for
 
 from logitstore.distributions.fusion import fuse
 from .losses import kd_ce_loss
@@ -120,10 +120,10 @@ class DistillModule(torch.nn.Module):
 
     def logits(self, input_ids, attention_mask, position_ids=None):
         if position_ids is not None and takes_position_ids(self.student):
-            # no KV cache: with one, transformers builds a plain causal mask and documents would mix
-            out = self.student(input_ids=input_ids, **model_inputs(attention_mask, position_ids), **no_cache(self.student))
-        else:
-            out = self.student(input_ids=input_ids, attention_mask=attention_mask)
+            # no KV cache (with one, transformers builds a plain causal mask and documents would mix);
+            # flash kernels get the rows flattened (logitstore.capture.lm_head.packed_call)
+            return forward_logits(self.student, input_ids, attention_mask, position_ids)
+        out = self.student(input_ids=input_ids, attention_mask=attention_mask)
         return out.logits if hasattr(out, "logits") else out
 
     def forward(self, batch: dict, *, temperature: float, teacher_temperatures: list[float], weights: list[float], fuse_mode: str,
@@ -154,11 +154,20 @@ class DistillModule(torch.nn.Module):
 
 
 def takes_position_ids(model: torch.nn.Module) -> bool:
-    """Whether ``model`` is a transformers model (they all take ``position_ids``); any other
-    module is called with ``input_ids`` and ``attention_mask`` only."""
+    """Whether ``model`` takes ``position_ids``: a transformers model, or a module whose ``forward``
+    names them or passes keyword arguments on (PEFT wrappers, ``torch.compile``). Any other module
+    is called with ``input_ids`` and ``attention_mask`` only."""
+    import inspect
+
     from transformers import PreTrainedModel
 
-    return isinstance(model, PreTrainedModel)
+    if isinstance(model, PreTrainedModel):
+        return True
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == "position_ids" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
 
 
 def check_document_separation(model: torch.nn.Module, vocab_size: int, seed: int = 0) -> str | None:
@@ -166,17 +175,17 @@ def check_document_separation(model: torch.nn.Module, vocab_size: int, seed: int
     random documents packed into one row must give the second the log-probs it has alone.
     Returns None if so, else why not (for a warning or an error). Runs in eval mode, no gradients."""
     if not takes_position_ids(model):
-        return "the student is not a transformers model, so it gets no position_ids and packed documents attend to each other"
+        return "the student's forward takes no position_ids, so packed documents attend to each other"
     g = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
     a, b = torch.randint(0, vocab_size, (1, 7), generator=g), torch.randint(0, vocab_size, (1, 9), generator=g)
-    ids = torch.cat([a, b], 1).to(device)
-    pos = torch.cat([torch.arange(7), torch.arange(9)])[None].to(device)
+    ids = torch.cat([a, b], 1).repeat(2, 1).to(device)  # two rows: some kernels keep documents apart in one row only
+    pos = torch.cat([torch.arange(7), torch.arange(9)])[None].repeat(2, 1).to(device)
     was = model.training
     model.eval()
     try:
         with torch.no_grad():
-            packed = forward_logits(model, ids, None, pos)[0, 7:].float().log_softmax(-1)
+            packed = forward_logits(model, ids, torch.ones_like(ids), pos)[1, 7:].float().log_softmax(-1)
             alone = forward_logits(model, b.to(device), torch.ones_like(b).to(device))[0].float().log_softmax(-1)
     finally:
         model.train(was)

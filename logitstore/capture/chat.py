@@ -12,12 +12,21 @@ and turn markers). Which tokens are trained:
 
 The assistant spans do not depend on ``{% generation %}`` markers, which most templates lack. For
 assistant turn ``i`` the template renders the conversation up to turn ``i - 1`` with the generation
-prompt (``pre``) and up to turn ``i`` (``upto``); the turn's span is ``upto[len(pre):]``. Each
-``pre`` must be a prefix of its ``upto`` and each ``upto`` a prefix of the full rendering, so the
-pieces re-join to exactly the string that is tokenised; a template for which they do not (one that
-rewrites earlier turns, such as templates that drop the reasoning of earlier assistant turns) is
-refused with the row named. A token is trained when its characters overlap a span (token
-boundaries need not fall on span boundaries; a token that straddles one is trained).
+prompt (``pre``) and up to turn ``i`` (``upto``). Each ``pre`` must be a prefix of its ``upto`` and
+each ``upto`` a prefix of the full rendering, so the pieces re-join to exactly the string that is
+tokenised; a template for which they do not (one that rewrites earlier turns, such as templates
+that drop the reasoning of earlier assistant turns) is refused with the row named. The one
+tolerated difference is an EOS the template writes only after the last turn (Phi-3): ``upto`` may
+end with it where the full rendering goes on. The turn's span starts where its
+content (stripped) appears in ``upto`` after ``pre`` (so a header the template writes without the
+generation prompt, a default system turn or a BOS before an opening assistant turn are never
+trained; a template that rewrites the content itself is refused) and ends at the end of ``upto``
+with trailing whitespace removed. A token is trained when its characters overlap a span (a token
+that straddles a span boundary is trained). Roles ``assistant`` and ``model`` (Gemma's) are trained.
+
+Templates that print today's date (Llama 3.1/3.2: ``strftime_now``) get a fixed ``date_string``
+(:data:`DATE_STRING`, the Llama templates' own fallback), so a dump renders the same tokens on any
+day and a resume or a second dump of the same corpus joins by hash.
 """
 
 from __future__ import annotations
@@ -29,7 +38,9 @@ import numpy as np
 from logitstore.errors import ConfigError, LogitStoreError
 
 TRAIN_ON = ("assistant", "all")
-ROLES_TRAINED = ("assistant",)
+ROLES_TRAINED = ("assistant", "model")
+#: the date templates that print one are given (see the module docstring)
+DATE_STRING = "26 Jul 2024"
 
 
 @dataclass(frozen=True)
@@ -84,7 +95,7 @@ def render(tokenizer, messages, spec: ChatSpec, where: str) -> tuple[np.ndarray,
     def apply(msgs, gen: bool) -> str:
         try:
             out = tokenizer.apply_chat_template(msgs, chat_template=spec.template, tokenize=False,
-                                                add_generation_prompt=gen)
+                                                add_generation_prompt=gen, date_string=DATE_STRING)
         except Exception as e:  # jinja's TemplateError / raise_exception(...) for roles or orders it rejects
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise LogitStoreError(f"{where}: the chat template refuses this conversation ({msg})") from None
@@ -100,16 +111,17 @@ def render(tokenizer, messages, spec: ChatSpec, where: str) -> tuple[np.ndarray,
         for i, m in enumerate(messages):
             if m["role"] not in ROLES_TRAINED:
                 continue
-            pre = apply(messages[:i], True) if i else apply([], True) if _renders_empty(tokenizer, spec) else ""
-            upto = apply(messages[: i + 1], False)
-            if not (upto.startswith(pre) and full.startswith(upto)):
+            pre = apply(messages[:i], True) if i else ""
+            upto = _joined(apply(messages[: i + 1], False), full, getattr(tokenizer, "eos_token", None))
+            if upto is None or not upto.startswith(pre):
                 raise LogitStoreError(f"{where}: turn {i}: the chat template does not render the conversation's beginning "
                                       "as a prefix of the whole (it rewrites earlier turns), so the assistant tokens "
                                       "cannot be located; use --train-on all or another --chat-template")
-            end = len(upto.rstrip())
-            if end <= len(pre) or not full[len(pre):end].strip():
-                raise LogitStoreError(f"{where}: turn {i}: the chat template renders the assistant turn as nothing")
-            spans.append((len(pre), end))
+            start = upto.find(m["content"].strip(), len(pre))
+            if start < 0:
+                raise LogitStoreError(f"{where}: turn {i}: the chat template rewrites the assistant's content (it does not "
+                                      "appear in the rendering), so its tokens cannot be located; use --train-on all")
+            spans.append((start, len(upto.rstrip())))
         if not spans:
             raise LogitStoreError(f"{where}: no assistant turn to train on (--train-on assistant)")
     enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
@@ -121,11 +133,14 @@ def render(tokenizer, messages, spec: ChatSpec, where: str) -> tuple[np.ndarray,
     return ids, trained
 
 
-def _renders_empty(tokenizer, spec: ChatSpec) -> bool:
-    """Whether the template renders an empty conversation (with the generation prompt) at all:
-    needed only for an assistant turn that opens the conversation."""
-    try:
-        tokenizer.apply_chat_template([], chat_template=spec.template, tokenize=False, add_generation_prompt=True)
-        return True
-    except Exception:  # noqa: BLE001 - a template that indexes messages[0] cannot; the turn then starts at 0
-        return False
+def _joined(upto: str, full: str, eos: str | None) -> str | None:
+    """``upto`` as a prefix of ``full``: itself, or without the EOS (and whitespace) a template
+    writes only after the last turn; None if neither."""
+    if full.startswith(upto):
+        return upto
+    t = upto.rstrip()
+    while eos and t.endswith(eos):
+        t = t[: -len(eos)].rstrip()
+        if full.startswith(t):
+            return t
+    return None

@@ -33,7 +33,7 @@ from logitstore.capture.windows import CorpusPlan, ShardWindows, WindowSpec
 from logitstore.errors import ConfigError
 from logitstore.storage.fsio import StoreFS
 from logitstore.storage.lock import store_lock
-from logitstore.format.hashing import tokenizer_fingerprint
+from logitstore.format.hashing import sha256_hex, tokenizer_fingerprint
 from logitstore.format.commit import CHUNK_TOKENS, build_manifest, check_or_write_plan, refuse_foreign, summarize
 from logitstore.format.manifest import FORMAT_NAME, FORMAT_VERSION, MANIFEST, dumps, parse_manifest, written_version
 from logitstore.progress import progress_bar
@@ -198,7 +198,7 @@ def _dump(cfg: DumpConfig, ranks: Ranks) -> DumpResult:
         if fp != fps[0]:
             raise ConfigError(f"--teacher {s.source}: tokenizer differs from {specs[0].source}'s (fingerprints {fp[:12]} vs {fps[0][:12]}); all teachers in one store must share a tokenizer")
     tok = tokenizers[0]
-    source = _source(cfg)
+    source = _source(cfg, tok)
     if source.kind != "text":  # the template or the user's own rows decide the special tokens
         if cfg.bos == "always":
             raise ConfigError(f"--bos always: rows of {source.kind} are used as the "
@@ -262,7 +262,7 @@ def _dump(cfg: DumpConfig, ranks: Ranks) -> DumpResult:
                             new_plan_key)
 
 
-def _source(cfg: DumpConfig) -> Source:
+def _source(cfg: DumpConfig, tok) -> Source:
     template = None
     if cfg.chat_template is not None:
         try:
@@ -273,7 +273,9 @@ def _source(cfg: DumpConfig) -> Source:
     kind = resolve_kind(cfg.data, cfg.input, cfg.text_field, cfg.messages_field)
     if kind != "messages" and (cfg.chat_template or cfg.train_on != "assistant"):
         raise ConfigError(f"--chat-template/--train-on: only for conversations; --data {cfg.data} holds {kind}")
-    return Source(cfg.data, kind, cfg.text_field, ChatSpec(cfg.messages_field, template, cfg.train_on), cfg.overlong)
+    used = template if template is not None else getattr(tok, "chat_template", None)
+    sha = sha256_hex(used.encode()) if kind == "messages" and isinstance(used, str) else None
+    return Source(cfg.data, kind, cfg.text_field, ChatSpec(cfg.messages_field, template, cfg.train_on), cfg.overlong, sha)
 
 
 def window_spec(cfg: DumpConfig, source: Source, bos: bool, shard_sequences: int) -> WindowSpec:

@@ -88,8 +88,10 @@ class ChunkedHead:
                position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """``position_ids`` [B, L] restarting per document: attention stays inside each (see
         :func:`model_inputs`)."""
-        return self.model.base_model(input_ids=input_ids, **model_inputs(attention_mask, position_ids),
-                                     **no_cache(self.model)).last_hidden_state
+        def run(ids, mask, pos):
+            return self.model.base_model(input_ids=ids, **model_inputs(mask, pos), **no_cache(self.model)).last_hidden_state
+
+        return packed_call(self.model, run, input_ids, attention_mask, position_ids)
 
     @contextmanager
     def loaded(self):
@@ -174,16 +176,25 @@ def head_for(model: torch.nn.Module, *, fp32: bool = False) -> ChunkedHead | Non
 def no_cache(model: torch.nn.Module) -> dict:
     """``use_cache=False`` for a model that has a KV cache: one forward over a window needs none,
     and building it costs memory (layers x 2 x [B, heads, L, head_dim])."""
-    return {"use_cache": False} if hasattr(getattr(model, "config", None), "use_cache") else {}
+    if hasattr(getattr(model, "config", None), "use_cache"):
+        return {"use_cache": False}
+    import inspect  # a wrapper without a config (a module of your own around a transformers model)
+
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return {}
+    return {"use_cache": False} if any(p.name == "use_cache" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params) else {}
 
 
 def model_inputs(attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None) -> dict:
     """The mask arguments of a forward over windows. Without ``position_ids``: the padding mask.
     With ``position_ids`` that restart at each packed document: those and no mask, from which
     transformers (>= 4.56, ``masking_utils.find_packed_sequence_indices``) builds a causal mask
-    that keeps every document to itself for the eager, SDPA and flex kernels, and flash attention
-    takes the documents' boundaries from the positions. Right padding needs no mask under causal
-    attention (no real token attends to a later one)."""
+    that keeps every document to itself for the eager, SDPA and flex kernels, provided no KV cache
+    is passed (:func:`no_cache`; with one it builds a plain causal mask). Flash attention takes the
+    boundaries from the positions for a single row only, hence :func:`packed_call`. Right padding
+    needs no mask under causal attention (no real token attends to a later one)."""
     if position_ids is None:
         return {"attention_mask": attention_mask}
     return {"position_ids": position_ids}
@@ -192,8 +203,36 @@ def model_inputs(attention_mask: torch.Tensor | None, position_ids: torch.Tensor
 def forward_logits(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                    position_ids: torch.Tensor | None = None) -> torch.Tensor:
     """The model's own logits ``[B, L, V]`` (what every caller compares with)."""
-    out = model(input_ids=input_ids, **model_inputs(attention_mask, position_ids), **no_cache(model))
-    return out.logits if hasattr(out, "logits") else out
+    def run(ids, mask, pos):
+        out = model(input_ids=ids, **model_inputs(mask, pos), **no_cache(model))
+        return out.logits if hasattr(out, "logits") else out
+
+    return packed_call(model, run, input_ids, attention_mask, position_ids)
+
+
+def uses_flash_attention(model: torch.nn.Module) -> bool:
+    """Whether ``model`` runs a flash-attention kernel (``attn_implementation="flash_attention_2"``,
+    ``"flash_attention_3"``, a kernels-hub flash kernel)."""
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    return isinstance(impl, str) and "flash" in impl
+
+
+def packed_call(model: torch.nn.Module, run, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                position_ids: torch.Tensor | None, flatten: bool | None = None) -> torch.Tensor:
+    """``run(input_ids, attention_mask, position_ids)`` -> ``[B, L, ...]``, keeping packed documents
+    apart on every attention kernel. transformers' flash-attention path separates documents by their
+    positions only for a batch of one row (``_is_packed_sequence``); with more rows it would attend
+    across documents. So for flash kernels (``flatten``, default :func:`uses_flash_attention`) the
+    rows' real tokens are concatenated into one row ``[1, N]`` (every window starts a document at
+    position 0, so rows stay apart too), run, and scattered back, zeros at padding."""
+    flatten = uses_flash_attention(model) if flatten is None else flatten
+    if position_ids is None or input_ids.shape[0] == 1 or not flatten:
+        return run(input_ids, attention_mask, position_ids)
+    keep = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
+    out = run(input_ids[keep][None], None, position_ids[keep][None])[0]  # [N, ...]
+    full = out.new_zeros((*input_ids.shape, *out.shape[1:]))
+    full[keep] = out
+    return full
 
 
 def check_against_forward(head: ChunkedHead, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,

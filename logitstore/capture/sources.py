@@ -29,11 +29,10 @@ from typing import Iterator
 
 import numpy as np
 
-from logitstore.capture.chat import ChatSpec, check_chat_tokenizer, render
+from logitstore.capture.chat import DATE_STRING, ChatSpec, check_chat_tokenizer, render
 from logitstore.capture.documents import describe_source, iter_positioned, iter_records
 from logitstore.errors import ConfigError, LogitStoreError
 from logitstore.format.codec import id_dtype
-from logitstore.format.hashing import sha256_hex
 
 INPUT_KINDS = ("auto", "text", "messages", "tokens")
 OVERLONG = ("refuse", "truncate", "drop")
@@ -50,6 +49,9 @@ class Source:
     text_field: str = "text"
     chat: ChatSpec = ChatSpec()
     overlong: str = "refuse"
+    #: sha256 of the chat template in use (the given one, else the tokenizer's): in the plan key and
+    #: the manifest, so a corpus plan made with another template is never reused
+    template_sha: str | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in INPUT_KINDS[1:]:
@@ -82,7 +84,7 @@ class Source:
         d["kind"] = self.kind
         if self.kind == "messages":
             d.update({"messages_field": self.chat.messages_field, "train_on": self.chat.train_on,
-                      "chat_template": None if self.chat.template is None else sha256_hex(self.chat.template.encode())})
+                      "chat_template": self.template_sha, "date_string": DATE_STRING})
         d["overlong"] = self.overlong
         return d
 

@@ -138,7 +138,8 @@ def _windows(stream: Iterable[tuple[int, np.ndarray]], seq_len: int, packed: boo
     """``(document, offset, window [2, m], document starts)`` of each window, ``(document, offset)``
     being where its first token is and the starts the window positions where a document's first
     token lies; ``first_offset`` skips that many tokens of the first document. ``whole``: a
-    document goes into a packed window only whole (documents are at most ``seq_len`` long)."""
+    document goes into a packed window only whole (documents are at most ``seq_len`` long), and
+    only right after the previous document (so a window's documents are consecutive rows)."""
     pending: list[np.ndarray] = []  # packed: pieces of the window being filled
     starts: list[int] = []
     have, at = 0, None
@@ -146,13 +147,17 @@ def _windows(stream: Iterable[tuple[int, np.ndarray]], seq_len: int, packed: boo
     def emit():
         return at[0], at[1], pending[0] if len(pending) == 1 else np.concatenate(pending, axis=1), starts
 
+    last = None
     for d, arr in stream:
         o = first_offset
         first_offset = 0
         n = arr.shape[1]
-        if packed and whole and have and have + n > seq_len:
+        # a window of whole rows holds consecutive rows only (its documents are rows row, row + 1, ...):
+        # it closes before a row that does not fit, and after a gap left by a dropped row
+        if packed and whole and have and (have + n > seq_len or d != last + 1):
             yield emit()
             pending, starts, have, at = [], [], 0, None
+        last = d
         while o < n:
             if not packed:
                 yield d, o, arr[:, o : o + seq_len], [0] if o == 0 else []

@@ -139,15 +139,20 @@ def join_targets(dataset, src: str, teachers: list[str] | None = None):
 
     Rows are matched by their index (the store's ``row``) and every match is checked by content
     hash: a dataset that was filtered, reordered or re-tokenised since the dump is refused with the
-    first row that differs. Rows the dump left out (``--overlong drop``) get empty lists."""
+    first row that differs, and so is a row the store lacks, unless the dump left it out
+    (``--overlong drop``: its columns are None). A row the dump truncated (``--overlong truncate``)
+    gets targets for its first ``seq_len`` tokens only. Values are int32/float32; the result is
+    built in memory (about the decoded size of the store: for large stores, join shard by shard)."""
     import datasets
 
     from logitstore.errors import LogitStoreError
     from logitstore.format.hashing import sequence_hashes
 
     store = Store(src)
-    if "row" not in store.index.optional_inputs or store.manifest["packed"]:
+    source = store.manifest["data"].get("source") or {}
+    if source.get("kind") != "tokens" or store.manifest["packed"]:
         raise ConfigError(f"{src}: not a store of token rows one per window (dump with --input tokens --no-pack)")
+    dropped_ok = source.get("overlong") == "drop"
     names = teachers or store.teachers
     where: dict[int, int] = {}
     for j in range(store.n_shards):
@@ -163,8 +168,11 @@ def join_targets(dataset, src: str, teachers: list[str] | None = None):
                 real = np.flatnonzero(np.asarray(batch["attention_mask"][b]) != 0)
                 ids = ids[real[0]: real[-1] + 1] if real.size else ids[:0]
             if r not in where:
+                if not dropped_ok:
+                    raise LogitStoreError(f"join: row {r} of the dataset is not in the store {src} (it holds {len(where)} rows); "
+                                          "join onto the dataset exactly as it was dumped")
                 for c in out:
-                    out[c].append([])
+                    out[c].append(None)  # left out by the dump (--overlong drop)
                 continue
             seq = store[where[r]]
             ids = ids[: store.seq_len]  # a row the dump truncated (--overlong truncate) keeps its beginning
@@ -172,11 +180,11 @@ def join_targets(dataset, src: str, teachers: list[str] | None = None):
             if bytes(mine) != seq["seq_hash"]:
                 raise LogitStoreError(f"join: row {r} of the dataset differs from the row the store {src} was dumped from "
                                       "(content hash); join onto the dataset exactly as it was dumped")
-            out["loss_mask"].append(seq["loss_mask"].tolist())
+            out["loss_mask"].append(np.asarray(seq["loss_mask"]))
             for n in names:
                 td = seq["teachers"][n]
                 for a in ("ids", "logprobs", *SCALARS):
-                    out[f"{n}.{a}"].append(td[a].tolist())
+                    out[f"{n}.{a}"].append(td[a].astype(np.int32 if a == "ids" else np.float32))
         return out
 
     datasets.disable_progress_bars()

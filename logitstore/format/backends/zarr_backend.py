@@ -115,8 +115,9 @@ class ZarrBackend:
             # a part-level array is one chunk: many tiny chunks cost more to decode than they save
             rows = max(1, a.shape[0] if name in PART_LEVEL else min(chunk_rows, a.shape[0]))
             chunks = (rows,) + a.shape[1:]
-            # one shard holds the whole array: its length is the array's, rounded up to whole chunks
-            shard = (-(-a.shape[0] // rows) * rows,) + a.shape[1:]
+            # one shard holds the whole array: its length is the array's, rounded up to whole chunks (at
+            # least one: an empty array, such as a shard of a trained-only store that trains nothing)
+            shard = (max(rows, -(-a.shape[0] // rows) * rows),) + a.shape[1:]
             arr = group.create_array(
                 name,
                 shape=a.shape,
