@@ -102,7 +102,7 @@ def test_the_public_api_keeps_its_names():
     from trainer.fit import fit
 
     assert callable(logitstore.open) and logitstore.Store.__module__ == "logitstore.format.reader"
-    assert DumpConfig.__module__ == "logitstore.capture.dump" and callable(dump) and callable(fit) and callable(summarize)
+    assert DumpConfig.__module__ == "logitstore.capture.config" and callable(dump) and callable(fit) and callable(summarize)
 
 
 @pytest.mark.parametrize("old, new, name", [

@@ -126,11 +126,10 @@ class Run:
         source_dtype = getattr(student, "checkpoint_dtype", None) or parameter_dtype(student)
         self.save_dtype = source_dtype if cfg.save_dtype == "checkpoint" else DTYPES[cfg.save_dtype]
         cast_parameters(student, DTYPES[cfg.param_dtype])
-        if train.segmented:  # packed documents: the student should see each on its own, as the teacher did
-            why = check_document_separation(student, train.vocab_size, cfg.seed)
-            if why is not None and self.rank == 0:
-                warnings.warn(f"--logits {cfg.logits[0]}: its windows pack several documents and {why}; the student then "
-                              "sees context the teacher did not (dump with --no-pack to avoid it)", RuntimeWarning, stacklevel=2)
+        why = check_document_separation(student, train.vocab_size, cfg.seed) if train.segmented else None  # packed documents
+        if why is not None and self.rank == 0:
+            warnings.warn(f"--logits {cfg.logits[0]}: its windows pack several documents and {why}; the student then sees "
+                          "context the teacher did not (dump with --no-pack to avoid it)", RuntimeWarning, stacklevel=2)
         sv = output_vocab(student)
         if sv is not None and sv < train.vocab_size:
             raise ConfigError(f"--student {cfg.student}: output vocabulary {sv} is smaller than the store's {train.vocab_size}")

@@ -15,25 +15,24 @@ import gc
 import math
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
 
 from logitstore.format import layout
-from logitstore.format.codec import ENCODINGS, SCALARS, Encoding
-from logitstore.capture.corpus import BOS_MODES, adds_bos, resolve_bos
-from logitstore.capture.chat import TRAIN_ON, ChatSpec
-from logitstore.capture.sources import INPUT_KINDS, OVERLONG, Source, resolve_kind
+from logitstore.format.codec import SCALARS, Encoding
+from logitstore.capture.corpus import adds_bos, resolve_bos
+from logitstore.capture.config import DumpConfig, optional_inputs, source_for, window_spec
 from logitstore.capture.placement import Parallel, device_map_kwargs, parse_device_map, parse_max_memory, tp_kwargs
 from logitstore.capture.ranks import (Ranks, any_rank_has_work, barrier, process_group, rank_device, ranks_from_env,
                                      share_from_group, share_from_rank0, tp_groups)
 from logitstore.capture.shard_inputs import ShardInputs, corpus_plan, record_corpus_plan
-from logitstore.capture.windows import CorpusPlan, ShardWindows, WindowSpec
+from logitstore.capture.windows import CorpusPlan, ShardWindows
 from logitstore.errors import ConfigError
 from logitstore.storage.fsio import StoreFS
 from logitstore.storage.lock import store_lock
-from logitstore.format.hashing import sha256_hex, tokenizer_fingerprint
+from logitstore.format.hashing import tokenizer_fingerprint
 from logitstore.format.commit import CHUNK_TOKENS, build_manifest, check_or_write_plan, refuse_foreign, summarize
 from logitstore.format.manifest import FORMAT_NAME, FORMAT_VERSION, MANIFEST, dumps, parse_manifest, written_version
 from logitstore.progress import progress_bar
@@ -46,103 +45,6 @@ from logitstore.format.writer import BackgroundWriter, PartWriter, encode_teache
 #: with one teacher (two data files and two commit records per shard). Larger shards: fewer objects, more
 #: memory per loader worker and coarser rank-local reading; see README "Caches at scale".
 SHARD_TOKENS = 1 << 19
-
-
-@dataclass(frozen=True)
-class DumpConfig:
-    """Everything ``logitstore dump`` needs. ``teachers`` entries are ``[NAME=]PATH_OR_ID``."""
-
-    teachers: tuple[str, ...]
-    data: str
-    out: str
-    top_k: int = 64
-    seq_len: int = 512
-    batch_size: int = 8
-    device: str = "auto"
-    dtype: str = "auto"
-    format: str = "zarr"
-    encoding: str = "compact"
-    max_tokens: int | None = None
-    text_field: str = "text"
-    #: None: pack text and conversations, keep one row per window for token rows (``--pack/--no-pack``)
-    pack: bool | None = None
-    shard_sequences: int | None = None
-    trust_remote_code: bool = False
-    progress: bool = True
-    #: start each document with BOS: ``auto`` (if the tokenizer adds one itself), ``always``, ``never``
-    bos: str = "auto"
-    #: accelerate placement over this process's GPUs, then CPU, then disk (logitstore/capture/placement.py)
-    device_map: str | None = None
-    max_memory: str | None = None
-    offload_folder: str | None = None
-    #: tensor-parallel ranks per copy of the teacher (under torchrun; WORLD_SIZE = dp x tp)
-    tp: int = 1
-    #: what ``--data`` rows hold: auto, text, messages or tokens (logitstore/capture/sources.py)
-    input: str = "auto"
-    messages_field: str = "messages"
-    #: a Jinja chat template file replacing the tokenizer's
-    chat_template: str | None = None
-    #: which tokens of a conversation are trained: assistant or all (logitstore/capture/chat.py)
-    train_on: str = "assistant"
-    #: a conversation or token row longer than seq_len: refuse, truncate or drop
-    overlong: str = "refuse"
-    #: packed windows record where each document starts, and teacher and student attend within it:
-    #: auto (for conversations and token rows, not for text), on or off
-    doc_boundaries: str = "auto"
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "teachers", tuple(self.teachers))
-        if not self.teachers:
-            raise ConfigError("--teacher: at least one teacher is required")
-        if not isinstance(self.top_k, int) or self.top_k <= 0:
-            raise ConfigError(f"--top-k: expected a positive integer, got {self.top_k}")
-        if not isinstance(self.seq_len, int) or self.seq_len <= 0:
-            raise ConfigError(f"--seq-len: expected a positive integer, got {self.seq_len}")
-        if self.seq_len < 2:  # position t describes token t + 1: a 1-token window has no target
-            raise ConfigError(f"--seq-len: expected at least 2 (a window of {self.seq_len} token has no next token to learn), got {self.seq_len}")
-        if self.batch_size <= 0:
-            raise ConfigError(f"--batch-size: expected a positive integer, got {self.batch_size}")
-        if self.format == "parquet":  # the arrow backend writes Parquet files; both names mean it
-            object.__setattr__(self, "format", "arrow")
-        if self.format not in ("zarr", "arrow"):
-            raise ConfigError(f"--format: expected zarr, arrow or parquet (= arrow), got {self.format!r}")
-        if self.encoding not in ENCODINGS:
-            raise ConfigError(f"--encoding: expected one of {', '.join(ENCODINGS)}, got {self.encoding!r}")
-        if self.dtype not in ("auto", *DTYPES):
-            raise ConfigError(f"--dtype: expected auto, {', '.join(DTYPES)}, got {self.dtype!r}")
-        if self.max_tokens is not None and self.max_tokens <= 0:
-            raise ConfigError(f"--max-tokens: expected a positive integer, got {self.max_tokens}")
-        if self.shard_sequences is not None and self.shard_sequences <= 0:
-            raise ConfigError(f"--shard-sequences: expected a positive integer, got {self.shard_sequences}")
-        if self.bos not in BOS_MODES:
-            raise ConfigError(f"--bos: expected one of {', '.join(BOS_MODES)}, got {self.bos!r}")
-        if not isinstance(self.tp, int) or self.tp < 1:
-            raise ConfigError(f"--tp: expected a positive integer, got {self.tp}")
-        parse_device_map(self.device_map)  # refuses a bad strategy or map file now
-        parse_max_memory(self.max_memory)
-        if self.tp > 1 and self.device_map:
-            raise ConfigError("--tp and --device-map: choose one (tensor parallelism places the teacher itself)")
-        if (self.max_memory or self.offload_folder) and not self.device_map:
-            raise ConfigError("--max-memory/--offload-folder: only with --device-map")
-        if self.input not in INPUT_KINDS:
-            raise ConfigError(f"--input: expected one of {', '.join(INPUT_KINDS)}, got {self.input!r}")
-        if self.train_on not in TRAIN_ON:
-            raise ConfigError(f"--train-on: expected one of {', '.join(TRAIN_ON)}, got {self.train_on!r}")
-        if self.overlong not in OVERLONG:
-            raise ConfigError(f"--overlong: expected one of {', '.join(OVERLONG)}, got {self.overlong!r}")
-        if self.doc_boundaries not in ("auto", "on", "off"):
-            raise ConfigError(f"--doc-boundaries: expected auto, on or off, got {self.doc_boundaries!r}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "DumpConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ConfigError(f"dump config: unknown keys {sorted(unknown)}")
-        return cls(**d)
 
 
 @dataclass
@@ -198,7 +100,7 @@ def _dump(cfg: DumpConfig, ranks: Ranks) -> DumpResult:
         if fp != fps[0]:
             raise ConfigError(f"--teacher {s.source}: tokenizer differs from {specs[0].source}'s (fingerprints {fp[:12]} vs {fps[0][:12]}); all teachers in one store must share a tokenizer")
     tok = tokenizers[0]
-    source = _source(cfg, tok)
+    source = source_for(cfg, tok)
     if source.kind != "text":  # the template or the user's own rows decide the special tokens
         if cfg.bos == "always":
             raise ConfigError(f"--bos always: rows of {source.kind} are used as the "
@@ -260,37 +162,6 @@ def _dump(cfg: DumpConfig, ranks: Ranks) -> DumpResult:
         windows = ShardWindows(tok, source, wspec, corpus)
         return _write_store(cfg, ranks, fs, plan, t_start, specs, teacher_ids, corpus, windows, encoding, vocab, device, dtype,
                             new_plan_key)
-
-
-def _source(cfg: DumpConfig, tok) -> Source:
-    template = None
-    if cfg.chat_template is not None:
-        try:
-            with open(cfg.chat_template, encoding="utf-8") as f:
-                template = f.read()
-        except (OSError, UnicodeDecodeError) as e:
-            raise ConfigError(f"--chat-template {cfg.chat_template}: cannot read ({type(e).__name__}: {e})") from None
-    kind = resolve_kind(cfg.data, cfg.input, cfg.text_field, cfg.messages_field)
-    if kind != "messages" and (cfg.chat_template or cfg.train_on != "assistant"):
-        raise ConfigError(f"--chat-template/--train-on: only for conversations; --data {cfg.data} holds {kind}")
-    used = template if template is not None else getattr(tok, "chat_template", None)
-    sha = sha256_hex(used.encode()) if kind == "messages" and isinstance(used, str) else None
-    return Source(cfg.data, kind, cfg.text_field, ChatSpec(cfg.messages_field, template, cfg.train_on), cfg.overlong, sha)
-
-
-def window_spec(cfg: DumpConfig, source: Source, bos: bool, shard_sequences: int) -> WindowSpec:
-    """How this dump cuts windows (see :class:`WindowSpec`): token rows stay one per window unless
-    ``--pack``; packed conversations and token rows record document starts unless ``--doc-boundaries off``."""
-    packed = cfg.pack if cfg.pack is not None else source.kind != "tokens"
-    segments = packed and (cfg.doc_boundaries == "on" or (cfg.doc_boundaries == "auto" and source.whole_rows))
-    masked = source.kind != "text" or segments
-    return WindowSpec(cfg.seq_len, packed, cfg.max_tokens, bos, shard_sequences, whole=source.whole_rows,
-                      segments=segments, masked=masked, rows=source.kind != "text")
-
-
-def optional_inputs(wspec: WindowSpec) -> tuple[str, ...]:
-    """The optional inputs arrays a store of these windows holds (manifest ``inputs``)."""
-    return tuple(a for a, on in (("loss_mask", wspec.masked), ("doc_start", wspec.segments), ("row", wspec.rows)) if on)
 
 
 def _summary(out: str, manifest: dict) -> dict:

@@ -1,0 +1,145 @@
+"""``DumpConfig``: everything ``logitstore dump`` needs, validated, and what follows from it before
+any teacher runs: how ``--data`` rows are read (:func:`source_for`) and cut into windows
+(:func:`window_spec`), and which optional inputs arrays the store holds (:func:`optional_inputs`)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+from logitstore.capture.chat import TRAIN_ON, ChatSpec
+from logitstore.capture.corpus import BOS_MODES
+from logitstore.capture.placement import parse_device_map, parse_max_memory
+from logitstore.capture.sources import INPUT_KINDS, OVERLONG, Source, resolve_kind
+from logitstore.capture.teacher import DTYPES
+from logitstore.capture.windows import WindowSpec
+from logitstore.errors import ConfigError
+from logitstore.format.codec import ENCODINGS
+from logitstore.format.hashing import sha256_hex
+
+
+@dataclass(frozen=True)
+class DumpConfig:
+    """Everything ``logitstore dump`` needs. ``teachers`` entries are ``[NAME=]PATH_OR_ID``."""
+
+    teachers: tuple[str, ...]
+    data: str
+    out: str
+    top_k: int = 64
+    seq_len: int = 512
+    batch_size: int = 8
+    device: str = "auto"
+    dtype: str = "auto"
+    format: str = "zarr"
+    encoding: str = "compact"
+    max_tokens: int | None = None
+    text_field: str = "text"
+    #: None: pack text and conversations, keep one row per window for token rows (``--pack/--no-pack``)
+    pack: bool | None = None
+    shard_sequences: int | None = None
+    trust_remote_code: bool = False
+    progress: bool = True
+    #: start each document with BOS: ``auto`` (if the tokenizer adds one itself), ``always``, ``never``
+    bos: str = "auto"
+    #: accelerate placement over this process's GPUs, then CPU, then disk (logitstore/capture/placement.py)
+    device_map: str | None = None
+    max_memory: str | None = None
+    offload_folder: str | None = None
+    #: tensor-parallel ranks per copy of the teacher (under torchrun; WORLD_SIZE = dp x tp)
+    tp: int = 1
+    #: what ``--data`` rows hold: auto, text, messages or tokens (logitstore/capture/sources.py)
+    input: str = "auto"
+    messages_field: str = "messages"
+    #: a Jinja chat template file replacing the tokenizer's
+    chat_template: str | None = None
+    #: which tokens of a conversation are trained: assistant or all (logitstore/capture/chat.py)
+    train_on: str = "assistant"
+    #: a conversation or token row longer than seq_len: refuse, truncate or drop
+    overlong: str = "refuse"
+    #: packed windows record where each document starts, and teacher and student attend within it:
+    #: auto (for conversations and token rows, not for text), on or off
+    doc_boundaries: str = "auto"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "teachers", tuple(self.teachers))
+        if not self.teachers:
+            raise ConfigError("--teacher: at least one teacher is required")
+        if not isinstance(self.top_k, int) or self.top_k <= 0:
+            raise ConfigError(f"--top-k: expected a positive integer, got {self.top_k}")
+        if not isinstance(self.seq_len, int) or self.seq_len <= 0:
+            raise ConfigError(f"--seq-len: expected a positive integer, got {self.seq_len}")
+        if self.seq_len < 2:  # position t describes token t + 1: a 1-token window has no target
+            raise ConfigError(f"--seq-len: expected at least 2 (a window of {self.seq_len} token has no next token to learn), got {self.seq_len}")
+        if self.batch_size <= 0:
+            raise ConfigError(f"--batch-size: expected a positive integer, got {self.batch_size}")
+        if self.format == "parquet":  # the arrow backend writes Parquet files; both names mean it
+            object.__setattr__(self, "format", "arrow")
+        if self.format not in ("zarr", "arrow"):
+            raise ConfigError(f"--format: expected zarr, arrow or parquet (= arrow), got {self.format!r}")
+        if self.encoding not in ENCODINGS:
+            raise ConfigError(f"--encoding: expected one of {', '.join(ENCODINGS)}, got {self.encoding!r}")
+        if self.dtype not in ("auto", *DTYPES):
+            raise ConfigError(f"--dtype: expected auto, {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.max_tokens is not None and self.max_tokens <= 0:
+            raise ConfigError(f"--max-tokens: expected a positive integer, got {self.max_tokens}")
+        if self.shard_sequences is not None and self.shard_sequences <= 0:
+            raise ConfigError(f"--shard-sequences: expected a positive integer, got {self.shard_sequences}")
+        if self.bos not in BOS_MODES:
+            raise ConfigError(f"--bos: expected one of {', '.join(BOS_MODES)}, got {self.bos!r}")
+        if not isinstance(self.tp, int) or self.tp < 1:
+            raise ConfigError(f"--tp: expected a positive integer, got {self.tp}")
+        parse_device_map(self.device_map)  # refuses a bad strategy or map file now
+        parse_max_memory(self.max_memory)
+        if self.tp > 1 and self.device_map:
+            raise ConfigError("--tp and --device-map: choose one (tensor parallelism places the teacher itself)")
+        if (self.max_memory or self.offload_folder) and not self.device_map:
+            raise ConfigError("--max-memory/--offload-folder: only with --device-map")
+        if self.input not in INPUT_KINDS:
+            raise ConfigError(f"--input: expected one of {', '.join(INPUT_KINDS)}, got {self.input!r}")
+        if self.train_on not in TRAIN_ON:
+            raise ConfigError(f"--train-on: expected one of {', '.join(TRAIN_ON)}, got {self.train_on!r}")
+        if self.overlong not in OVERLONG:
+            raise ConfigError(f"--overlong: expected one of {', '.join(OVERLONG)}, got {self.overlong!r}")
+        if self.doc_boundaries not in ("auto", "on", "off"):
+            raise ConfigError(f"--doc-boundaries: expected auto, on or off, got {self.doc_boundaries!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DumpConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError(f"dump config: unknown keys {sorted(unknown)}")
+        return cls(**d)
+
+
+def source_for(cfg: DumpConfig, tok) -> Source:
+    template = None
+    if cfg.chat_template is not None:
+        try:
+            with open(cfg.chat_template, encoding="utf-8") as f:
+                template = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"--chat-template {cfg.chat_template}: cannot read ({type(e).__name__}: {e})") from None
+    kind = resolve_kind(cfg.data, cfg.input, cfg.text_field, cfg.messages_field)
+    if kind != "messages" and (cfg.chat_template or cfg.train_on != "assistant"):
+        raise ConfigError(f"--chat-template/--train-on: only for conversations; --data {cfg.data} holds {kind}")
+    used = template if template is not None else getattr(tok, "chat_template", None)
+    sha = sha256_hex(used.encode()) if kind == "messages" and isinstance(used, str) else None
+    return Source(cfg.data, kind, cfg.text_field, ChatSpec(cfg.messages_field, template, cfg.train_on), cfg.overlong, sha)
+
+
+def window_spec(cfg: DumpConfig, source: Source, bos: bool, shard_sequences: int) -> WindowSpec:
+    """How this dump cuts windows (see :class:`WindowSpec`): token rows stay one per window unless
+    ``--pack``; packed conversations and token rows record document starts unless ``--doc-boundaries off``."""
+    packed = cfg.pack if cfg.pack is not None else source.kind != "tokens"
+    segments = packed and (cfg.doc_boundaries == "on" or (cfg.doc_boundaries == "auto" and source.whole_rows))
+    masked = source.kind != "text" or segments
+    return WindowSpec(cfg.seq_len, packed, cfg.max_tokens, bos, shard_sequences, whole=source.whole_rows,
+                      segments=segments, masked=masked, rows=source.kind != "text")
+
+
+def optional_inputs(wspec: WindowSpec) -> tuple[str, ...]:
+    """The optional inputs arrays a store of these windows holds (manifest ``inputs``)."""
+    return tuple(a for a, on in (("loss_mask", wspec.masked), ("doc_start", wspec.segments), ("row", wspec.rows)) if on)
