@@ -47,7 +47,7 @@ from logitstore.format.manifest import inputs_arrays
 from logitstore.sampling import Layout
 
 from .epochs import EpochOrder
-from .joins import hash_map, same_layout
+from .joins import check_joinable, hash_map, refuse_repeated_teachers, same_layout
 from .shard_cache import ShardCache
 
 class DistillDataset(EpochOrder, IterableDataset):
@@ -151,24 +151,13 @@ class DistillDataset(EpochOrder, IterableDataset):
     def _check_and_join(self) -> None:
         first = self.stores[0]
         m0 = first.manifest
-        for url, s in zip(self.urls[1:], self.stores[1:]):
-            m = s.manifest
-            if m["tokenizer"]["fingerprint"] != m0["tokenizer"]["fingerprint"]:
-                raise LogitStoreError(f"--logits {url}: tokenizer fingerprint differs from {self.urls[0]}'s; stores must share a tokenizer")
-            if m["seq_len"] != m0["seq_len"]:
-                raise LogitStoreError(f"--logits {url}: seq_len {m['seq_len']} differs from {self.urls[0]}'s {m0['seq_len']}")
-            if m["tokenizer"]["vocab_size"] != m0["tokenizer"]["vocab_size"]:
-                raise LogitStoreError(f"--logits {url}: vocab_size differs from {self.urls[0]}'s")
-            if ("doc_start" in inputs_arrays(m)) != ("doc_start" in inputs_arrays(m0)):
-                raise LogitStoreError(f"--logits {url}: {'records' if 'doc_start' in inputs_arrays(m) else 'does not record'} "
-                                      f"document starts and {self.urls[0]} {'does not' if 'doc_start' in inputs_arrays(m) else 'does'}: "
-                                      "its teacher saw other context; dump both with the same --doc-boundaries")
+        check_joinable(self.urls, self.stores, "--logits ")
         self.vocab_size = m0["tokenizer"]["vocab_size"]
         self.seq_len = m0["seq_len"]
         #: the primary store records document starts: batches carry ``position_ids`` restarting per document
         self.segmented = "doc_start" in inputs_arrays(m0)
         self.teachers: list[tuple[int, str]] = [(si, name) for si, s in enumerate(self.stores) for name in s.teachers]
-        self._refuse_repeated_teachers()
+        refuse_repeated_teachers(self.urls, self.stores, self.teachers, "--logits ")
         names = [n for _, n in self.teachers]
         self.teacher_names = [n if names.count(n) == 1 else f"{self.urls[si]}:{n}" for si, n in self.teachers]
         if self.follow:
@@ -211,21 +200,6 @@ class DistillDataset(EpochOrder, IterableDataset):
             else:
                 hashes.append(store.read_part(j, "inputs")["seq_hash"])
         return (np.concatenate(hashes) if hashes else np.zeros((0, 16), np.uint8)), unknown
-
-    def _refuse_repeated_teachers(self) -> None:
-        """The same model (weights and config, whatever its name, k or dtype) in two stores would be
-        fused as two teachers and get twice its weight."""
-        from logitstore.format.manifest import teacher_identity
-
-        seen: dict[str, tuple[int, str]] = {}
-        for si, name in self.teachers:
-            ident = teacher_identity(self.stores[si].teacher(name))
-            key = repr((ident["weights"], ident["config_hash"]))
-            if key in seen:
-                sj, other = seen[key]
-                raise LogitStoreError(f"--logits {self.urls[si]}: teacher {name!r} is the same model as teacher {other!r} of "
-                                      f"{self.urls[sj]} (same weights and config); give each teacher once")
-            seen[key] = (si, name)
 
     def _excluded_indices(self) -> np.ndarray:
         """Primary-store indices of every sequence that lives in a skipped shard of any store."""

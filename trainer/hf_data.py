@@ -15,7 +15,7 @@ from logitstore.errors import ConfigError, LogitStoreError
 from logitstore.format.hashing import sequence_hash
 from logitstore.format.manifest import inputs_arrays
 
-from .joins import hash_keys, hash_map, same_layout
+from .joins import check_joinable, hash_keys, hash_map, refuse_repeated_teachers, same_layout
 
 
 #: the teacher arrays the collator reads from a store row
@@ -50,18 +50,7 @@ class TeacherTargets:
         self._open_kwargs = dict(verify_checksums=verify_checksums, cache_shards=cache_shards, cache_dir=cache_dir)
         self._open()
         m0 = self.stores[0].manifest
-        for url, s in zip(urls[1:], self.stores[1:]):
-            m = s.manifest
-            if m["tokenizer"]["fingerprint"] != m0["tokenizer"]["fingerprint"]:
-                raise LogitStoreError(f"TeacherTargets: {url}: tokenizer fingerprint differs from {urls[0]}'s; stores must share a tokenizer")
-            if m["seq_len"] != m0["seq_len"]:
-                raise LogitStoreError(f"TeacherTargets: {url}: seq_len {m['seq_len']} differs from {urls[0]}'s {m0['seq_len']}")
-            if m["tokenizer"]["vocab_size"] != m0["tokenizer"]["vocab_size"]:
-                raise LogitStoreError(f"TeacherTargets: {url}: vocab_size differs from {urls[0]}'s")
-            if ("doc_start" in inputs_arrays(m)) != ("doc_start" in inputs_arrays(m0)):
-                raise LogitStoreError(f"TeacherTargets: {url}: {'records' if 'doc_start' in inputs_arrays(m) else 'does not record'} "
-                                      f"document starts and {urls[0]} {'does not' if 'doc_start' in inputs_arrays(m) else 'does'}: "
-                                      "its teacher saw other context; dump both with the same --doc-boundaries")
+        check_joinable(urls, self.stores, "TeacherTargets: ")
         #: the stores' vocabulary ``V`` (the student's may be larger), ``seq_len`` and tokenizer fingerprint
         self.vocab_size: int = int(m0["tokenizer"]["vocab_size"])
         self.seq_len: int = int(m0["seq_len"])
@@ -71,7 +60,7 @@ class TeacherTargets:
         self.segmented: bool = "doc_start" in inputs_arrays(m0)
         #: (store index, teacher name) of every teacher, in fusion order
         self.teachers: list[tuple[int, str]] = [(si, n) for si, s in enumerate(self.stores) for n in s.teachers]
-        self._refuse_repeated_teachers()
+        refuse_repeated_teachers(urls, self.stores, self.teachers, "TeacherTargets: ")
         names = [n for _, n in self.teachers]
         self.teacher_names: list[str] = [n if names.count(n) == 1 else f"{urls[si]}:{n}" for si, n in self.teachers]
         primary, self.lengths = self.stores[0].sequences()
@@ -98,19 +87,6 @@ class TeacherTargets:
     def __setstate__(self, d):
         self.__dict__.update(d)
         self._open()
-
-    def _refuse_repeated_teachers(self) -> None:
-        from logitstore.format.manifest import teacher_identity
-
-        seen: dict[str, tuple[int, str]] = {}
-        for si, name in self.teachers:
-            ident = teacher_identity(self.stores[si].teacher(name))
-            key = repr((ident["weights"], ident["config_hash"]))
-            if key in seen:
-                sj, other = seen[key]
-                raise LogitStoreError(f"TeacherTargets: {self.urls[si]}: teacher {name!r} is the same model as teacher {other!r} "
-                                      f"of {self.urls[sj]} (same weights and config); give each teacher once")
-            seen[key] = (si, name)
 
     def __len__(self) -> int:
         return len(self._hashes)

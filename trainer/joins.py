@@ -14,6 +14,44 @@ import numpy as np
 from logitstore.errors import LogitStoreError
 
 
+def check_joinable(urls: list[str], stores: list, prefix: str) -> None:
+    """Refuse, with one line starting with ``prefix``, stores that cannot be trained on together:
+    another tokenizer, ``seq_len`` or vocabulary than the first, or document starts recorded in one
+    and not the other (their teachers saw different context)."""
+    from logitstore.format.manifest import inputs_arrays
+
+    m0 = stores[0].manifest
+    for url, s in zip(urls[1:], stores[1:]):
+        m = s.manifest
+        if m["tokenizer"]["fingerprint"] != m0["tokenizer"]["fingerprint"]:
+            raise LogitStoreError(f"{prefix}{url}: tokenizer fingerprint differs from {urls[0]}'s; stores must share a tokenizer")
+        if m["seq_len"] != m0["seq_len"]:
+            raise LogitStoreError(f"{prefix}{url}: seq_len {m['seq_len']} differs from {urls[0]}'s {m0['seq_len']}")
+        if m["tokenizer"]["vocab_size"] != m0["tokenizer"]["vocab_size"]:
+            raise LogitStoreError(f"{prefix}{url}: vocab_size differs from {urls[0]}'s")
+        here, there = "doc_start" in inputs_arrays(m), "doc_start" in inputs_arrays(m0)
+        if here != there:
+            raise LogitStoreError(f"{prefix}{url}: {'records' if here else 'does not record'} document starts and {urls[0]} "
+                                  f"{'does not' if here else 'does'}: its teacher saw other context; dump both with the same "
+                                  "--doc-boundaries")
+
+
+def refuse_repeated_teachers(urls: list[str], stores: list, teachers: list[tuple[int, str]], prefix: str) -> None:
+    """The same model (weights and config, whatever its name, k or dtype) in two stores would be
+    fused as two teachers and get twice its weight."""
+    from logitstore.format.manifest import teacher_identity
+
+    seen: dict[str, tuple[int, str]] = {}
+    for si, name in teachers:
+        ident = teacher_identity(stores[si].teacher(name))
+        key = repr((ident["weights"], ident["config_hash"]))
+        if key in seen:
+            sj, other = seen[key]
+            raise LogitStoreError(f"{prefix}{urls[si]}: teacher {name!r} is the same model as teacher {other!r} of "
+                                  f"{urls[sj]} (same weights and config); give each teacher once")
+        seen[key] = (si, name)
+
+
 def same_layout(a, b, shards: int | None = None) -> bool:
     """Two stores hold the same sequences in the same order and shards (no index needs reading);
     with ``shards``, compared over their first ``shards`` shards (stores still being written)."""
