@@ -91,3 +91,36 @@ def test_workers_die_with_a_killed_main_process_even_when_blocked(tmp_path):
     state = _state(pid)
     os.kill(pid, 9)
     pytest.fail(f"worker {pid} outlived its killed main process (state {state})")
+
+
+STARTING_WORKERS = """
+import os, signal, sys, time
+import torch
+from torch.utils.data import IterableDataset
+import trainer.loader as loader
+from trainer.interrupt import ignore_in_worker
+
+def slow_start(worker_id, parent=None):
+    time.sleep(1.0)  # the window between a worker's fork and its ignoring the stop signals
+    ignore_in_worker(worker_id, parent)
+
+loader.ignore_in_worker = slow_start
+class DS(IterableDataset):
+    def __iter__(self):
+        for i in range(4):
+            yield torch.tensor([i])
+signal.signal(signal.SIGTERM, lambda *a: print("parent got SIGTERM", flush=True))
+it = iter(loader.make_loader(DS(), 2, False))
+for w in it._workers:
+    os.kill(w.pid, signal.SIGTERM)  # as killpg(SIGTERM) of the rank's group at an epoch boundary
+print("got", len(list(it)), flush=True)
+"""
+
+
+def test_a_stop_signal_while_workers_start_does_not_kill_them():
+    """SIGTERM (torchrun's or SLURM's stop) that lands between a worker's fork and its
+    ``ignore_in_worker`` would kill it ("DataLoader worker exited unexpectedly"): the stop signals
+    are blocked across the fork, so the worker ignores it once it runs."""
+    p = subprocess.run([sys.executable, "-c", STARTING_WORKERS], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-1500:]
+    assert "got 8" in p.stdout

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import signal
 import threading
+from contextlib import contextmanager
 
 
 class Interrupted(Exception):
@@ -75,7 +76,19 @@ def ignore_in_worker(_worker_id: int, parent: int | None = None) -> None:
         pass
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, StopRequests.SIGNALS)  # blocked by the parent across the fork
     _die_with_parent(parent)
+
+
+@contextmanager
+def block_stop_signals():
+    """SIGINT and SIGTERM held back (not lost: delivered when the block ends) in this thread while
+    it starts worker processes, which inherit the mask until they ignore the signals."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, StopRequests.SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, StopRequests.SIGNALS)
 
 
 def _die_with_parent(parent: int | None = None) -> None:

@@ -20,13 +20,13 @@ import functools
 import os
 import sys
 import weakref
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Iterator
 
 import torch
 from torch.utils.data import DataLoader
 
-from .interrupt import ignore_in_worker
+from .interrupt import block_stop_signals, ignore_in_worker
 
 _LIVE: "weakref.WeakSet" = weakref.WeakSet()  # iterators whose worker processes may still run
 
@@ -35,7 +35,11 @@ class _TrackedLoader(DataLoader):
     """A ``DataLoader`` whose multi-process iterators are registered for :func:`shutdown`."""
 
     def _get_iterator(self):
-        it = super()._get_iterator()
+        # the workers fork while this runs: with SIGINT/SIGTERM blocked, a stop request sent to the
+        # process group then (an epoch boundary) waits in the parent instead of killing a worker that
+        # has not yet reached ignore_in_worker; the workers unblock them once they ignore them
+        with block_stop_signals() if self.num_workers else nullcontext():
+            it = super()._get_iterator()
         if hasattr(it, "_workers"):
             _LIVE.add(it)
         return it
