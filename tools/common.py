@@ -89,3 +89,18 @@ def write_json(path: Path, obj) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj, indent=1))
     print(f"wrote {path}")
+
+
+#: the student both KD experiments train (Llama-shaped, 2 layers x 128, from scratch)
+STUDENT = {"model_type": "llama", "hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 2,
+           "num_attention_heads": 4, "num_key_value_heads": 4, "tie_word_embeddings": True}
+
+
+def write_student(out: Path, val_store: str, seq_len: int) -> Path:
+    """``OUT/student.json``: :data:`STUDENT` with the vocabulary of ``val_store`` and ``seq_len`` positions."""
+    from logitstore import open as open_store
+
+    vocab = open_store(val_store).manifest["tokenizer"]["vocab_size"]
+    student = out / "student.json"
+    student.write_text(json.dumps({**STUDENT, "vocab_size": vocab, "max_position_embeddings": seq_len}))
+    return student

@@ -34,11 +34,8 @@ from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 
-from common import DATA_TRAIN, DATA_VAL, ROOT, machine, print_table, smollm2_dir, write_json
+from common import DATA_TRAIN, DATA_VAL, ROOT, machine, print_table, smollm2_dir, write_json, write_student
 from train_teacher import teacher_b_dir
-
-STUDENT = {"model_type": "llama", "hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 2,
-           "num_attention_heads": 4, "num_key_value_heads": 4, "tie_word_embeddings": True}
 
 
 def arms(smoke: bool) -> list[dict]:
@@ -175,11 +172,7 @@ def main() -> None:
     print(f"machine: {machine()}", flush=True)
     t_all = time.perf_counter()
     prep = prepare(args, out)
-    from logitstore import open as open_store
-
-    vocab = open_store(prep["stores"]["val"]).manifest["tokenizer"]["vocab_size"]
-    student = out / "student.json"
-    student.write_text(json.dumps({**STUDENT, "vocab_size": vocab, "max_position_embeddings": args.seq_len}))
+    student = write_student(out, prep["stores"]["val"], args.seq_len)
     arm_list = arms(args.smoke)
     jobs = [{"arm": arm, "seed": seed, "run_dir": str(out / "runs" / f"{i:02d}-seed{seed}"), "stores": prep["stores"],
              "student": str(student), "teacher_a": prep["teacher_a"], "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr}
