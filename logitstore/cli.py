@@ -59,7 +59,10 @@ def dump(
     messages_field: str = typer.Option("messages", "--messages-field", help="the field holding a conversation"),
     chat_template: Optional[str] = typer.Option(None, "--chat-template", help="a Jinja chat template file instead of the tokenizer's"),
     train_on: str = typer.Option("assistant", "--train-on", help="conversations: which tokens are trained, assistant or all"),
-    overlong: str = typer.Option("refuse", "--overlong", help="a conversation or token row longer than --seq-len: refuse, truncate or drop"),
+    overlong: Optional[str] = typer.Option(None, "--overlong", help="a conversation, token row or classified text longer than "
+                                                                     "--seq-len: refuse (default), truncate (default for --task classify) or drop"),
+    task: str = typer.Option("lm", "--task", help="lm (causal LM teachers) or classify (sequence classifiers: class logits per text)"),
+    label_field: Optional[str] = typer.Option(None, "--label-field", help="--task classify: the field holding each text's class"),
     doc_boundaries: str = typer.Option("auto", "--doc-boundaries", help="packed windows keep each document's attention to itself: "
                                                                          "auto (conversations and token rows), on or off"),
     bos: str = typer.Option("auto", "--bos", help="start each document with BOS: auto (the tokenizer's own convention), always or never"),
@@ -82,7 +85,8 @@ def dump(
         dtype=dtype, format=format, encoding=encoding, max_tokens=max_tokens, text_field=text_field, pack=pack, bos=bos,
         shard_sequences=shard_sequences, trust_remote_code=trust_remote_code, device_map=device_map, max_memory=max_memory,
         offload_folder=offload_folder, tp=tp, progress=not quiet, input=input, messages_field=messages_field,
-        chat_template=chat_template, train_on=train_on, overlong=overlong, doc_boundaries=doc_boundaries)), resumable=True)
+        chat_template=chat_template, train_on=train_on, overlong=overlong, doc_boundaries=doc_boundaries,
+        task=task, label_field=label_field)), resumable=True)
 
 
 @app.command()

@@ -151,6 +151,10 @@ class DistillDataset(EpochOrder, IterableDataset):
     def _check_and_join(self) -> None:
         first = self.stores[0]
         m0 = first.manifest
+        for url, s in zip(self.urls, self.stores):
+            if s.task != "lm":
+                raise LogitStoreError(f"--logits {url}: a {s.task} store (class logits per text); trainer fit trains "
+                                      "language models from stores of next-token distributions")
         check_joinable(self.urls, self.stores, "--logits ")
         self.vocab_size = m0["tokenizer"]["vocab_size"]
         self.seq_len = m0["seq_len"]

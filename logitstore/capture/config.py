@@ -53,11 +53,16 @@ class DumpConfig:
     chat_template: str | None = None
     #: which tokens of a conversation are trained: assistant or all (logitstore/capture/chat.py)
     train_on: str = "assistant"
-    #: a conversation or token row longer than seq_len: refuse, truncate or drop
-    overlong: str = "refuse"
+    #: a conversation, token row or classified text longer than seq_len: refuse, truncate or drop
+    #: (None: refuse, except a classified text, which is truncated)
+    overlong: str | None = None
     #: packed windows record where each document starts, and teacher and student attend within it:
     #: auto (for conversations and token rows, not for text), on or off
     doc_boundaries: str = "auto"
+    #: ``lm`` (causal LM teachers: next-token distributions) or ``classify`` (sequence classifiers:
+    #: class logits per text, logitstore/capture/classify.py), with the row field holding the label
+    task: str = "lm"
+    label_field: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "teachers", tuple(self.teachers))
@@ -97,8 +102,12 @@ class DumpConfig:
             raise ConfigError(f"--input: expected one of {', '.join(INPUT_KINDS)}, got {self.input!r}")
         if self.train_on not in TRAIN_ON:
             raise ConfigError(f"--train-on: expected one of {', '.join(TRAIN_ON)}, got {self.train_on!r}")
-        if self.overlong not in OVERLONG:
+        if self.overlong is not None and self.overlong not in OVERLONG:
             raise ConfigError(f"--overlong: expected one of {', '.join(OVERLONG)}, got {self.overlong!r}")
+        if self.task not in ("lm", "classify"):
+            raise ConfigError(f"--task: expected lm or classify, got {self.task!r}")
+        if self.label_field is not None and self.task != "classify":
+            raise ConfigError("--label-field: only with --task classify")
         if self.doc_boundaries not in ("auto", "on", "off"):
             raise ConfigError(f"--doc-boundaries: expected auto, on or off, got {self.doc_boundaries!r}")
 
@@ -127,7 +136,7 @@ def source_for(cfg: DumpConfig, tok) -> Source:
         raise ConfigError(f"--chat-template/--train-on: only for conversations; --data {cfg.data} holds {kind}")
     used = template if template is not None else getattr(tok, "chat_template", None)
     sha = sha256_hex(used.encode()) if kind == "messages" and isinstance(used, str) else None
-    return Source(cfg.data, kind, cfg.text_field, ChatSpec(cfg.messages_field, template, cfg.train_on), cfg.overlong, sha)
+    return Source(cfg.data, kind, cfg.text_field, ChatSpec(cfg.messages_field, template, cfg.train_on), cfg.overlong or "refuse", sha)
 
 
 def window_spec(cfg: DumpConfig, source: Source, bos: bool, shard_sequences: int) -> WindowSpec:

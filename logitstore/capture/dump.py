@@ -100,6 +100,8 @@ def _dump(cfg: DumpConfig, ranks: Ranks) -> DumpResult:
         if fp != fps[0]:
             raise ConfigError(f"--teacher {s.source}: tokenizer differs from {specs[0].source}'s (fingerprints {fp[:12]} vs {fps[0][:12]}); all teachers in one store must share a tokenizer")
     tok = tokenizers[0]
+    if cfg.task == "classify":
+        return _classify(cfg, ranks, specs, tokenizers, fps[0])
     source = source_for(cfg, tok)
     if source.kind != "text":  # the template or the user's own rows decide the special tokens
         if cfg.bos == "always":
@@ -162,6 +164,18 @@ def _dump(cfg: DumpConfig, ranks: Ranks) -> DumpResult:
         windows = ShardWindows(tok, source, wspec, corpus)
         return _write_store(cfg, ranks, fs, plan, t_start, specs, teacher_ids, corpus, windows, encoding, vocab, device, dtype,
                             new_plan_key)
+
+
+def _classify(cfg: DumpConfig, ranks: Ranks, specs: list, tokenizers: list, fingerprint: str) -> DumpResult:
+    from logitstore.capture.classify import dump_classify
+
+    if ranks.distributed:
+        raise ConfigError("--task classify: runs in one process (start it without torchrun)")
+    device = resolve_device(cfg.device)
+    dtype_name = cfg.dtype if cfg.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    result = dump_classify(cfg, specs, tokenizers, fingerprint, device, dtype_name, DTYPES[dtype_name])
+    _log(cfg, format_summary(result))
+    return result
 
 
 def _summary(out: str, manifest: dict) -> dict:

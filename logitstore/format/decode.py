@@ -50,7 +50,15 @@ def decode_teacher(encoding: Encoding, arrays: dict[str, np.ndarray], vocab_size
     return out
 
 
-def check_inputs(part: dict[str, np.ndarray], seq_len: int, where: str) -> dict[str, np.ndarray]:
+def decode_class_logits(arrays: dict[str, np.ndarray], where: str) -> dict[str, np.ndarray]:
+    """A classify teacher part: ``logits`` [S, C] float32, checked finite."""
+    logits = arrays["logits"]
+    if logits.size and not np.isfinite(logits).all():
+        raise FormatError(f"{where}/logits: non-finite values")
+    return {"logits": logits}
+
+
+def check_inputs(part: dict[str, np.ndarray], seq_len: int, where: str, num_labels: int | None = None) -> dict[str, np.ndarray]:
     """Check a decoded inputs part's lengths and optional arrays (FORMAT.md, version 3) and add what
     readers hand out: ``loss_mask`` [S, L] bool (stored, or every position with a next token in the
     window) and ``position_ids`` [S, L] int32 (restarting at each ``doc_start``, else ``0 .. L - 1``)."""
@@ -76,6 +84,8 @@ def check_inputs(part: dict[str, np.ndarray], seq_len: int, where: str) -> dict[
         out["position_ids"] = np.broadcast_to(np.arange(seq_len, dtype=np.int32), (n, seq_len))
     if "row" in part and part["row"].size and part["row"].min() < 0:
         raise FormatError(f"{where}/inputs/row: expected indices >= 0")
+    if "label" in part and part["label"].size and (part["label"].min() < -1 or part["label"].max() >= (num_labels or 0)):
+        raise FormatError(f"{where}/inputs/label: expected classes in [0, {num_labels}) or -1")
     return out
 
 
@@ -88,7 +98,7 @@ def position_ids(doc_start: np.ndarray) -> np.ndarray:
 
 
 #: per-sequence arrays of a decoded shard besides the teachers' (``doc_start``, ``row``: only where stored)
-ROW_KEYS = ("input_ids", "length", "seq_hash", "loss_mask", "position_ids", "doc_start", "row")
+ROW_KEYS = ("input_ids", "length", "seq_hash", "loss_mask", "position_ids", "doc_start", "row", "label")
 
 
 def slice_rows(sh: dict, a: int, b: int) -> dict:
@@ -114,8 +124,8 @@ def join_rows(parts: list[dict], as_torch: bool) -> dict:
     def conv(a: np.ndarray):
         return torch.from_numpy(a if a.flags.writeable else a.copy())  # torch wants writable memory
 
-    extra = {k: conv(np.ascontiguousarray(out[k], np.int64 if k in ("position_ids", "row") else None))
-             for k in ("loss_mask", "position_ids", "doc_start", "row") if k in out}
+    extra = {k: conv(np.ascontiguousarray(out[k], np.int64 if k in ("position_ids", "row", "label") else None))
+             for k in ("loss_mask", "position_ids", "doc_start", "row", "label") if k in out}
     return {"input_ids": conv(out["input_ids"].astype(np.int64)), "length": conv(out["length"].astype(np.int64)),
             "seq_hash": out["seq_hash"], **extra,
             "teachers": {n: {k: conv(v.astype(np.int64) if k == "ids" else v) for k, v in td.items()}

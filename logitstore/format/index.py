@@ -19,7 +19,8 @@ from logitstore.format import layout
 from logitstore.format.backends import AtMost
 from logitstore.format.codec import Encoding, id_dtype
 from logitstore.format.hashing import SEQ_HASH_BYTES
-from logitstore.format.manifest import MAX_FILE_NAMES, MAX_SHARD_SEQUENCES, check_relpath, inputs_arrays, trained_only
+from logitstore.format.manifest import (MAX_FILE_NAMES, MAX_SHARD_SEQUENCES, check_relpath, inputs_arrays, task_of,
+                                       trained_only)
 
 
 class ShardIndex:
@@ -40,6 +41,8 @@ class ShardIndex:
         self.vocab_size: int = manifest["tokenizer"]["vocab_size"]
         self.optional_inputs = inputs_arrays(manifest)
         self.trained_only = trained_only(manifest)
+        self.task = task_of(manifest)
+        self.num_labels = manifest.get("num_labels")
         self.encoding = encoding
         self.names = names
         self._paths = paths  # version 1 only: the manifest's shard paths; else shards/NNNNNN
@@ -146,6 +149,8 @@ class ShardIndex:
         if part == layout.INPUTS:
             return inputs_specs(n, L, V, self.optional_inputs)
         t = next(t for t in self.teachers if t["part"] == part)
+        if self.task == "classify":  # every class's logit per sequence, float32
+            return {"logits": (np.dtype(np.float32), (n, self.num_labels))}
         # trained positions only: one row per position the loss mask trains, at most every position
         # of the shard (the exact count is checked against the inputs' loss mask before decoding)
         rows = (AtMost(n * L),) if self.trained_only else (n, L)
@@ -156,9 +161,10 @@ class ShardIndex:
 
 
 #: the optional inputs arrays (manifest ``inputs``, version 3): dtype and per-sequence trailing shape
-#: (``None``: ``seq_len``). ``loss_mask``/``doc_start`` hold 0 or 1; ``row`` is an index into ``--data``.
+#: (``None``: ``seq_len``). ``loss_mask``/``doc_start`` hold 0 or 1; ``row`` is an index into ``--data``;
+#: ``label`` a class in ``[0, num_labels)`` or -1 (none) in a classify store.
 OPTIONAL_SPECS = {"loss_mask": (np.dtype(np.uint8), (None,)), "doc_start": (np.dtype(np.uint8), (None,)),
-                  "row": (np.dtype(np.int64), ())}
+                  "row": (np.dtype(np.int64), ()), "label": (np.dtype(np.int64), ())}
 
 
 def inputs_specs(n: int, seq_len: int, vocab_size: int, optional: tuple[str, ...] = ()) -> dict:

@@ -22,7 +22,11 @@ FORMAT_VERSION = 3
 #: (optional per-token inputs: loss mask, document starts, source rows; teacher targets for trained positions only)
 READ_VERSIONS = (1, 2, 3)
 #: optional arrays of the inputs part (version 3), named by the manifest's ``inputs``
-OPTIONAL_INPUTS = ("loss_mask", "doc_start", "row")
+OPTIONAL_INPUTS = ("loss_mask", "doc_start", "row", "label")
+#: what a store's teachers predict (version 3 ``task``; absent: ``lm``): the next token at every
+#: position, or one class per sequence (``classify``: every class's logit, lossless)
+TASKS = ("lm", "classify")
+MAX_LABELS = 1 << 16
 #: what a teacher part holds: every position of every window, or only the positions the loss mask trains
 TARGETS = ("all", "trained")
 MANIFEST = "manifest.json"
@@ -145,7 +149,7 @@ def validate_header(d: object, where: str = MANIFEST) -> dict:
 def _validate_v3_fields(d: dict, version: int, where: str) -> None:
     """``inputs`` (optional inputs arrays) and ``targets`` (``all`` | ``trained``): version 3 only."""
     if version < 3:
-        for key in ("inputs", "targets"):
+        for key in ("inputs", "targets", "task", "num_labels", "label_names"):
             if key in d:
                 raise FormatError(f"{where}.{key}: a version-3 field in a version-{version} store")
         return
@@ -157,12 +161,30 @@ def _validate_v3_fields(d: dict, version: int, where: str) -> None:
         raise FormatError(f"{where}.targets: expected one of {list(TARGETS)}, got {targets!r}")
     if targets == "trained" and "loss_mask" not in arrays:
         raise FormatError(f"{where}.targets: 'trained' needs a loss_mask among the inputs")
+    task = d.get("task", "lm")
+    if task not in TASKS:
+        raise FormatError(f"{where}.task: expected one of {list(TASKS)}, got {task!r}")
+    if task == "classify":
+        n = _int(d, "num_labels", where, 2, MAX_LABELS)
+        names = _get(d, "label_names", list, where)
+        if len(names) != n or not all(isinstance(x, str) for x in names):
+            raise FormatError(f"{where}.label_names: expected {n} strings")
+        if d.get("encoding", {}).get("name") != "lossless" or targets != "all" or "label" not in arrays:
+            raise FormatError(f"{where}: a classify store has encoding lossless, targets 'all' and a label among the inputs")
+        for i, t in enumerate(d.get("teachers", [])):
+            if isinstance(t, dict) and t.get("k") != n:
+                raise FormatError(f"{where}.teachers[{i}].k: a classify teacher stores all {n} class logits (k = {n})")
 
 
 def written_version(header: dict) -> int:
     """The version a store with this header is written as: 3 if it has optional inputs or
     trained-only targets, else 2."""
-    return 3 if header.get("inputs") or header.get("targets", "all") != "all" else 2
+    return 3 if header.get("inputs") or header.get("targets", "all") != "all" or header.get("task", "lm") != "lm" else 2
+
+
+def task_of(manifest: dict) -> str:
+    """``lm`` or ``classify`` (see :data:`TASKS`)."""
+    return manifest.get("task", "lm")
 
 
 def inputs_arrays(manifest: dict) -> tuple[str, ...]:

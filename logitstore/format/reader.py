@@ -20,7 +20,7 @@ import numpy as np
 from logitstore.format import layout
 from logitstore.format.backends import get_backend
 from logitstore.format.codec import Encoding
-from logitstore.format.decode import check_inputs, check_lengths, decode_teacher, join_rows, slice_rows
+from logitstore.format.decode import check_inputs, check_lengths, decode_class_logits, decode_teacher, join_rows, slice_rows
 from logitstore.format.index import ShardIndex
 from logitstore.format.index_files import read_index, read_sequences
 from logitstore.format.live import LiveView
@@ -108,6 +108,11 @@ class Store:
         return self._sequences
 
     @property
+    def task(self) -> str:
+        """``lm`` (next-token distributions per position) or ``classify`` (class logits per sequence)."""
+        return self.index.task
+
+    @property
     def teachers(self) -> list[str]:
         return [t["name"] for t in self.manifest["teachers"]]
 
@@ -193,11 +198,14 @@ class Store:
         names = tuple(self.teachers if teachers is None else teachers)
         if not 0 <= shard < self.n_shards:
             raise IndexError(f"shard {shard} out of range [0, {self.n_shards})")
-        out = check_inputs(self.read_part(shard, layout.INPUTS), self.seq_len, self.index.where(shard))
+        out = check_inputs(self.read_part(shard, layout.INPUTS), self.seq_len, self.index.where(shard), self.index.num_labels)
         trained = out["loss_mask"] if self.index.trained_only else None
         out["teachers"] = {}
         for name in names:
             part = self.teacher(name)["part"]
+            if self.task == "classify":
+                out["teachers"][name] = decode_class_logits(self.read_part(shard, part), self.index.where(shard, part))
+                continue
             out["teachers"][name] = decode_teacher(self.encoding, self.read_part(shard, part), self.vocab_size,
                                                    self.index.where(shard, part), trained)
         return out
@@ -211,6 +219,10 @@ class Store:
         j, r = self.index.locate(int(i))
         sh = self.load_shard(j)
         n = int(sh["length"][r])
+        if self.task == "classify":  # one class per sequence: the label and every class's logit
+            return {"input_ids": sh["input_ids"][r, :n], "seq_hash": bytes(sh["seq_hash"][r]), "label": int(sh["label"][r]),
+                    "row": int(sh["row"][r]) if "row" in sh else None,
+                    "teachers": {name: {"logits": td["logits"][r]} for name, td in sh["teachers"].items()}}
         return {
             "input_ids": sh["input_ids"][r, :n],
             "seq_hash": bytes(sh["seq_hash"][r]),

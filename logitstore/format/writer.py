@@ -69,7 +69,7 @@ class PartWriter:
         store's sequence index is built without reading the part again."""
         if part == layout.INPUTS and "sequences" not in extra:
             extra = {**extra, "sequences": sequences_record(arrays["seq_hash"], arrays["length"])}
-        rows = self.position_rows if part != layout.INPUTS and arrays["ids"].ndim == 2 else self.chunk_rows
+        rows = self.position_rows if part != layout.INPUTS and "ids" in arrays and arrays["ids"].ndim == 2 else self.chunk_rows
         return self.write_files(shard, part, self.backend.encode_part(arrays, rows), extra)
 
     def write_files(self, shard: int, part: str, files: dict[str, bytes], extra: dict) -> dict:

@@ -8,7 +8,9 @@ compact encoding). Columns, with ``n`` the sequence's length and per teacher ``T
 - ``T.tail_mass``, ``T.gold_logprob``, ``T.entropy`` list<float32> [n];
 - in a version-3 store also ``loss_mask`` list<bool> [n] (position ``t`` trains token ``t + 1``;
   targets at other positions are zeros in a store of trained positions only), ``position_ids``
-  list<int32> [n] where it records document starts, and ``row`` int64 (the ``--data`` row).
+  list<int32> [n] where it records document starts, and ``row`` int64 (the ``--data`` row);
+- in a classify store, instead of the teachers' top-k columns: ``label`` int64 and ``T.logits``
+  fixed_size_list<float32, C>.
 
 :func:`join_targets` goes the other way: it adds the teachers' columns to the user's own rows
 (a pre-tokenised dataset dumped with ``--input tokens``), matched by row index and checked by
@@ -67,6 +69,12 @@ def shard_table(store: Store, j: int) -> pa.Table:
         cols["position_ids"] = ragged(np.asarray(sh["position_ids"]), np.int32)
     if "row" in sh:
         cols["row"] = pa.array(sh["row"].astype(np.int64))
+    if store.task == "classify":  # per text: its label and every teacher's class logits
+        cols["label"] = pa.array(sh["label"].astype(np.int64))
+        for name, td in sh["teachers"].items():
+            cols[f"{name}.logits"] = pa.FixedSizeListArray.from_arrays(pa.array(td["logits"].reshape(-1)), td["logits"].shape[1])
+        header = {**header_of(store.manifest), "exported_from": source_ref(store.url, store.manifest)}
+        return pa.table(cols).replace_schema_metadata({"logitstore": json.dumps(header)})
     for name, td in sh["teachers"].items():
         cols[f"{name}.ids"] = ragged(td["ids"], np.int32)
         cols[f"{name}.logprobs"] = ragged(td["logprobs"], np.float32)

@@ -98,6 +98,10 @@ def fuse_store(sources: list[str], out: str, *, teachers: list[str] | None = Non
     if mode not in MODES:
         raise ConfigError(f"--mode: expected one of {', '.join(MODES)}, got {mode!r}")
     stores = [Store(u) for u in sources]
+    for st in stores:
+        if st.task != "lm":
+            raise ConfigError(f"{st.url}: a {st.task} store: its teachers' class logits are fused when training, "
+                              "not into a store")
     first = stores[0]
     m0 = first.manifest
     for s in stores[1:]:

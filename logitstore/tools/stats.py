@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from logitstore.errors import ConfigError
 from logitstore.format.reader import Store
 
 PERCENTILES = (10, 50, 90)
@@ -23,6 +24,9 @@ PERCENTILES = (10, 50, 90)
 def store_stats(url: str, *, max_positions: int | None = None) -> dict:
     """Per-teacher coverage and entropy statistics of the store at ``url`` (checksums verified)."""
     store = Store(url)
+    if store.task != "lm":
+        raise ConfigError(f"{url}: a {store.task} store holds every class logit of each text; top-k coverage applies to "
+                          "language-model stores only")
     out = {"url": url, "teachers": {}}
     for t in store.manifest["teachers"]:
         name, k = t["name"], t["k"]

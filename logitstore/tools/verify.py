@@ -102,7 +102,7 @@ def _check_inputs(inp: dict, store: Store, entry: dict) -> list[str]:
     if bad.size:
         out.append(f"{where}/seq_hash: {bad.size} sequence(s) do not match their token ids (first: row {bad[0]})")
     try:
-        check_inputs(inp, store.seq_len, entry["path"])  # the optional arrays: loss_mask, doc_start, row
+        check_inputs(inp, store.seq_len, entry["path"], store.index.num_labels)  # the optional arrays (loss_mask, label, ...)
     except FormatError as e:
         out.append(str(e))
     return out
@@ -111,6 +111,8 @@ def _check_inputs(inp: dict, store: Store, entry: dict) -> list[str]:
 def _check_teacher(store: Store, j: int, t: dict, entry: dict) -> list[str]:
     where = f"{entry['path']}/{t['part']}"
     sh = store.load_shard(j, [t["name"]])
+    if store.task == "classify":  # class logits: shape and finiteness are checked by the reader
+        return []
     td = sh["teachers"][t["name"]]
     # a store of trained positions only holds targets where the loss mask trains (zeros elsewhere)
     valid = sh["loss_mask"] if store.index.trained_only else np.arange(store.seq_len)[None, :] < sh["length"][:, None]

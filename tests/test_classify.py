@@ -1,0 +1,136 @@
+"""``logitstore dump --task classify``: sequence-classification teachers' class logits, stored once."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import logitstore
+from logitstore.dump import DumpConfig, dump
+from logitstore.errors import LogitStoreError
+
+from conftest import corpus_texts
+
+LABELS = ["tutorial", "howto", "faq"]
+
+
+def _classifier(path, tokenizer, *, seed=0, labels=LABELS, family="bert"):
+    from transformers import (BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForSequenceClassification)
+
+    torch.manual_seed(seed)
+    kw = dict(num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)},
+              pad_token_id=tokenizer.pad_token_id or 0)
+    if family == "bert":
+        cfg = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=128, **kw)
+        model = BertForSequenceClassification(cfg)
+    else:
+        cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128, **kw)
+        model = LlamaForSequenceClassification(cfg)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tokenizer):
+    d = tmp_path_factory.mktemp("classify")
+    tokenizer.pad_token = tokenizer.eos_token
+    rng = np.random.default_rng(0)
+    words = " ".join(corpus_texts(2, 4000)).split()
+    rows = []
+    for i in range(23):
+        a = int(rng.integers(0, len(words) - 80))
+        rows.append({"text": " ".join(words[a:a + int(rng.integers(5, 60))]), "label": LABELS[i % 3] if i % 2 else i % 3})
+    data = d / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return {"d": d, "data": data, "rows": rows, "bert": _classifier(d / "bert", tokenizer, seed=1),
+            "llama": _classifier(d / "llamacls", tokenizer, seed=2, family="llama")}
+
+
+def _dump(setup, out, teachers, **kw):
+    cfg = dict(teachers=teachers, data=str(setup["data"]), out=str(out), seq_len=32, batch_size=5, task="classify",
+               label_field="label", progress=False, shard_sequences=8)
+    cfg.update(kw)
+    return dump(DumpConfig(**cfg))
+
+
+def test_class_logits_equal_each_teachers_own_forward(setup, tokenizer):
+    from transformers import AutoModelForSequenceClassification
+
+    out = setup["d"] / "s"
+    m = _dump(setup, out, (f"bert={setup['bert']}", f"llama={setup['llama']}")).manifest
+    assert m["task"] == "classify" and m["num_labels"] == 3 and m["label_names"] == LABELS and m["format_version"] == 3
+    store = logitstore.open(str(out))
+    assert len(store) == len(setup["rows"]) and store.n_shards == 3
+    models = {n: AutoModelForSequenceClassification.from_pretrained(setup[n]).eval() for n in ("bert", "llama")}
+    for i, r in enumerate(setup["rows"]):
+        s = store[i]
+        ids = tokenizer(r["text"], add_special_tokens=True)["input_ids"][:32]
+        np.testing.assert_array_equal(s["input_ids"], ids)
+        assert s["label"] == (LABELS.index(r["label"]) if isinstance(r["label"], str) else r["label"]) and s["row"] == i
+        for n, model in models.items():
+            with torch.no_grad():
+                ref = model(torch.tensor([ids])).logits[0].numpy()
+            np.testing.assert_allclose(s["teachers"][n]["logits"], ref, atol=1e-5)
+    from logitstore.tools.verify import verify
+
+    assert verify(str(out)) == []
+    again = _dump(setup, out, (f"bert={setup['bert']}", f"llama={setup['llama']}"))  # complete: nothing to do
+    assert again.manifest["n_sequences"] == len(setup["rows"])
+
+
+def test_a_teacher_without_a_classification_head_is_refused(setup, tmp_path, llama_dir):
+    with pytest.raises(LogitStoreError, match="has no trained classification head"):
+        _dump(setup, tmp_path / "s", (f"lm={llama_dir}",))
+    assert not (tmp_path / "s" / "manifest.json").exists()
+
+
+def test_teachers_with_different_labels_are_refused(setup, tmp_path, tokenizer):
+    other = _classifier(tmp_path / "other", tokenizer, labels=["a", "b"])
+    with pytest.raises(LogitStoreError, match=r"its labels \['a', 'b'\] differ from"):
+        _dump(setup, tmp_path / "s", (f"bert={setup['bert']}", f"other={other}"))
+
+
+@pytest.mark.parametrize("row, match", [
+    ({"text": "a text", "label": 7}, "row 1: field 'label': 7 is not a class of the teachers"),
+    ({"text": "a text"}, "row 1: field 'label': None is not a class"),
+    ({"text": "a text", "label": "sports"}, "row 1: field 'label': 'sports' is not a class"),
+    ({"text": None, "label": 1}, "row 1: field 'text': expected a non-empty text"),
+])
+def test_bad_rows_name_the_row_and_field(setup, tmp_path, row, match):
+    data = tmp_path / "bad.jsonl"
+    data.write_text(json.dumps({"text": "fine", "label": 0}) + "\n" + json.dumps(row) + "\n", encoding="utf-8")
+    with pytest.raises(LogitStoreError, match=match):
+        _dump(setup, tmp_path / "s", (f"bert={setup['bert']}",), data=str(data))
+    assert not (tmp_path / "s" / "manifest.json").exists()
+
+
+def test_label_field_is_required(setup, tmp_path):
+    with pytest.raises(LogitStoreError, match="--label-field is required"):
+        _dump(setup, tmp_path / "s", (f"bert={setup['bert']}",), label_field=None)
+
+
+def test_export_and_the_tools_that_do_not_apply(setup, tmp_path):
+    import pyarrow.parquet as pq
+
+    from logitstore.errors import ConfigError
+    from logitstore.tools.export import export
+    from logitstore.tools.stats import store_stats
+    from trainer.data import DistillDataset
+
+    out = tmp_path / "s"
+    _dump(setup, out, (f"bert={setup['bert']}",))
+    export(str(out), str(tmp_path / "e"), progress=False)
+    t = pq.read_table(sorted((tmp_path / "e" / "data").glob("*.parquet"))[0])
+    store = logitstore.open(str(out))
+    assert t.column("label").to_pylist() == [store[i]["label"] for i in range(t.num_rows)]
+    np.testing.assert_array_equal(np.array(t.column("bert.logits").to_pylist()[2], np.float32), store[2]["teachers"]["bert"]["logits"])
+    with pytest.raises(ConfigError, match="top-k coverage applies to language-model stores only"):
+        store_stats(str(out))
+    with pytest.raises(LogitStoreError, match="a classify store \\(class logits per text\\); trainer fit trains language models"):
+        DistillDataset([str(out)], batch_size=2)
