@@ -101,7 +101,7 @@ class _Acc:
 
 
 def test_all_sum_types_and_values():
-    from trainer.fit import _all_sum
+    from trainer.evaluation import all_sum as _all_sum
 
     one = _Acc(1)
     x = torch.tensor([1.5])

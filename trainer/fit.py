@@ -34,6 +34,7 @@ from logitstore.progress import quiet_libraries
 from .checkpoint import TrainState, save_checkpoint, save_final
 from .config import FitConfig
 from .data import DistillDataset, match_teachers
+from .evaluation import all_sum, evaluate
 from .follow import wait_for_shards
 from logitstore.distributions.fusion import normalize_weights
 from .interrupt import Interrupted, StopRequests
@@ -227,7 +228,7 @@ class Run:
         temps = list(cfg.teacher_temperatures) if cfg.teacher_temperatures else [T] * self.M
         kd_args = dict(weights=self.weights, fuse_mode=cfg.fuse, loss=cfg.loss, tail=cfg.tail, beta=cfg.beta,
                        chunk_positions=cfg.chunk_positions, vocab_size=self.train.vocab_size, with_kd=cfg.alpha > 0)
-        n_global = _all_sum(acc, sum(int((mb["labels"] != -100).sum()) for mb in micro))
+        n_global = all_sum(acc, sum(int((mb["labels"] != -100).sum()) for mb in micro))
         sums = torch.zeros(3, dtype=torch.float64)
         module.train()
         for i, mb in enumerate(micro):
@@ -251,9 +252,9 @@ class Run:
             self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        totals = _all_sum(acc, sums) / max(n_global, 1)
+        totals = all_sum(acc, sums) / max(n_global, 1)
         state.step += 1
-        state.tokens += _all_sum(acc, sum(int(mb["attention_mask"].sum()) for mb in micro))
+        state.tokens += all_sum(acc, sum(int(mb["attention_mask"].sum()) for mb in micro))
         state.elapsed = time.perf_counter() - self.t_start
         return {"step": state.step, "epoch": state.epoch, "loss": float(totals[0]), "kd_loss": float(totals[1]),
                 "ce_loss": float(totals[2]), "lr": lr, "temperature": T, "tokens": state.tokens,
@@ -342,59 +343,7 @@ def _clip(acc, module, cfg: FitConfig) -> float:
     return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
 
-def _all_sum(acc, x):
-    """Sum a number or a CPU tensor over all ranks (no-op on one process)."""
-    if acc.num_processes == 1:
-        return x
-    t = torch.as_tensor(x, dtype=torch.float64).to(acc.device)
-    t = acc.reduce(t, reduction="sum").cpu()
-    return t if isinstance(x, torch.Tensor) else (int(t) if isinstance(x, int) else float(t))
-
-
 def _progress(total: int, initial: int, enabled: bool):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=initial, desc="fit", unit="step", disable=not enabled, dynamic_ncols=True)
-
-
-@torch.no_grad()
-def evaluate(acc, module, evalset: DistillDataset, cfg: FitConfig, weights: list[float]) -> dict:
-    """Validation CE / perplexity, KL(fused teachers || student) at T = 1, and top-1 agreement of the
-    student with each teacher and with the fused target, over the whole held-out store. ``weights``:
-    one per teacher of ``evalset``, in its order (see :func:`match_teachers`)."""
-    from logitstore.distributions.fusion import fuse
-
-    inner = acc.unwrap_model(module)
-    inner.eval()
-    M = len(evalset.teachers)
-    w = weights  # per eval teacher, matched to the training teachers by identity (match_teachers)
-    sums = torch.zeros(3 + M + 1, dtype=torch.float64)  # ce, kd, n, agree_m..., agree_fused
-    for i, batch in enumerate(make_loader(evalset, 0, False)):
-        if cfg.eval_batches is not None and i >= cfg.eval_batches:
-            break
-        batch = {k: v.to(acc.device) for k, v in batch.items()}
-        with acc.autocast():
-            # one forward; the LM head, the losses and the top-1 ids run chunk_positions at a time
-            ce, kd, n, pred = inner(batch, temperature=1.0, teacher_temperatures=[1.0] * M, weights=w, fuse_mode=cfg.fuse, loss="fkl",
-                                    tail="bucket", beta=0.5, chunk_positions=cfg.chunk_positions, vocab_size=evalset.vocab_size,
-                                    return_argmax=True)
-        keep = batch["labels"].reshape(-1) != -100
-        sup = batch["support"]
-        agree = []
-        for m in range(M):
-            top = sup.gather(-1, batch["teacher_lp"][m].argmax(-1, keepdim=True))[:, 0]
-            agree.append(float(((top == pred) & keep).sum()))
-        target = fuse(batch["teacher_lp"], batch["rest_lp"], sup, batch["valid"], batch["n_out"], temperatures=[1.0] * M, weights=w,
-                      mode=cfg.fuse)
-        fused_top = sup.gather(-1, target.lp.argmax(-1, keepdim=True))[:, 0]
-        agree.append(float(((fused_top == pred) & keep).sum()))
-        sums += torch.tensor([float(ce), float(kd), float(n), *agree], dtype=torch.float64)
-    sums = _all_sum(acc, sums)
-    n = max(float(sums[2]), 1.0)
-    ce = float(sums[0]) / n
-    res = {"ce": ce, "ppl": math.exp(min(ce, 50.0)), "kl": float(sums[1]) / n, "positions": int(sums[2]),
-           "top1_agreement": {name: float(sums[3 + m]) / n for m, name in enumerate(evalset.teacher_names)}}
-    res["top1_agreement"]["fused"] = float(sums[3 + M]) / n
-    return res
-
-
