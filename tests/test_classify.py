@@ -132,5 +132,75 @@ def test_export_and_the_tools_that_do_not_apply(setup, tmp_path):
     np.testing.assert_array_equal(np.array(t.column("bert.logits").to_pylist()[2], np.float32), store[2]["teachers"]["bert"]["logits"])
     with pytest.raises(ConfigError, match="top-k coverage applies to language-model stores only"):
         store_stats(str(out))
-    with pytest.raises(LogitStoreError, match="a classify store \\(class logits per text\\); trainer fit trains language models"):
-        DistillDataset([str(out)], batch_size=2)
+    with pytest.raises(LogitStoreError, match="a classify store; this reads lm stores"):
+        DistillDataset([str(out)], batch_size=2)  # the language-model dataset; trainer fit picks ClassifyDataset
+
+
+def test_classification_kd_loss_equals_a_dense_reference_with_fusion(setup):
+    """alpha * T^2 KL(fused teachers || student) + (1 - alpha) * CE, fused by brute force from the
+    teachers' own class distributions, for both fusion modes and every divergence."""
+    from trainer.classify import ClassifyDataset, ClassifyModule
+    from trainer.losses import dense_divergence
+
+    out = setup["d"] / "s"
+    _dump(setup, out, (f"bert={setup['bert']}", f"llama={setup['llama']}"))
+    ds = ClassifyDataset([str(out)], batch_size=6)
+    batch = ds.make_batch(np.arange(7), np.array([1, 1, 1, 1, 1, 1, 0], np.float32))  # the last row a filler
+    assert batch["labels"][-1] == -100 and batch["teacher_logits"].shape == (2, 7, 3)
+    torch.manual_seed(0)
+
+    class Student(torch.nn.Module):  # any module mapping ids to [B, C] logits
+        def __init__(self):
+            super().__init__()
+            self.emb, self.out = torch.nn.Embedding(ds.vocab_size, 8), torch.nn.Linear(8, 3)
+
+        def forward(self, input_ids, attention_mask):
+            h = (self.emb(input_ids) * attention_mask[..., None]).sum(1) / attention_mask.sum(1, keepdim=True)
+            return self.out(h)
+
+    model = Student()
+    module = ClassifyModule(model)
+    w, T = [0.7, 0.3], 2.0
+    with torch.no_grad():
+        logits = model(batch["input_ids"], batch["attention_mask"]).double()
+        keep = batch["labels"] != -100
+        probs = [torch.softmax(batch["teacher_logits"][m].double() / T, -1) for m in range(2)]
+        for mode, fused in (("mean-probs", w[0] * probs[0] + w[1] * probs[1]),
+                            ("mean-logits", torch.softmax(w[0] * probs[0].log() + w[1] * probs[1].log(), -1))):
+            q = torch.log_softmax(logits / T, -1)
+            ref_kl = float((fused * (fused.log() - q)).sum(-1)[keep].sum()) * T ** 2
+            ref_ce = float(torch.nn.functional.cross_entropy(logits[keep], batch["labels"][keep], reduction="sum"))
+            ce, kd, n = module(batch, temperature=T, teacher_temperatures=[T, T], weights=w, fuse_mode=mode, loss="fkl",
+                               tail="bucket", beta=0.5, chunk_positions=0, vocab_size=0)
+            assert int(n) == 6 and float(ce) == pytest.approx(ref_ce, rel=1e-5) and float(kd) == pytest.approx(ref_kl, rel=1e-4)
+            for loss in ("rkl", "jsd"):
+                _, kd2, _ = module(batch, temperature=T, teacher_temperatures=[T, T], weights=w, fuse_mode=mode, loss=loss,
+                                   tail="bucket", beta=0.5, chunk_positions=0, vocab_size=0)
+                ref = dense_divergence(q.float()[keep], fused.log().float()[keep], loss=loss, beta=0.5).sum() * T ** 2
+                assert float(kd2) == pytest.approx(float(ref), rel=1e-4)
+
+
+def test_trainer_fit_trains_a_classifier_student_and_saves_it(setup, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    from trainer.config import FitConfig
+    from trainer.fit import fit
+
+    out = setup["d"] / "s"
+    _dump(setup, out, (f"bert={setup['bert']}", f"llama={setup['llama']}"))
+    student = tmp_path / "student.json"
+    student.write_text(json.dumps({"model_type": "bert", "vocab_size": 512, "hidden_size": 16, "num_hidden_layers": 1,
+                                   "num_attention_heads": 2, "intermediate_size": 32, "max_position_embeddings": 64}))
+    run = tmp_path / "run"
+    res = fit(FitConfig(logits=(str(out),), student=str(student), out=str(run), eval_logits=str(out), max_steps=6, batch_size=4,
+                        lr=3e-3, alpha=0.5, temperature=2.0, weights=(0.5, 0.5), num_workers=0, device="cpu", progress=False))
+    ev = res["eval"]
+    assert set(ev) >= {"ce", "kl", "accuracy", "macro_f1", "top1_agreement"} and ev["sequences"] == len(setup["rows"])
+    assert 0 <= ev["accuracy"] <= 1 and 0 <= ev["macro_f1"] <= 1
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(r["loss"]) for r in rows if not r.get("eval"))
+    saved = AutoModelForSequenceClassification.from_pretrained(res["final"])
+    assert saved.config.num_labels == 3 and saved.config.id2label[1] == "howto"
+    with pytest.raises(LogitStoreError, match="--task lm: .* is a classify store"):
+        fit(FitConfig(logits=(str(out),), student=str(student), out=str(tmp_path / "r2"), task="lm", max_steps=1, device="cpu",
+                      progress=False))

@@ -75,6 +75,7 @@ def fit(
     prefetch: Optional[int] = typer.Option(None, "--prefetch", help=_help("prefetch", "store parts fetched ahead per data worker (0: off)")),
     follow: bool = typer.Option(False, "--follow", help="train while the stores are still written (each epoch: the shards committed so far)"),
     streams: Optional[int] = typer.Option(None, "--streams", help=_help("streams", "streams of the epoch order (default: ranks x workers)")),
+    task: Optional[str] = typer.Option(None, "--task", help=_help("task", "auto (the stores'), lm or classify (class logits per text)")),
     group_by_length: bool = typer.Option(False, "--group-by-length", help="batch sequences of similar length (little padding "
                                                                           "for stores of unpacked rows or conversations)"),
     fsdp: bool = typer.Option(False, "--fsdp", help="shard the student across ranks (FSDP) instead of replicating it (DDP)"),
@@ -90,7 +91,7 @@ def fit(
                      epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, lr=lr, seed=seed, alpha=alpha, temperature=temperature,
                      temperature_schedule=temperature_schedule, loss=loss, beta=beta, tail=tail, fuse=fuse, online_teacher=online_teacher, device=device,
                      precision=precision, param_dtype=param_dtype, save_dtype=save_dtype, num_workers=num_workers, eval_every=eval_every, checkpoint_every=checkpoint_every,
-                     cache_dir=cache_dir, prefetch=prefetch, streams=streams)
+                     cache_dir=cache_dir, prefetch=prefetch, streams=streams, task=task)
         if resume:
             flags["resume"] = True
         if skip_bad_shards:

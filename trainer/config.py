@@ -67,6 +67,8 @@ class FitConfig:
     #: batches of sequences of similar length (stores of unpadded rows: --no-pack, conversations);
     #: each stream sorted longest first in blocks of 50 batches (trainer/epochs.py)
     group_by_length: bool = False
+    #: ``auto`` (the stores'), ``lm`` or ``classify`` (trainer/classify.py): refused if the stores hold another task
+    task: str = "auto"
     chunk_positions: int = 1024
     log_every: int = 1
     eval_every: int = 0
@@ -134,6 +136,7 @@ class FitConfig:
         _check(self.follow_poll > 0, f"--follow-poll: expected a positive number of seconds, got {self.follow_poll}")
         _check(self.streams is None or self.streams >= 1, f"--streams: expected a positive integer, got {self.streams}")
         _check(self.shuffle_buffer >= 1, f"--shuffle-buffer: expected a positive integer, got {self.shuffle_buffer}")
+        _check(self.task in ("auto", "lm", "classify"), f"--task: expected auto, lm or classify, got {self.task!r}")
         _check(self.checkpoint_every >= 0, f"--checkpoint-every: expected >= 0 (0: only at the end), got {self.checkpoint_every}")
         _check(self.precision in ("auto", "no", "bf16", "fp16"), f"--precision: expected auto, no, bf16 or fp16, got {self.precision!r}")
         _check(self.param_dtype in DTYPES, f"--param-dtype: expected one of {', '.join(DTYPES)}, got {self.param_dtype!r}")

@@ -51,6 +51,9 @@ from .joins import check_joinable, hash_map, refuse_repeated_teachers, same_layo
 from .shard_cache import ShardCache
 
 class DistillDataset(EpochOrder, IterableDataset):
+    #: the stores' task (logitstore.format.manifest.TASKS); trainer.classify.ClassifyDataset reads "classify"
+    TASK = "lm"
+
     def __init__(self, stores: list[str], *, batch_size: int, seed: int = 0, shuffle: bool = True, shuffle_buffer: int = 256,
                  rank: int = 0, world_size: int = 1, num_workers: int = 0, verify_checksums: bool = True,
                  with_targets: bool = True, cache_shards: int = 4, skip_bad_shards: bool = False,
@@ -152,9 +155,9 @@ class DistillDataset(EpochOrder, IterableDataset):
         first = self.stores[0]
         m0 = first.manifest
         for url, s in zip(self.urls, self.stores):
-            if s.task != "lm":
-                raise LogitStoreError(f"--logits {url}: a {s.task} store (class logits per text); trainer fit trains "
-                                      "language models from stores of next-token distributions")
+            if s.task != self.TASK:
+                raise LogitStoreError(f"--logits {url}: a {s.task} store; expected {self.TASK} stores like {self.urls[0]}"
+                                      if url != self.urls[0] else f"--logits {url}: a {s.task} store; this reads {self.TASK} stores")
         check_joinable(self.urls, self.stores, "--logits ")
         self.vocab_size = m0["tokenizer"]["vocab_size"]
         self.seq_len = m0["seq_len"]

@@ -34,6 +34,7 @@ from logitstore.progress import quiet_libraries
 from .checkpoint import TrainState, save_checkpoint, save_final
 from .config import FitConfig
 from .data import DistillDataset, match_teachers
+from .classify import ClassifyDataset, ClassifyModule, evaluate_classify, load_classifier_student
 from .evaluation import all_sum, evaluate
 from .follow import wait_for_shards
 from logitstore.distributions.fusion import normalize_weights
@@ -91,7 +92,9 @@ class Run:
     # ---------------------------------------------------------------- data
     def build_data(self) -> None:
         cfg, rank, world = self.cfg, self.rank, self.world
-        self.train = DistillDataset(list(cfg.logits), batch_size=cfg.batch_size, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer,
+        self.task = task_of_stores(cfg)  # lm (next-token targets) or classify (class logits per text: trainer/classify.py)
+        Dataset = ClassifyDataset if self.task == "classify" else DistillDataset
+        self.train = Dataset(list(cfg.logits), batch_size=cfg.batch_size, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer,
                                     rank=rank, world_size=world, num_workers=cfg.num_workers, verify_checksums=cfg.verify_checksums,
                                     with_targets=cfg.alpha > 0 and not cfg.online_teacher, skip_bad_shards=cfg.skip_bad_shards,
                                     cache_dir=cfg.cache_dir, prefetch=cfg.prefetch, n_streams=cfg.streams, follow=cfg.follow,
@@ -108,7 +111,7 @@ class Run:
             raise ConfigError(f"--teacher-temperatures: {len(cfg.teacher_temperatures)} value(s) for {self.M} teacher(s)")
         self.evalset, self.eval_weights = None, None
         if cfg.eval_logits:
-            self.evalset = DistillDataset([cfg.eval_logits], batch_size=cfg.batch_size, shuffle=False, rank=rank, world_size=world,
+            self.evalset = Dataset([cfg.eval_logits], batch_size=cfg.batch_size, shuffle=False, rank=rank, world_size=world,
                                           verify_checksums=cfg.verify_checksums, cache_dir=cfg.cache_dir, prefetch=cfg.prefetch)
             if self.evalset.stores[0].manifest["tokenizer"]["fingerprint"] != self.train.stores[0].manifest["tokenizer"]["fingerprint"]:
                 raise ConfigError(f"--eval-logits {cfg.eval_logits}: tokenizer differs from the training stores'")
@@ -117,7 +120,12 @@ class Run:
     # ---------------------------------------------------------------- student
     def build_student(self, model: torch.nn.Module | None) -> None:
         cfg, train = self.cfg, self.train
-        student = model if model is not None else load_student(cfg.student, trust_remote_code=cfg.trust_remote_code)
+        if self.task == "classify" and (cfg.online_teacher or cfg.fsdp):
+            raise ConfigError("--online-teacher/--fsdp: not for classify stores (their teachers ran already; students are small)")
+        m0 = train.stores[0].manifest
+        student = model if model is not None else (
+            load_classifier_student(cfg.student, m0["num_labels"], m0["label_names"], trust_remote_code=cfg.trust_remote_code)
+            if self.task == "classify" else load_student(cfg.student, trust_remote_code=cfg.trust_remote_code))
         if model is None:
             check_student_tokenizer(cfg.student, train)
             if Path(cfg.student).suffix in (".json", ".yaml", ".yml"):  # a fresh model: the store's special tokens
@@ -131,12 +139,12 @@ class Run:
         if why is not None and self.rank == 0:
             warnings.warn(f"--logits {cfg.logits[0]}: its windows pack several documents and {why}; the student then sees "
                           "context the teacher did not (dump with --no-pack to avoid it)", RuntimeWarning, stacklevel=2)
-        sv = output_vocab(student)
+        sv = output_vocab(student) if self.task == "lm" else None
         if sv is not None and sv < train.vocab_size:
             raise ConfigError(f"--student {cfg.student}: output vocabulary {sv} is smaller than the store's {train.vocab_size}")
         self.online = (load_online_teacher(cfg.online_teacher, train, self.acc.device, cfg.trust_remote_code)
                        if cfg.online_teacher and cfg.alpha > 0 else None)
-        self.module = DistillModule(student)
+        self.module = ClassifyModule(student) if self.task == "classify" else DistillModule(student)
         if cfg.fsdp:
             if self.world < 2:
                 raise ConfigError("--fsdp: shards the student across processes; launch with torchrun --nproc-per-node N (N >= 2)")
@@ -269,7 +277,7 @@ class Run:
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
         if self.evalset is not None and cfg.eval_every and state.step % cfg.eval_every == 0:
-            self.log.write({"eval": True, "step": state.step, **evaluate(self.acc, self.module, self.evalset, cfg, self.eval_weights)})
+            self.log.write({"eval": True, "step": state.step, **self.evaluate()})
         saved_now = bool(cfg.checkpoint_every) and state.step % cfg.checkpoint_every == 0
         if saved_now:
             self.checkpoint()
@@ -285,11 +293,15 @@ class Run:
         return save_checkpoint(self.acc, self.ckpt_dir, self.state, self.cfg.keep_checkpoints,
                                (self.module, self.optimizer, self.scheduler) if self.cfg.fsdp else None)
 
+    def evaluate(self) -> dict:
+        fn = evaluate_classify if self.task == "classify" else evaluate
+        return fn(self.acc, self.module, self.evalset, self.cfg, self.eval_weights)
+
     # ---------------------------------------------------------------- the end
     def finish(self, tokenizer) -> dict:
         cfg, state, acc = self.cfg, self.state, self.acc
         self.bar.close()
-        final_eval = evaluate(acc, self.module, self.evalset, cfg, self.eval_weights) if self.evalset is not None else None
+        final_eval = self.evaluate() if self.evalset is not None else None
         if final_eval is not None and not (cfg.eval_every and state.step % cfg.eval_every == 0):
             self.log.write({"eval": True, "step": state.step, **final_eval})
         self.checkpoint()
@@ -311,6 +323,16 @@ class Run:
         acc.wait_for_everyone()
         acc.end_training()
         return result
+
+
+def task_of_stores(cfg: FitConfig) -> str:
+    """The task of the training stores (their first's; the dataset checks the others), against ``--task``."""
+    import logitstore
+
+    task = logitstore.open(cfg.logits[0], cache_dir=cfg.cache_dir, follow=cfg.follow).task if cfg.logits else "lm"
+    if cfg.task not in ("auto", task):
+        raise ConfigError(f"--task {cfg.task}: {cfg.logits[0]} is a {task} store")
+    return task
 
 
 def set_schedule_step(scheduler, step: int) -> None:
