@@ -197,6 +197,9 @@ def test_temperature_and_lr_schedules():
     assert temperature_at(0, 10, "cosine", 3.0, 1.0, 0.5) == pytest.approx(3.0)
     assert temperature_at(10, 10, "cosine", 3.0, 1.0, 0.5) == pytest.approx(1.0)
     assert temperature_at(5, 10, "exp", 4.0, 1.0, 0.25) == pytest.approx(4.0 * 0.25**0.5)
+    # the stepwise schedule T = 3.0 * 0.9 ** (step // 1000)
+    assert [temperature_at(s, 10**4, "step", 3.0, 1.0, 0.9, 1000) for s in (0, 999, 1000, 2999, 3000)] == \
+        pytest.approx([3.0, 3.0, 2.7, 2.43, 3.0 * 0.9**3])
     assert lr_factor(0, 100, 10, 0.1) == pytest.approx(0.1) and lr_factor(9, 100, 10, 0.1) == pytest.approx(1.0)
     assert lr_factor(100, 100, 10, 0.1) == pytest.approx(0.1)
 

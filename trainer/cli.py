@@ -54,7 +54,7 @@ def fit(
     seed: Optional[int] = typer.Option(None, help=_help("seed")),
     alpha: Optional[float] = typer.Option(None, help=_help("alpha", "loss = alpha * KD + (1 - alpha) * CE")),
     temperature: Optional[float] = typer.Option(None, help=_help("temperature")),
-    temperature_schedule: Optional[str] = typer.Option(None, "--temperature-schedule", help=_help("temperature_schedule", "constant, linear, cosine or exp")),
+    temperature_schedule: Optional[str] = typer.Option(None, "--temperature-schedule", help=_help("temperature_schedule", "constant, linear, cosine, exp or step (temperature_gamma every temperature_every steps)")),
     loss: Optional[str] = typer.Option(None, help=_help("loss", "fkl, rkl or jsd")),
     beta: Optional[float] = typer.Option(None, help=_help("beta", "jsd mixture weight of the teacher")),
     tail: Optional[str] = typer.Option(None, help=_help("tail", "bucket or renorm")),

@@ -13,7 +13,7 @@ from logitstore.errors import ConfigError
 from logitstore.distributions.fusion import MODES
 from .losses import LOSSES, TAILS
 
-SCHEDULES = ("constant", "linear", "cosine", "exp")
+SCHEDULES = ("constant", "linear", "cosine", "exp", "step")
 DTYPES = ("fp32", "bf16", "fp16")
 
 
@@ -42,6 +42,8 @@ class FitConfig:
     temperature_schedule: str = "constant"
     temperature_final: float = 1.0
     temperature_gamma: float = 0.5
+    #: the ``step`` schedule: the temperature is multiplied by ``temperature_gamma`` every this many steps
+    temperature_every: int = 1000
     teacher_temperatures: tuple[float, ...] | None = None
     loss: str = "fkl"
     beta: float = 0.5
@@ -113,6 +115,7 @@ class FitConfig:
         _check(self.temperature_schedule in SCHEDULES, f"--temperature-schedule: expected one of {', '.join(SCHEDULES)}")
         _check(0.0 <= self.alpha <= 1.0, f"--alpha: expected a value in [0, 1], got {self.alpha}")
         _check(self.temperature > 0 and self.temperature_final > 0, "--temperature: must be > 0")
+        _check(self.temperature_every >= 1, f"temperature_every: expected a positive integer, got {self.temperature_every}")
         _check(0.0 < self.beta < 1.0, f"--beta: expected 0 < beta < 1, got {self.beta}")
         _check(self.batch_size > 0, f"--batch-size: expected a positive integer, got {self.batch_size}")
         _check(self.grad_accum > 0, f"--grad-accum: expected a positive integer, got {self.grad_accum}")

@@ -232,7 +232,7 @@ class Run:
         """One optimizer step over the micro-batches ``micro``; returns its metrics row."""
         cfg, state, acc, module = self.cfg, self.state, self.acc, self.module
         T = temperature_at(state.step, self.total, cfg.temperature_schedule, cfg.temperature, cfg.temperature_final,
-                           cfg.temperature_gamma)
+                           cfg.temperature_gamma, cfg.temperature_every)
         temps = list(cfg.teacher_temperatures) if cfg.teacher_temperatures else [T] * self.M
         kd_args = dict(weights=self.weights, fuse_mode=cfg.fuse, loss=cfg.loss, tail=cfg.tail, beta=cfg.beta,
                        chunk_positions=cfg.chunk_positions, vocab_size=self.train.vocab_size, with_kd=cfg.alpha > 0)

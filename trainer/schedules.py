@@ -13,10 +13,14 @@ def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def temperature_at(step: int, total: int, schedule: str, t0: float, t_final: float, gamma: float) -> float:
+def temperature_at(step: int, total: int, schedule: str, t0: float, t_final: float, gamma: float, every: int = 1000) -> float:
     """``constant``: t0; ``linear``/``cosine``: from t0 to t_final over ``total`` steps;
-    ``exp``: ``t0 * gamma ** (step / total)`` (exponential decay)."""
+    ``exp``: ``t0 * gamma ** (step / total)`` (smooth exponential decay); ``step``:
+    ``t0 * gamma ** (step // every)`` (a factor ``gamma`` every ``every`` steps, e.g.
+    ``T = 3.0 * 0.9 ** (step // 1000)``)."""
     frac = min(1.0, step / max(1, total))
+    if schedule == "step":
+        return t0 * gamma ** (step // max(1, every))
     if schedule == "constant":
         return t0
     if schedule == "linear":
