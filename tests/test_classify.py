@@ -37,9 +37,19 @@ def _classifier(path, tokenizer, *, seed=0, labels=LABELS, family="bert"):
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, tokenizer):
+def cls_tok(tokenizer):
+    """The session tokenizer with a pad token, as a copy (the shared fixture must stay as it is)."""
+    import copy
+
+    tok = copy.deepcopy(tokenizer)
+    tok.pad_token = tok.eos_token
+    return tok
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, cls_tok):
+    tokenizer = cls_tok
     d = tmp_path_factory.mktemp("classify")
-    tokenizer.pad_token = tokenizer.eos_token
     rng = np.random.default_rng(0)
     words = " ".join(corpus_texts(2, 4000)).split()
     rows = []
@@ -59,7 +69,8 @@ def _dump(setup, out, teachers, **kw):
     return dump(DumpConfig(**cfg))
 
 
-def test_class_logits_equal_each_teachers_own_forward(setup, tokenizer):
+def test_class_logits_equal_each_teachers_own_forward(setup, cls_tok):
+    tokenizer = cls_tok
     from transformers import AutoModelForSequenceClassification
 
     out = setup["d"] / "s"
@@ -90,8 +101,8 @@ def test_a_teacher_without_a_classification_head_is_refused(setup, tmp_path, lla
     assert not (tmp_path / "s" / "manifest.json").exists()
 
 
-def test_teachers_with_different_labels_are_refused(setup, tmp_path, tokenizer):
-    other = _classifier(tmp_path / "other", tokenizer, labels=["a", "b"])
+def test_teachers_with_different_labels_are_refused(setup, tmp_path, cls_tok):
+    other = _classifier(tmp_path / "other", cls_tok, labels=["a", "b"])
     with pytest.raises(LogitStoreError, match=r"its labels \['a', 'b'\] differ from"):
         _dump(setup, tmp_path / "s", (f"bert={setup['bert']}", f"other={other}"))
 
@@ -204,3 +215,36 @@ def test_trainer_fit_trains_a_classifier_student_and_saves_it(setup, tmp_path):
     with pytest.raises(LogitStoreError, match="--task lm: .* is a classify store"):
         fit(FitConfig(logits=(str(out),), student=str(student), out=str(tmp_path / "r2"), task="lm", max_steps=1, device="cpu",
                       progress=False))
+
+
+def test_decoder_classifiers_are_fed_their_own_pad_id(setup, tmp_path, cls_tok):
+    """A decoder classifier pools at its last token that is not config.pad_token_id: a batch padded
+    with another id would pool on padding. Stored logits equal each text's own unpadded forward."""
+    from transformers import AutoModelForSequenceClassification
+
+    d = _classifier(tmp_path / "dec", cls_tok, seed=4, family="llama")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["pad_token_id"] = 5  # another id than the tokenizer's pad
+    (d / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "s"
+    _dump(setup, out, (f"dec={d}",), batch_size=8)
+    store, model = logitstore.open(str(out)), AutoModelForSequenceClassification.from_pretrained(d).eval()
+    for i in range(len(store)):
+        s = store[i]
+        with torch.no_grad():
+            ref = model(torch.from_numpy(s["input_ids"].astype(np.int64))[None]).logits[0].numpy()
+        np.testing.assert_allclose(s["teachers"]["dec"]["logits"], ref, atol=1e-5)
+
+
+def test_stores_with_other_classes_are_not_trained_together(setup, tmp_path, cls_tok):
+    from trainer.classify import ClassifyDataset
+
+    other = _classifier(tmp_path / "perm", cls_tok, labels=["faq", "howto", "tutorial"])
+    a, b = tmp_path / "a", tmp_path / "b"
+    _dump(setup, a, (f"bert={setup['bert']}",))
+    rows = [json.loads(x) for x in setup["data"].read_text().splitlines()]
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps({**r, "label": r["label"] if isinstance(r["label"], int) else ["faq", "howto", "tutorial"].index(r["label"])}) + "\n" for r in rows))
+    _dump(setup, b, (f"perm={other}",), data=str(data))
+    with pytest.raises(LogitStoreError, match="label_names .* differ from"):
+        ClassifyDataset([str(a), str(b)], batch_size=4)

@@ -200,6 +200,7 @@ def test_temperature_and_lr_schedules():
     # the stepwise schedule T = 3.0 * 0.9 ** (step // 1000)
     assert [temperature_at(s, 10**4, "step", 3.0, 1.0, 0.9, 1000) for s in (0, 999, 1000, 2999, 3000)] == \
         pytest.approx([3.0, 3.0, 2.7, 2.43, 3.0 * 0.9**3])
+    assert temperature_at(10**6, 10**7, "step", 3.0, 1.0, 0.9, 1000) == 1.0  # floored at the final temperature
     assert lr_factor(0, 100, 10, 0.1) == pytest.approx(0.1) and lr_factor(9, 100, 10, 0.1) == pytest.approx(1.0)
     assert lr_factor(100, 100, 10, 0.1) == pytest.approx(0.1)
 

@@ -88,13 +88,22 @@ class ClassifyModule(torch.nn.Module):
     """Wraps a classification student; ``forward(batch, ...)`` -> ``(ce_sum, kd_sum, n)`` (and the
     student's predicted classes [B] with ``return_argmax``), the interface of ``DistillModule``."""
 
-    def __init__(self, student: torch.nn.Module):
+    def __init__(self, student: torch.nn.Module, num_labels: int | None = None):
         super().__init__()
         self.student = student
+        self.num_labels = num_labels
 
     def logits(self, input_ids, attention_mask) -> torch.Tensor:
+        # decoder classifiers pool at the last token that is not config.pad_token_id: pad with it
+        pad = getattr(getattr(self.student, "config", None), "pad_token_id", None)
+        if pad is not None:
+            input_ids = torch.where(attention_mask.bool(), input_ids, torch.full_like(input_ids, int(pad)))
         out = self.student(input_ids=input_ids, attention_mask=attention_mask)
-        return (out.logits if hasattr(out, "logits") else out).float()
+        logits = (out.logits if hasattr(out, "logits") else out).float()
+        if logits.ndim != 2 or logits.shape != (input_ids.shape[0], self.num_labels or logits.shape[-1]):
+            raise ConfigError(f"--student: gives logits of shape {tuple(logits.shape)}, expected [batch, {self.num_labels}] "
+                              "(one logit per class of the store)")
+        return logits
 
     def forward(self, batch: dict, *, temperature: float, teacher_temperatures: list[float], weights: list[float], fuse_mode: str,
                 loss: str, tail: str, beta: float, chunk_positions: int, vocab_size: int, with_kd: bool = True,
@@ -114,6 +123,16 @@ class ClassifyModule(torch.nn.Module):
         return ce, kd, n
 
 
+def check_classifier_student(model: torch.nn.Module, vocab_size: int, seq_len: int, where: str) -> None:
+    """Refuse, in one line, a student whose embeddings or positions cannot take the store's texts."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if emb is not None and emb.num_embeddings < vocab_size:
+        raise ConfigError(f"--student {where}: {emb.num_embeddings} token embeddings, fewer than the store's vocabulary of {vocab_size}")
+    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(positions, int) and positions < seq_len:
+        raise ConfigError(f"--student {where}: takes {positions} positions, the store's texts up to {seq_len}")
+
+
 def load_classifier_student(spec: str, num_labels: int, label_names: list[str], *, trust_remote_code: bool = False):
     """An ``AutoModelForSequenceClassification`` student with the store's classes: from a model
     config file (fresh), or a directory / hub id (a pretrained body; a missing head is initialised)."""
@@ -130,7 +149,11 @@ def load_classifier_student(spec: str, num_labels: int, label_names: list[str], 
         if not isinstance(d, dict) or "model_type" not in d:
             raise ConfigError(f"--student {spec}: a model config needs a 'model_type' (e.g. bert)")
         d = {**d, **labels}
-        model = AutoModelForSequenceClassification.from_config(AutoConfig.for_model(d.pop("model_type"), **d))
+        try:
+            model = AutoModelForSequenceClassification.from_config(AutoConfig.for_model(d.pop("model_type"), **d))
+        except (ValueError, KeyError) as e:
+            raise ConfigError(f"--student {spec}: cannot build a sequence classifier from it ({type(e).__name__}: "
+                              f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
         model.checkpoint_dtype = torch.float32
         return model
     try:
@@ -153,7 +176,7 @@ def evaluate_classify(acc, module, evalset: ClassifyDataset, cfg, weights: list[
     inner.eval()
     M, C = len(evalset.teachers), evalset.num_labels
     sums = torch.zeros(4 + M + 1, dtype=torch.float64)  # ce, kl, n, correct, agree_m..., agree_fused
-    confusion = torch.zeros(C, C, dtype=torch.float64)  # [true, predicted]
+    counts = torch.zeros(3, C, dtype=torch.float64)  # per class: true positives, labelled (support), predicted
     for i, batch in enumerate(make_loader(evalset, 0, False)):
         if cfg.eval_batches is not None and i >= cfg.eval_batches:
             break
@@ -163,14 +186,16 @@ def evaluate_classify(acc, module, evalset: ClassifyDataset, cfg, weights: list[
                                     loss="fkl", tail="bucket", beta=0.5, chunk_positions=0, vocab_size=0, return_argmax=True)
         keep = batch["labels"] != -100
         lab = batch["labels"][keep]
-        confusion += torch.bincount(lab * C + pred[keep], minlength=C * C).reshape(C, C).double().cpu()
+        p = pred[keep]
+        counts += torch.stack([torch.bincount(lab[p == lab], minlength=C), torch.bincount(lab, minlength=C),
+                               torch.bincount(p, minlength=C)]).double().cpu()
         agree = [float((batch["teacher_logits"][m].argmax(-1) == pred)[keep].sum()) for m in range(M)]
         fused = fuse_classes(batch["teacher_logits"], temperatures=[1.0] * M, weights=weights, mode=cfg.fuse)
         agree.append(float((fused.argmax(-1) == pred)[keep].sum()))
         sums += torch.tensor([float(ce), float(kd), float(n), float((pred[keep] == lab).sum()), *agree], dtype=torch.float64)
-    sums, confusion = all_sum(acc, sums), all_sum(acc, confusion)
+    sums, counts = all_sum(acc, sums), all_sum(acc, counts)
     n = max(float(sums[2]), 1.0)
-    tp, support, predicted = confusion.diag(), confusion.sum(1), confusion.sum(0)
+    tp, support, predicted = counts
     f1 = torch.where(support + predicted > 0, 2 * tp / (support + predicted).clamp_min(1), torch.zeros_like(tp))
     present = (support + predicted) > 0  # macro-F1 over the classes that occur as labels or predictions (sklearn's)
     res = {"ce": float(sums[0]) / n, "kl": float(sums[1]) / n, "accuracy": float(sums[3]) / n,

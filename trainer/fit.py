@@ -34,7 +34,7 @@ from logitstore.progress import quiet_libraries
 from .checkpoint import TrainState, save_checkpoint, save_final
 from .config import FitConfig
 from .data import DistillDataset, match_teachers
-from .classify import ClassifyDataset, ClassifyModule, evaluate_classify, load_classifier_student
+from .classify import ClassifyDataset, ClassifyModule, check_classifier_student, evaluate_classify, load_classifier_student
 from .evaluation import all_sum, evaluate
 from .follow import wait_for_shards
 from logitstore.distributions.fusion import normalize_weights
@@ -144,7 +144,11 @@ class Run:
             raise ConfigError(f"--student {cfg.student}: output vocabulary {sv} is smaller than the store's {train.vocab_size}")
         self.online = (load_online_teacher(cfg.online_teacher, train, self.acc.device, cfg.trust_remote_code)
                        if cfg.online_teacher and cfg.alpha > 0 else None)
-        self.module = ClassifyModule(student) if self.task == "classify" else DistillModule(student)
+        if self.task == "classify":
+            check_classifier_student(student, train.vocab_size, train.seq_len, cfg.student or type(student).__name__)
+            if getattr(getattr(student, "config", None), "pad_token_id", 0) is None:  # a decoder without one: the store's
+                student.config.pad_token_id = m0["tokenizer"]["pad_token_id"]
+        self.module = ClassifyModule(student, m0.get("num_labels")) if self.task == "classify" else DistillModule(student)
         if cfg.fsdp:
             if self.world < 2:
                 raise ConfigError("--fsdp: shards the student across processes; launch with torchrun --nproc-per-node N (N >= 2)")

@@ -29,6 +29,10 @@ def check_joinable(urls: list[str], stores: list, prefix: str) -> None:
             raise LogitStoreError(f"{prefix}{url}: seq_len {m['seq_len']} differs from {urls[0]}'s {m0['seq_len']}")
         if m["tokenizer"]["vocab_size"] != m0["tokenizer"]["vocab_size"]:
             raise LogitStoreError(f"{prefix}{url}: vocab_size differs from {urls[0]}'s")
+        for key in ("num_labels", "label_names"):  # classify stores: the same classes, in the same order
+            if m.get(key) != m0.get(key):
+                raise LogitStoreError(f"{prefix}{url}: {key} {m.get(key)!r} differ from {urls[0]}'s {m0.get(key)!r}; "
+                                      "classify stores trained together must share their classes")
         here, there = "doc_start" in inputs_arrays(m), "doc_start" in inputs_arrays(m0)
         if here != there:
             raise LogitStoreError(f"{prefix}{url}: {'records' if here else 'does not record'} document starts and {urls[0]} "

@@ -17,10 +17,12 @@ def temperature_at(step: int, total: int, schedule: str, t0: float, t_final: flo
     """``constant``: t0; ``linear``/``cosine``: from t0 to t_final over ``total`` steps;
     ``exp``: ``t0 * gamma ** (step / total)`` (smooth exponential decay); ``step``:
     ``t0 * gamma ** (step // every)`` (a factor ``gamma`` every ``every`` steps, e.g.
-    ``T = 3.0 * 0.9 ** (step // 1000)``)."""
+    ``T = 3.0 * 0.9 ** (step // 1000)``), never below ``t_final`` when that is below ``t0`` (so a
+    long run cannot drive the temperature, and the KD term, to nothing)."""
     frac = min(1.0, step / max(1, total))
     if schedule == "step":
-        return t0 * gamma ** (step // max(1, every))
+        t = t0 * gamma ** (step // max(1, every))
+        return max(t, t_final) if t_final < t0 else t
     if schedule == "constant":
         return t0
     if schedule == "linear":

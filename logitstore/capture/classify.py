@@ -89,13 +89,16 @@ def _rows(cfg, tok, names: list[str]) -> tuple[list[np.ndarray], list[int], list
             raise LogitStoreError(f"{where}: field {cfg.label_field!r}: {label!r} is not a class of the teachers "
                                   f"(0..{C - 1} or one of {', '.join(names[:6])}{', ...' if C > 6 else ''})")
         ids = tok(text, add_special_tokens=True)["input_ids"]
+        if not ids:
+            raise LogitStoreError(f"{where}: field {cfg.text_field!r}: tokenises to no token")
         if len(ids) > L:
             if overlong == "refuse":
                 raise LogitStoreError(f"{where}: {len(ids)} tokens, longer than --seq-len {L}; raise --seq-len or pass "
                                       "--overlong truncate|drop")
             if overlong == "drop":
                 continue
-            ids = ids[: L - 1] + ids[-1:] if tok.sep_token_id is not None and ids[-1] == tok.sep_token_id else ids[:L]
+            # the tokenizer's own truncation keeps its closing special tokens ([SEP], EOS)
+            ids = tok(text, add_special_tokens=True, truncation=True, max_length=L)["input_ids"]
         ids_out.append(np.asarray(ids, id_dtype(len(tok))))
         labels.append(label)
         rows.append(r)
@@ -174,6 +177,10 @@ def _run_classifier(cfg, spec: TeacherSpec, part: str, todo: list[int], pw: Part
                     device, dtype) -> float:
     """Run one teacher over shards ``todo``, longest rows first per batch; commit each part."""
     model = load_classifier(spec, device, dtype)
+    # decoder classifiers pool at the last token that is not config.pad_token_id: padding must be that id
+    # (without one, each text runs alone); encoders pool at position 0 and ignore what padding holds
+    fill = model.config.pad_token_id
+    batch_size = cfg.batch_size if fill is not None else 1
     forward = 0.0
     with progress_bar(None, spec.name, enabled=cfg.progress) as bar:
         for j in todo:
@@ -184,11 +191,14 @@ def _run_classifier(cfg, spec: TeacherSpec, part: str, todo: list[int], pw: Part
             order = np.argsort(-lens, kind="stable")
             t = time.perf_counter()
             with torch.inference_mode():
-                for s in range(0, len(order), cfg.batch_size):
-                    rows = order[s:s + cfg.batch_size]
+                for s in range(0, len(order), batch_size):
+                    rows = order[s:s + batch_size]
                     w = int(lens[rows].max())
-                    x = torch.from_numpy(ids[rows, :w].astype(np.int64)).to(device)
-                    mask = (torch.arange(w)[None, :] < torch.from_numpy(lens[rows])[:, None]).long().to(device)
+                    mask = (torch.arange(w)[None, :] < torch.from_numpy(lens[rows])[:, None]).long()
+                    x = torch.from_numpy(ids[rows, :w].astype(np.int64))
+                    if fill is not None:
+                        x = torch.where(mask.bool(), x, torch.full_like(x, int(fill)))
+                    x, mask = x.to(device), mask.to(device)
                     out = model(input_ids=x, attention_mask=mask).logits.float()
                     if not torch.isfinite(out).all():
                         raise LogitStoreError(f"teacher {spec.name}: non-finite class logits (fp16 overflow? try --dtype fp32)")
