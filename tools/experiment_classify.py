@@ -177,8 +177,9 @@ def main() -> None:
             results.append({"arm": name, "seed": seed, "accuracy": ev["accuracy"], "macro_f1": ev["macro_f1"], "ce": ev["ce"],
                             "agree_T1": ev["top1_agreement"]["T1"], "fit_s": time.perf_counter() - t0})
             print(f"  {name} seed {seed}: accuracy {ev['accuracy']:.3f} macro-F1 {ev['macro_f1']:.3f}", flush=True)
-    rows = [{"model": "teacher T1 (MiniLM-L6, fine-tuned)", "accuracy": teacher_acc["T1"]},
-            {"model": "teacher T2 (MiniLM-L6, 1 epoch)", "accuracy": teacher_acc["T2"]}]
+    blank = {"± (half range)": None, "macro-F1": None, "val CE": None}
+    rows = [{"model": "teacher T1 (MiniLM-L6, fine-tuned)", "accuracy": teacher_acc["T1"], **blank},
+            {"model": "teacher T2 (MiniLM-L6, 1 epoch)", "accuracy": teacher_acc["T2"], **blank}]
     for name, _ in arms:
         rs = [r for r in results if r["arm"] == name]
         acc = [r["accuracy"] for r in rs]
