@@ -78,10 +78,46 @@ def save_final(student, path: Path, tokenizer, state_dict: dict | None = None, d
 
         tmp.mkdir(parents=True)
         save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()}, str(tmp / "model.safetensors"))
+        config = getattr(student, "config", None)
+        if isinstance(config, dict):  # a module of your own: what load_module needs to build it again
+            cls = type(student)
+            (tmp / MODULE_JSON).write_text(json.dumps({"class": f"{cls.__module__}:{cls.__qualname__}", "kwargs": config}, indent=1))
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     shutil.rmtree(path, ignore_errors=True)
     tmp.rename(path)
+
+
+#: written next to the weights of a student that is not a transformers model (see :func:`load_module`)
+MODULE_JSON = "module.json"
+
+
+def load_module(path: str | Path) -> torch.nn.Module:
+    """A student of your own saved by ``trainer fit`` (``final/``): its class (``module:qualname``,
+    importable) built with the keyword arguments of its ``config`` dict, then its safetensors
+    weights loaded (strictly). A module without a ``config`` dict saves its weights only; rebuild it
+    yourself and ``load_state_dict(safetensors.torch.load_file(path / "model.safetensors"))``."""
+    import importlib
+
+    from safetensors.torch import load_file
+
+    from logitstore.errors import ConfigError
+
+    path = Path(path)
+    spec_file = path / MODULE_JSON
+    if not spec_file.is_file():
+        raise ConfigError(f"{path}: no {MODULE_JSON} (the module had no config dict); build it and load model.safetensors yourself")
+    spec = json.loads(spec_file.read_text())
+    mod, _, name = str(spec.get("class", "")).partition(":")
+    try:
+        cls = importlib.import_module(mod)
+        for part in name.split("."):
+            cls = getattr(cls, part)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"{spec_file}: class {spec.get('class')!r} cannot be imported ({e})") from None
+    model = cls(**spec.get("kwargs", {}))
+    model.load_state_dict(load_file(str(path / "model.safetensors")))
+    return model
 
 
 def cast_state_dict(sd: dict, dtype: torch.dtype) -> dict:
