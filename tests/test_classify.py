@@ -248,3 +248,18 @@ def test_stores_with_other_classes_are_not_trained_together(setup, tmp_path, cls
     _dump(setup, b, (f"perm={other}",), data=str(data))
     with pytest.raises(LogitStoreError, match="label_names .* differ from"):
         ClassifyDataset([str(a), str(b)], batch_size=4)
+
+
+def test_a_saved_datasets_class_labels_map_by_name(setup, tmp_path):
+    """A ClassLabel column whose names are the teachers' in another order: its ints are mapped by name."""
+    import datasets
+
+    names = ["faq", "howto", "tutorial"]
+    rows = [{"text": r["text"], "label": names.index(r["label"] if isinstance(r["label"], str) else LABELS[r["label"]])}
+            for r in setup["rows"]]
+    features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=names)})
+    datasets.Dataset.from_list(rows, features=features).save_to_disk(str(tmp_path / "ds"))
+    out = tmp_path / "s"
+    _dump(setup, out, (f"bert={setup['bert']}",), data=str(tmp_path / "ds"))
+    store = logitstore.open(str(out))
+    assert [LABELS[store[i]["label"]] for i in range(len(store))] == [names[r["label"]] for r in rows]

@@ -76,6 +76,12 @@ def _rows(cfg, tok, names: list[str]) -> tuple[list[np.ndarray], list[int], list
         raise ConfigError("--task classify: --label-field is required (the field holding each text's class)")
     index = {n: i for i, n in enumerate(names)}
     C, L = len(names), cfg.seq_len
+    by_name = _class_label_names(cfg.data, cfg.label_field)  # a saved dataset's ClassLabel: its ints mean these names
+    if by_name is not None:
+        unknown = [n for n in by_name if n not in index]
+        if unknown:
+            raise ConfigError(f"--data {cfg.data}: field {cfg.label_field!r} names classes {unknown} that the teachers do not "
+                              f"have ({', '.join(names)})")
     overlong = cfg.overlong or "truncate"
     ids_out, labels, rows = [], [], []
     for r, (_, rec) in enumerate(iter_records(cfg.data, cfg.text_field, (cfg.label_field,))):
@@ -83,6 +89,8 @@ def _rows(cfg, tok, names: list[str]) -> tuple[list[np.ndarray], list[int], list
         text, label = rec.get(cfg.text_field), rec.get(cfg.label_field)
         if not isinstance(text, str) or not text.strip():
             raise LogitStoreError(f"{where}: field {cfg.text_field!r}: expected a non-empty text")
+        if by_name is not None and isinstance(label, int) and not isinstance(label, bool) and 0 <= label < len(by_name):
+            label = by_name[label]  # the dataset's class, by name, to the teachers' index
         if isinstance(label, str) and label in index:
             label = index[label]
         if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < C:
@@ -105,6 +113,22 @@ def _rows(cfg, tok, names: list[str]) -> tuple[list[np.ndarray], list[int], list
     if not ids_out:
         raise LogitStoreError(f"--data {cfg.data}: no rows")
     return ids_out, labels, rows
+
+
+def _class_label_names(path: str, field: str) -> list[str] | None:
+    """The names of a saved ``datasets`` dataset's ``ClassLabel`` column ``field``, else None."""
+    from pathlib import Path
+
+    from logitstore.capture.documents import _is_saved_dataset
+
+    if not (Path(path).is_dir() and _is_saved_dataset(Path(path))):
+        return None
+    import datasets
+
+    ds = datasets.load_from_disk(path)
+    ds = ds["train"] if isinstance(ds, datasets.DatasetDict) and "train" in ds else ds
+    feature = getattr(ds, "features", {}).get(field)
+    return list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
 
 
 def dump_classify(cfg, specs: list[TeacherSpec], tokenizers: list, fingerprint: str, device: torch.device,
