@@ -26,26 +26,19 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import DATA_TRAIN, ROOT, machine, print_table, write_json
+from common import DATA_TRAIN, ROOT, machine, print_table, tiny_bpe_tokenizer, write_json
 
 PER_RANK = 10**6
 
 
 def build_teacher(path: Path) -> Path:
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     if (path / "config.json").exists():
         return path
     texts = [json.loads(line)["text"] for line in DATA_TRAIN.read_text(encoding="utf-8").splitlines()]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(texts, trainer=trainers.BpeTrainer(vocab_size=1024, special_tokens=["<|endoftext|>"],
-                                                               initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                                               show_progress=False))
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    hf = tiny_bpe_tokenizer(texts, 1024)
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=len(hf), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                       num_key_value_heads=2, max_position_embeddings=1024, eos_token_id=hf.eos_token_id,

@@ -104,3 +104,18 @@ def write_student(out: Path, val_store: str, seq_len: int) -> Path:
     student = out / "student.json"
     student.write_text(json.dumps({**STUDENT, "vocab_size": vocab, "max_position_embeddings": seq_len}))
     return student
+
+
+def tiny_bpe_tokenizer(texts: list[str], vocab_size: int):
+    """A byte-level BPE tokenizer trained on ``texts`` (``<|endoftext|>`` as EOS and BOS), as a
+    ``PreTrainedTokenizerFast``: for the small teachers benchmarks and examples build offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainer=trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                                               initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                               show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")

@@ -39,22 +39,16 @@ DATA = ROOT / "data" / "pydocs-train.jsonl"
 
 def tiny_store(work: Path) -> Path:
     """A tiny store: one random Llama teacher over ~1k tokens of the bundled corpus, in 32-token windows."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM
 
+    from common import tiny_bpe_tokenizer
     from logitstore.dump import DumpConfig, dump
 
     out = work / "store"
     if (out / "manifest.json").is_file():
         return out
     texts = [json.loads(line)["text"][:3000] for line, _ in zip(open(DATA, encoding="utf-8"), range(4))]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(texts, trainer=trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>"],
-                                                               initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                                               show_progress=False))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    tokenizer = tiny_bpe_tokenizer(texts, 320)
     torch.manual_seed(0)
     teacher = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                            num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,

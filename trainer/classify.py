@@ -136,33 +136,10 @@ def check_classifier_student(model: torch.nn.Module, vocab_size: int, seq_len: i
 def load_classifier_student(spec: str, num_labels: int, label_names: list[str], *, trust_remote_code: bool = False):
     """An ``AutoModelForSequenceClassification`` student with the store's classes: from a model
     config file (fresh), or a directory / hub id (a pretrained body; a missing head is initialised)."""
-    from pathlib import Path
+    from .student import load_student
 
-    from transformers import AutoConfig, AutoModelForSequenceClassification
-
-    labels = {"num_labels": num_labels, "id2label": dict(enumerate(label_names)), "label2id": {n: i for i, n in enumerate(label_names)}}
-    p = Path(spec)
-    if p.suffix in (".json", ".yaml", ".yml") and p.is_file():
-        import yaml
-
-        d = yaml.safe_load(p.read_text())
-        if not isinstance(d, dict) or "model_type" not in d:
-            raise ConfigError(f"--student {spec}: a model config needs a 'model_type' (e.g. bert)")
-        d = {**d, **labels}
-        try:
-            model = AutoModelForSequenceClassification.from_config(AutoConfig.for_model(d.pop("model_type"), **d))
-        except (ValueError, KeyError) as e:
-            raise ConfigError(f"--student {spec}: cannot build a sequence classifier from it ({type(e).__name__}: "
-                              f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
-        model.checkpoint_dtype = torch.float32
-        return model
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(spec, dtype="auto", trust_remote_code=trust_remote_code, **labels)
-    except Exception as e:  # transformers raises OSError/ValueError/... for unusable sources
-        raise ConfigError(f"--student {spec}: cannot load as a sequence classifier ({type(e).__name__}: "
-                          f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
-    model.checkpoint_dtype = next(model.parameters()).dtype
-    return model
+    return load_student(spec, trust_remote_code=trust_remote_code, classify=True, num_labels=num_labels,
+                        id2label=dict(enumerate(label_names)), label2id={n: i for i, n in enumerate(label_names)})
 
 
 @torch.no_grad()

@@ -21,35 +21,44 @@ from .losses import kd_ce_loss
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def load_student(spec: str, *, trust_remote_code: bool = False) -> torch.nn.Module:
+def load_student(spec: str, *, trust_remote_code: bool = False, classify: bool = False, **config) -> torch.nn.Module:
     """A directory or hub id (``from_pretrained``), or a model config file (.json/.yaml: a fresh model).
 
+    ``classify``: an ``AutoModelForSequenceClassification`` (else ``AutoModelForCausalLM``);
+    ``config``: settings that override the file's or the checkpoint's (a classifier's labels).
     The weights come back in the checkpoint's own dtype (``dtype="auto"``), recorded as
     ``model.checkpoint_dtype`` (float32 for a fresh model), so the caller chooses the training dtype
     with :func:`cast_parameters` and the saved dtype with it in mind."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    auto = AutoModelForSequenceClassification if classify else AutoModelForCausalLM
+    what = " as a sequence classifier" if classify else ""
     p = Path(spec)
     if p.suffix in (".json", ".yaml", ".yml") and p.is_file():
         import yaml
 
         d = yaml.safe_load(p.read_text())
         if not isinstance(d, dict) or "model_type" not in d:
-            raise ConfigError(f"--student {spec}: a model config needs a 'model_type' (e.g. llama)")
-        d = dict(d)
-        cfg = AutoConfig.for_model(d.pop("model_type"), **d)
-        model = AutoModelForCausalLM.from_config(cfg, trust_remote_code=trust_remote_code)
+            raise ConfigError(f"--student {spec}: a model config needs a 'model_type' (e.g. {'bert' if classify else 'llama'})")
+        d = {**d, **config}
+        try:
+            model = auto.from_config(AutoConfig.for_model(d.pop("model_type"), **d), trust_remote_code=trust_remote_code)
+        except (ValueError, KeyError) as e:  # an unknown model type, or one without this kind of head
+            raise ConfigError(f"--student {spec}: cannot build a model{what} from it ({type(e).__name__}: {_first_line(e)})") from None
         model.checkpoint_dtype = torch.float32
         return model
     if (spec.startswith((".", "/", "~")) or spec.count("/") > 1) and not p.exists():
         raise LogitStoreError(f"--student {spec}: no such file or directory")
     try:
-        model = AutoModelForCausalLM.from_pretrained(spec, dtype="auto", trust_remote_code=trust_remote_code)
+        model = auto.from_pretrained(spec, dtype="auto", trust_remote_code=trust_remote_code, **config)
     except Exception as e:  # transformers raises OSError/ValueError/... for unusable sources
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise LogitStoreError(f"--student {spec}: cannot load ({type(e).__name__}: {first})") from e
+        raise LogitStoreError(f"--student {spec}: cannot load{what} ({type(e).__name__}: {_first_line(e)})") from e
     model.checkpoint_dtype = parameter_dtype(model)
     return model
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else ""
 
 
 def parameter_dtype(model: torch.nn.Module) -> torch.dtype:

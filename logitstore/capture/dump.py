@@ -122,10 +122,7 @@ def _dump(cfg: DumpConfig, ranks: Ranks) -> DumpResult:
         if limit is not None and cfg.seq_len > limit[0]:
             raise ConfigError(f"--seq-len {cfg.seq_len}: teacher {s.name} ({s.source}) takes at most {limit[0]} positions "
                               f"({limit[1]}); use --seq-len {limit[0]} or less")
-    device = resolve_device(rank_device(cfg.device, ranks))
-    on_gpu = device.type == "cuda" or (bool(cfg.device_map) and torch.cuda.is_available())
-    dtype_name = cfg.dtype if cfg.dtype != "auto" else ("bf16" if on_gpu else "fp32")
-    dtype = DTYPES[dtype_name]
+    device, dtype_name, dtype = _device_and_dtype(cfg, ranks)
 
     S = cfg.shard_sequences or max(1, math.ceil(SHARD_TOKENS / cfg.seq_len))
     wspec = window_spec(cfg, source, bos, S)
@@ -166,14 +163,20 @@ def _dump(cfg: DumpConfig, ranks: Ranks) -> DumpResult:
                             new_plan_key)
 
 
+def _device_and_dtype(cfg: DumpConfig, ranks: Ranks) -> tuple[torch.device, str, torch.dtype]:
+    """This rank's device and the teachers' dtype (``--dtype auto``: bf16 on CUDA, fp32 on CPU)."""
+    device = resolve_device(rank_device(cfg.device, ranks))
+    on_gpu = device.type == "cuda" or (bool(cfg.device_map) and torch.cuda.is_available())
+    dtype_name = cfg.dtype if cfg.dtype != "auto" else ("bf16" if on_gpu else "fp32")
+    return device, dtype_name, DTYPES[dtype_name]
+
+
 def _classify(cfg: DumpConfig, ranks: Ranks, specs: list, tokenizers: list, fingerprint: str) -> DumpResult:
     from logitstore.capture.classify import dump_classify
 
     if ranks.distributed:
         raise ConfigError("--task classify: runs in one process (start it without torchrun)")
-    device = resolve_device(cfg.device)
-    dtype_name = cfg.dtype if cfg.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-    result = dump_classify(cfg, specs, tokenizers, fingerprint, device, dtype_name, DTYPES[dtype_name])
+    result = dump_classify(cfg, specs, tokenizers, fingerprint, *_device_and_dtype(cfg, ranks))
     _log(cfg, format_summary(result))
     return result
 
