@@ -63,6 +63,14 @@ def dump(
                                                                      "--seq-len: refuse (default), truncate (default for --task classify) or drop"),
     task: str = typer.Option("lm", "--task", help="lm (causal LM teachers) or classify (sequence classifiers: class logits per text)"),
     label_field: Optional[str] = typer.Option(None, "--label-field", help="--task classify: the field holding each text's class"),
+    hidden_layers: Optional[str] = typer.Option(None, "--hidden-layers", help="also store each teacher's hidden states at these "
+                                                "layers (e.g. 2,4; 0 = embeddings, as output_hidden_states): per token, or pooled "
+                                                "per text for --task classify"),
+    hidden_dim: Optional[int] = typer.Option(None, "--hidden-dim", help="project hidden states to this width through a recorded "
+                                                                        "random projection (default: the model's width)"),
+    hidden_dtype: str = typer.Option("bf16", "--hidden-dtype", help="bf16 or fp16"),
+    hidden_pooling: str = typer.Option("mean", "--hidden-pooling", help="--task classify: mean, first or last real token"),
+    hidden_seed: int = typer.Option(0, "--hidden-seed", help="seed of the --hidden-dim projection (recorded in the manifest)"),
     doc_boundaries: str = typer.Option("auto", "--doc-boundaries", help="packed windows keep each document's attention to itself: "
                                                                          "auto (conversations and token rows), on or off"),
     bos: str = typer.Option("auto", "--bos", help="start each document with BOS: auto (the tokenizer's own convention), always or never"),
@@ -86,7 +94,8 @@ def dump(
         shard_sequences=shard_sequences, trust_remote_code=trust_remote_code, device_map=device_map, max_memory=max_memory,
         offload_folder=offload_folder, tp=tp, progress=not quiet, input=input, messages_field=messages_field,
         chat_template=chat_template, train_on=train_on, overlong=overlong, doc_boundaries=doc_boundaries,
-        task=task, label_field=label_field)), resumable=True)
+        task=task, label_field=label_field, hidden_layers=hidden_layers, hidden_dim=hidden_dim, hidden_dtype=hidden_dtype,
+        hidden_pooling=hidden_pooling, hidden_seed=hidden_seed)), resumable=True)
 
 
 @app.command()

@@ -26,9 +26,11 @@ import numpy as np
 import torch
 
 from logitstore.capture.documents import describe_source, iter_records
+from logitstore.capture.hidden import HiddenCapture, hidden_entry
 from logitstore.capture.teacher import TeacherSpec
 from logitstore.errors import ConfigError, LogitStoreError
 from logitstore.format import layout
+from logitstore.format.hidden import array_name
 from logitstore.format.codec import Encoding, id_dtype
 from logitstore.format.commit import CHUNK_TOKENS, build_manifest, check_or_write_plan, refuse_foreign
 from logitstore.format.hashing import canonical_json_hash, config_hash, sequence_hashes
@@ -160,6 +162,10 @@ def dump_classify(cfg, specs: list[TeacherSpec], tokenizers: list, fingerprint: 
     h.update(np.asarray(labels, "<i8").tobytes())
     teachers = [{**s.identity(t), "dtype": dtype_name, "k": C, "part": layout.teacher_part(i)}
                 for i, (s, t) in enumerate(zip(specs, tokenizers))]
+    for s, c, t in zip(specs, configs, teachers):  # --hidden-layers: pooled per text (logitstore/capture/hidden.py)
+        entry = hidden_entry(cfg, c, s.source, "classify")
+        if entry is not None:
+            t["hidden"] = entry
     source = describe_source(cfg.data, cfg.text_field)
     source.update({"kind": "classify", "label_field": cfg.label_field, "overlong": cfg.overlong or "truncate"})
     plan = {"format": FORMAT_NAME, "format_version": 3, "backend": cfg.format, "encoding": Encoding("lossless").to_dict(),
@@ -191,16 +197,18 @@ def dump_classify(cfg, specs: list[TeacherSpec], tokenizers: list, fingerprint: 
         for spec, t in zip(specs, teachers):
             todo = [j for j in range(n_shards) if not pw.committed(j, t["part"])]
             if todo:
-                forward += _run_classifier(cfg, spec, t["part"], todo, pw, L, V, C, device, dtype)
+                forward += _run_classifier(cfg, spec, t["part"], todo, pw, L, V, C, device, dtype, t.get("hidden"))
         manifest = build_manifest(fs, plan, n_shards, cfg.to_dict())
         fs.write_atomic(MANIFEST, dumps(manifest))
     return DumpResult(manifest, time.perf_counter() - t0, forward, int(lengths.sum()), summary=_summary(cfg.out, manifest))
 
 
 def _run_classifier(cfg, spec: TeacherSpec, part: str, todo: list[int], pw: PartWriter, L: int, V: int, C: int,
-                    device, dtype) -> float:
-    """Run one teacher over shards ``todo``, longest rows first per batch; commit each part."""
+                    device, dtype, hidden: dict | None = None) -> float:
+    """Run one teacher over shards ``todo``, longest rows first per batch; commit each part.
+    ``hidden``: its manifest ``hidden`` entry (pooled hidden states per text, --hidden-layers)."""
     model = load_classifier(spec, device, dtype)
+    cap = HiddenCapture(hidden, device) if hidden else None
     # decoder classifiers pool at the last token that is not config.pad_token_id: padding must be that id
     # (without one, each text runs alone); encoders pool at position 0 and ignore what padding holds
     fill = model.config.pad_token_id
@@ -212,6 +220,7 @@ def _run_classifier(cfg, spec: TeacherSpec, part: str, todo: list[int], pw: Part
             inp = pw.read(j, layout.INPUTS, inputs_specs(_n(pw, j), L, V, ("label", "row")))
             ids, lens = inp["input_ids"], inp["length"].astype(np.int64)
             logits = np.zeros((len(lens), C), np.float32)
+            states = {} if cap is None else {array_name(layer): np.zeros((len(lens), hidden["dim"]), np.uint16) for layer in cap.layers}
             order = np.argsort(-lens, kind="stable")
             t = time.perf_counter()
             with torch.inference_mode():
@@ -223,10 +232,14 @@ def _run_classifier(cfg, spec: TeacherSpec, part: str, todo: list[int], pw: Part
                     if fill is not None:
                         x = torch.where(mask.bool(), x, torch.full_like(x, int(fill)))
                     x, mask = x.to(device), mask.to(device)
-                    out = model(input_ids=x, attention_mask=mask).logits.float()
+                    res = model(input_ids=x, attention_mask=mask, **({"output_hidden_states": cap.arg} if cap else {}))
+                    out = res.logits.float()
                     if not torch.isfinite(out).all():
                         raise LogitStoreError(f"teacher {spec.name}: non-finite class logits (fp16 overflow? try --dtype fp32)")
                     logits[rows] = out.cpu().numpy()
+                    if cap is not None:  # [B, L, n, H] -> pooled [B, n, H] -> projected [B, n, dim]
+                        for a, v in cap.bits(cap.project(cap.pool(cap.pick(res.hidden_states), mask))).items():
+                            states[a][rows] = v
                     bar.update(int(lens[rows].sum()))
             forward += time.perf_counter() - t
             p = torch.softmax(torch.from_numpy(logits).double(), -1)
@@ -236,7 +249,7 @@ def _run_classifier(cfg, spec: TeacherSpec, part: str, todo: list[int], pw: Part
                      "config_hash": config_hash(model.config), "model_type": getattr(model.config, "model_type", None),
                      "model_vocab_size": int(getattr(model.config, "vocab_size", V) or V),
                      "n_parameters": int(sum(p.numel() for p in model.parameters()))}
-            pw.write(j, part, {"logits": logits}, {"stats": stats})
+            pw.write(j, part, {"logits": logits, **states}, {"stats": stats})
     del model
     return forward
 

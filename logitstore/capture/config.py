@@ -63,6 +63,14 @@ class DumpConfig:
     #: class logits per text, logitstore/capture/classify.py), with the row field holding the label
     task: str = "lm"
     label_field: str | None = None
+    #: hidden states to store per teacher (``"2,4"``: ``output_hidden_states`` indices, 0 = embeddings;
+    #: logitstore/capture/hidden.py), through a recorded random projection to ``hidden_dim`` if set
+    hidden_layers: str | None = None
+    hidden_dim: int | None = None
+    #: bf16 or fp16; a classify store's pooling per text: mean, first or last (real token)
+    hidden_dtype: str = "bf16"
+    hidden_pooling: str = "mean"
+    hidden_seed: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "teachers", tuple(self.teachers))
@@ -108,6 +116,22 @@ class DumpConfig:
             raise ConfigError(f"--task: expected lm or classify, got {self.task!r}")
         if self.label_field is not None and self.task != "classify":
             raise ConfigError("--label-field: only with --task classify")
+        from logitstore.capture.hidden import HIDDEN_DTYPES, POOLINGS, parse_layers
+
+        layers = parse_layers(self.hidden_layers)  # refuses a malformed list now
+        if self.hidden_dtype not in HIDDEN_DTYPES:
+            raise ConfigError(f"--hidden-dtype: expected one of {', '.join(HIDDEN_DTYPES)}, got {self.hidden_dtype!r}")
+        if self.hidden_pooling not in POOLINGS:
+            raise ConfigError(f"--hidden-pooling: expected one of {', '.join(POOLINGS)}, got {self.hidden_pooling!r}")
+        if self.hidden_dim is not None and (not isinstance(self.hidden_dim, int) or self.hidden_dim < 1):
+            raise ConfigError(f"--hidden-dim: expected a positive integer, got {self.hidden_dim}")
+        if not isinstance(self.hidden_seed, int) or not 0 <= self.hidden_seed < 1 << 63:
+            raise ConfigError(f"--hidden-seed: expected an integer >= 0, got {self.hidden_seed}")
+        if self.hidden_dim is not None and not layers:
+            raise ConfigError("--hidden-dim: only with --hidden-layers")
+        if layers and self.tp > 1:
+            raise ConfigError("--hidden-layers: not with --tp (hidden states of a tensor-parallel teacher are not captured); "
+                              "dump them with one process per copy, or --device-map")
         if self.doc_boundaries not in ("auto", "on", "off"):
             raise ConfigError(f"--doc-boundaries: expected auto, on or off, got {self.doc_boundaries!r}")
 

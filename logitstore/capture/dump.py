@@ -24,7 +24,7 @@ from logitstore.format import layout
 from logitstore.format.codec import SCALARS, Encoding
 from logitstore.capture.corpus import adds_bos, resolve_bos
 from logitstore.capture.config import DumpConfig, optional_inputs, source_for, window_spec
-from logitstore.capture.placement import Parallel, device_map_kwargs, parse_device_map, parse_max_memory, tp_kwargs
+from logitstore.capture.placement import Parallel, device_map_kwargs, output_device, parse_device_map, parse_max_memory, tp_kwargs
 from logitstore.capture.ranks import (Ranks, any_rank_has_work, barrier, process_group, rank_device, ranks_from_env,
                                      share_from_group, share_from_rank0, tp_groups)
 from logitstore.capture.shard_inputs import ShardInputs, corpus_plan, record_corpus_plan
@@ -34,6 +34,7 @@ from logitstore.storage.fsio import StoreFS
 from logitstore.storage.lock import store_lock
 from logitstore.format.hashing import tokenizer_fingerprint
 from logitstore.format.commit import CHUNK_TOKENS, build_manifest, check_or_write_plan, refuse_foreign, summarize
+from logitstore.capture.hidden import HiddenCapture, hidden_entry
 from logitstore.format.manifest import FORMAT_NAME, FORMAT_VERSION, MANIFEST, dumps, parse_manifest, written_version
 from logitstore.progress import progress_bar
 from logitstore.capture.teacher import DTYPES, TeacherRunner, TeacherSpec, model_identity, position_limit, resolve_device
@@ -140,6 +141,10 @@ def _dump(cfg: DumpConfig, ranks: Ranks) -> DumpResult:
     encoding = Encoding(cfg.encoding)
     teacher_ids = [{**s.identity(t), "dtype": dtype_name, "k": cfg.top_k, "part": layout.teacher_part(i)}
                    for i, (s, t) in enumerate(zip(specs, tokenizers))]
+    for s, t in zip(specs, teacher_ids):  # --hidden-layers: checked against each teacher's config (logitstore/capture/hidden.py)
+        entry = hidden_entry(cfg, s.load_config(), s.source, "lm")
+        if entry is not None:
+            t["hidden"] = entry
     plan = {
         "format": FORMAT_NAME, "format_version": FORMAT_VERSION,
         "backend": cfg.format, "encoding": encoding.to_dict(),
@@ -152,7 +157,7 @@ def _dump(cfg: DumpConfig, ranks: Ranks) -> DumpResult:
         "teachers": teacher_ids,
     }
     optional = optional_inputs(wspec)
-    if optional:  # format version 3 (FORMAT.md): per-token inputs, and targets at trained positions only
+    if optional or cfg.hidden_layers:  # format version 3 (FORMAT.md): per-token inputs, targets at trained positions only, hidden states
         plan.update({"inputs": list(optional), "targets": "trained" if wspec.masked else "all"})
     plan["format_version"] = written_version(plan)
     if rank == 0:
@@ -227,7 +232,8 @@ def _write_store(cfg: DumpConfig, ranks: Ranks, fs: StoreFS, plan: dict, t_start
             # loading a tensor-parallel teacher builds its device mesh, a collective of every rank: a
             # group with nothing left loads it too, runs nothing and unloads it (every rank asks)
             if (any_rank_has_work(len(todo)) if par.tp > 1 else bool(todo)):
-                t = _run_teacher(cfg, spec, ident["part"], todo, pw, bg, inputs, par, ranks, encoding, vocab, device, dtype)
+                t = _run_teacher(cfg, spec, ident["part"], todo, pw, bg, inputs, par, ranks, encoding, vocab, device, dtype,
+                                 ident.get("hidden"))
                 load_seconds, forward_total, tokens_run = load_seconds + t[0], forward_total + t[1], tokens_run + t[2]
         if par.writer:
             skipped += inputs.write_missing(mine, bg)  # inputs of shards no teacher needed to run
@@ -252,12 +258,13 @@ def _write_store(cfg: DumpConfig, ranks: Ranks, fs: StoreFS, plan: dict, t_start
 
 def _run_teacher(cfg: DumpConfig, spec: TeacherSpec, part: str, todo: list[int], pw: PartWriter, bg: BackgroundWriter,
                  inputs: ShardInputs, par: Parallel, ranks: Ranks, encoding: Encoding, vocab: int, device,
-                 dtype) -> tuple[float, float, int]:
+                 dtype, hidden: dict | None = None) -> tuple[float, float, int]:
     """Load one teacher, run it over shards ``todo`` and queue their parts (a group's writer only);
-    unload it (only one teacher is resident at a time). Returns (load seconds, forward seconds, tokens run)."""
+    unload it (only one teacher is resident at a time). ``hidden``: its manifest ``hidden`` entry
+    (--hidden-layers). Returns (load seconds, forward seconds, tokens run)."""
     t_load = time.perf_counter()
     model = spec.load_model(device, dtype, _placement(cfg, par, ranks))
-    runner = TeacherRunner(model, vocab, cfg.top_k)
+    runner = TeacherRunner(model, vocab, cfg.top_k, capture=HiddenCapture(hidden, output_device(model)) if hidden else None)
     load_seconds = time.perf_counter() - t_load
     mid = model_identity(model, dtype)
     tokens_run = 0
@@ -315,6 +322,8 @@ def _run_shard(runner: TeacherRunner, input_ids: np.ndarray, lengths: np.ndarray
         width = int(lengths[rows].max())
         r = runner.run(input_ids[rows, :width], lengths[rows], None if position_ids is None else position_ids[rows, :width])
         for name, v in r.items():
+            if name not in out:  # hidden_{layer} (--hidden-layers): [n, L, dim] uint16
+                out[name] = np.zeros((n, L, *v.shape[2:]), v.dtype)
             out[name][rows, :width] = v
         bar.update(int(lengths[rows].sum()))
     return out

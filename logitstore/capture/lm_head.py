@@ -85,11 +85,15 @@ class ChunkedHead:
         self._out_dtype_mm = True  # torch.mm(..., out_dtype=float32): CUDA only; turned off if it fails
 
     def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-               position_ids: torch.Tensor | None = None) -> torch.Tensor:
+               position_ids: torch.Tensor | None = None, capture=None):
         """``position_ids`` [B, L] restarting per document: attention stays inside each (see
-        :func:`model_inputs`)."""
+        :func:`model_inputs`). ``capture`` (a :class:`logitstore.capture.hidden.HiddenCapture`, or
+        anything with ``arg`` and ``pick``): also the requested layers' hidden states from the same
+        forward, returned as ``(final [B, L, H], layers [B, L, n, H])``."""
         def run(ids, mask, pos):
-            return self.model.base_model(input_ids=ids, **model_inputs(mask, pos), **no_cache(self.model)).last_hidden_state
+            extra = {"output_hidden_states": capture.arg} if capture is not None else {}
+            out = self.model.base_model(input_ids=ids, **model_inputs(mask, pos), **no_cache(self.model), **extra)
+            return out.last_hidden_state if capture is None else (out.last_hidden_state, capture.pick(out.hidden_states))
 
         return packed_call(self.model, run, input_ids, attention_mask, position_ids)
 
@@ -201,11 +205,14 @@ def model_inputs(attention_mask: torch.Tensor | None, position_ids: torch.Tensor
 
 
 def forward_logits(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                   position_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """The model's own logits ``[B, L, V]`` (what every caller compares with)."""
+                   position_ids: torch.Tensor | None = None, capture=None):
+    """The model's own logits ``[B, L, V]`` (what every caller compares with); with ``capture`` (see
+    :meth:`ChunkedHead.hidden`) ``(logits, layers [B, L, n, H])`` from the same forward."""
     def run(ids, mask, pos):
-        out = model(input_ids=ids, **model_inputs(mask, pos), **no_cache(model))
-        return out.logits if hasattr(out, "logits") else out
+        extra = {"output_hidden_states": capture.arg} if capture is not None else {}
+        out = model(input_ids=ids, **model_inputs(mask, pos), **no_cache(model), **extra)
+        logits = out.logits if hasattr(out, "logits") else out
+        return logits if capture is None else (logits, capture.pick(getattr(out, "hidden_states", None)))
 
     return packed_call(model, run, input_ids, attention_mask, position_ids)
 
@@ -229,10 +236,14 @@ def packed_call(model: torch.nn.Module, run, input_ids: torch.Tensor, attention_
     if position_ids is None or input_ids.shape[0] == 1 or not flatten:
         return run(input_ids, attention_mask, position_ids)
     keep = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
-    out = run(input_ids[keep][None], None, position_ids[keep][None])[0]  # [N, ...]
-    full = out.new_zeros((*input_ids.shape, *out.shape[1:]))
-    full[keep] = out
-    return full
+    got = run(input_ids[keep][None], None, position_ids[keep][None])  # [1, N, ...] (or a tuple of them)
+
+    def scatter(out):
+        full = out.new_zeros((*input_ids.shape, *out.shape[2:]))
+        full[keep] = out[0]
+        return full
+
+    return tuple(scatter(o) for o in got) if isinstance(got, tuple) else scatter(got)
 
 
 def check_against_forward(head: ChunkedHead, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,

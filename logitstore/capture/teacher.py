@@ -234,6 +234,9 @@ class TeacherRunner:
     vocab_size: int
     k: int
     chunk_positions: int = 1024
+    #: --hidden-layers: the teacher's hidden states at some layers, from the same forward
+    #: (:class:`logitstore.capture.hidden.HiddenCapture`); ``run`` then also returns ``hidden_{layer}``
+    capture: object | None = None
     forward_seconds: float = field(default=0.0, init=False)
 
     def __post_init__(self) -> None:
@@ -304,16 +307,28 @@ class TeacherRunner:
         """Yield ``(start, x)`` over the flattened ``B * L`` positions: ``x`` is the final hidden
         states ``[n, H]`` of a chunk on the chunked path, the logits ``[n, V_model]`` on the forward path."""
         B, L = ids.shape
+        cap = self.capture
         if self.head is not None:
-            flat_h = self.head.hidden(ids, mask, pos).reshape(B * L, -1)  # [B, L, H]: the head runs per chunk
+            h = self.head.hidden(ids, mask, pos, capture=cap)
+            if cap is not None:
+                h, got = h  # [B, L, n, H], projected a row at a time: [B, L, n, dim]
+                self._layers = torch.cat([cap.project(got[b : b + 1]) for b in range(got.shape[0])])
+            flat_h = h.reshape(B * L, -1)  # [B, L, H]: the head runs per chunk
             with self.head.loaded():
                 for s in range(0, B * L, self.chunk_positions):
                     yield s, flat_h[s : s + self.chunk_positions]
             return
         rows = max(1, self.chunk_positions // L)  # whole sequences per forward: [rows, L, V] logits at a time
+        layers = []
         for b in range(0, B, rows):
-            logits = forward_logits(self.model, ids[b : b + rows], mask[b : b + rows], None if pos is None else pos[b : b + rows])
+            logits = forward_logits(self.model, ids[b : b + rows], mask[b : b + rows], None if pos is None else pos[b : b + rows],
+                                    capture=cap)
+            if cap is not None:
+                logits, got = logits
+                layers.append(cap.project(got))  # projected now: [rows, L, n, dim] stays small
             yield b * L, logits.reshape(-1, logits.shape[-1])
+        if cap is not None:
+            self._layers = torch.cat(layers)
 
     def run(self, input_ids: np.ndarray, lengths: np.ndarray, position_ids: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """``input_ids`` [B, L], ``lengths`` [B] -> ids/logprobs [B, L, k], scalars [B, L].
@@ -361,12 +376,19 @@ class TeacherRunner:
         res = {n: torch.cat(v) for n, v in outs.items()}
         for n, v in res.items():  # zero the padding positions
             v[~keep] = 0
+        hidden = self._hidden(mask) if self.capture is not None else {}
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.forward_seconds += time.perf_counter() - t0
         out = {n: v.reshape(B, L, *v.shape[1:]).cpu().numpy() for n, v in res.items()}
         out["ids"] = out["ids"].astype(np.int64, copy=False)
+        out.update(hidden)
         return out
+
+    def _hidden(self, mask: torch.Tensor) -> dict[str, np.ndarray]:
+        """The captured layers of this batch, projected, zero at padding: ``hidden_{layer}`` uint16 [B, L, dim]."""
+        stacked, self._layers = self._layers, None
+        return self.capture.bits(stacked * mask.to(stacked.device)[:, :, None, None])
 
 
 def is_tensor_parallel(model) -> bool:

@@ -19,6 +19,7 @@ from logitstore.format import layout
 from logitstore.format.backends import AtMost
 from logitstore.format.codec import Encoding, id_dtype
 from logitstore.format.hashing import SEQ_HASH_BYTES
+from logitstore.format.hidden import part_specs as hidden_specs
 from logitstore.format.manifest import (MAX_FILE_NAMES, MAX_SHARD_SEQUENCES, check_relpath, inputs_arrays, task_of,
                                        trained_only)
 
@@ -149,14 +150,16 @@ class ShardIndex:
         if part == layout.INPUTS:
             return inputs_specs(n, L, V, self.optional_inputs)
         t = next(t for t in self.teachers if t["part"] == part)
-        if self.task == "classify":  # every class's logit per sequence, float32
-            return {"logits": (np.dtype(np.float32), (n, self.num_labels))}
+        if self.task == "classify":  # every class's logit per sequence, float32; pooled hidden states [n, dim]
+            return {"logits": (np.dtype(np.float32), (n, self.num_labels)), **(hidden_specs(t["hidden"], (n,)) if "hidden" in t else {})}
         # trained positions only: one row per position the loss mask trains, at most every position
         # of the shard (the exact count is checked against the inputs' loss mask before decoding)
         rows = (AtMost(n * L),) if self.trained_only else (n, L)
         specs = {name: (dt, rows + shape) for name, (dt, shape) in self.encoding.array_specs(t["k"], V).items()}
         if self.encoding.name == "compact":
             specs["id_order"] = (id_dtype(V), (AtMost(V),))  # refused before decoding if longer
+        if "hidden" in t:  # per token: the same rows as the targets
+            specs.update(hidden_specs(t["hidden"], rows))
         return specs
 
 

@@ -13,6 +13,7 @@ import re
 from logitstore.format.codec import Encoding
 from logitstore.errors import FormatError
 from logitstore.format.hashing import canonical_json_hash
+from logitstore.format.hidden import parse_hidden
 
 FORMAT_NAME = "logitstore"
 #: the newest version this package writes and reads; a store is written as version 2 unless it uses
@@ -141,6 +142,10 @@ def validate_header(d: object, where: str = MANIFEST) -> dict:
         names.add(name)
         _int(t, "k", w, 1, vocab)
         check_relpath(_get(t, "part", str, w), f"{w}.part")
+        if "hidden" in t:  # version 3: hidden states at some layers (logitstore/format/hidden.py)
+            if version < 3:
+                raise FormatError(f"{w}.hidden: a version-3 field in a version-{version} store")
+            parse_hidden(t["hidden"], d.get("task", "lm"), f"{w}.hidden")
     if len({t["part"] for t in teachers}) != len(teachers) or "inputs" in {t["part"] for t in teachers}:
         raise FormatError(f"{where}.teachers: every teacher needs its own part name, other than 'inputs'")
     return d
@@ -177,9 +182,10 @@ def _validate_v3_fields(d: dict, version: int, where: str) -> None:
 
 
 def written_version(header: dict) -> int:
-    """The version a store with this header is written as: 3 if it has optional inputs or
-    trained-only targets, else 2."""
-    return 3 if header.get("inputs") or header.get("targets", "all") != "all" or header.get("task", "lm") != "lm" else 2
+    """The version a store with this header is written as: 3 if it has optional inputs,
+    trained-only targets, classify teachers or hidden states, else 2."""
+    hidden = any(isinstance(t, dict) and "hidden" in t for t in header.get("teachers", []))
+    return 3 if header.get("inputs") or header.get("targets", "all") != "all" or header.get("task", "lm") != "lm" or hidden else 2
 
 
 def task_of(manifest: dict) -> str:

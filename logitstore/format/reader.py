@@ -21,6 +21,7 @@ from logitstore.format import layout
 from logitstore.format.backends import get_backend
 from logitstore.format.codec import Encoding
 from logitstore.format.decode import check_inputs, check_lengths, decode_class_logits, decode_teacher, join_rows, slice_rows
+from logitstore.format.hidden import decode_hidden, stored_projection
 from logitstore.format.index import ShardIndex
 from logitstore.format.index_files import read_index, read_sequences
 from logitstore.format.live import LiveView
@@ -202,19 +203,35 @@ class Store:
         trained = out["loss_mask"] if self.index.trained_only else None
         out["teachers"] = {}
         for name in names:
-            part = self.teacher(name)["part"]
+            t = self.teacher(name)
+            part, where = t["part"], self.index.where(shard, t["part"])
+            arrays = self.read_part(shard, part)
+            hidden = {}
+            if "hidden" in t:  # --hidden-layers: hidden_{layer} as float32 (logitstore/format/hidden.py)
+                hidden = decode_hidden(t["hidden"], arrays, where, trained)
+                arrays = {a: v for a, v in arrays.items() if not a.startswith("hidden_")}
             if self.task == "classify":
-                out["teachers"][name] = decode_class_logits(self.read_part(shard, part), self.index.where(shard, part))
+                out["teachers"][name] = {**decode_class_logits(arrays, where), **hidden}
                 continue
-            out["teachers"][name] = decode_teacher(self.encoding, self.read_part(shard, part), self.vocab_size,
-                                                   self.index.where(shard, part), trained)
+            out["teachers"][name] = {**decode_teacher(self.encoding, arrays, self.vocab_size, where, trained), **hidden}
         return out
+
+    def hidden_projection(self, teacher: str) -> np.ndarray | None:
+        """The fixed projection ``[model_dim, dim]`` float32 a teacher's stored hidden states went
+        through (``--hidden-dim``), rebuilt from the manifest and checked against its sha256; None if
+        they are stored at the model's width. Raises KeyError for a teacher without hidden states."""
+        t = self.teacher(teacher)
+        if "hidden" not in t:
+            raise KeyError(f"teacher {teacher!r} of {self.url} stores no hidden states (dump with --hidden-layers)")
+        return stored_projection(t["hidden"], f"{self.url}/{MANIFEST}: teacher {teacher!r}.hidden")
 
     def __getitem__(self, i: int) -> dict:
         """Sequence ``i``: ``input_ids`` [n], ``seq_hash`` (16 bytes), ``loss_mask`` [n] bool
         (position ``t`` is True when token ``t + 1`` is trained), ``position_ids`` [n], ``row`` (the
         ``--data`` row it came from, or None) and ``teachers`` {name: {``ids``, ``logprobs`` [n, k];
-        ``tail_mass``, ``gold_logprob``, ``entropy`` [n]}} with ``n`` its length. Position ``t``
+        ``tail_mass``, ``gold_logprob``, ``entropy`` [n]; ``hidden`` {layer: [n, dim] float32} where the
+        store holds hidden states}} with ``n`` its length (a classify store: ``label``, and per teacher
+        ``logits`` [C] and ``hidden`` {layer: [dim]}). Position ``t``
         describes the teacher's distribution of token ``t + 1`` given tokens ``<= t`` of its document."""
         j, r = self.index.locate(int(i))
         sh = self.load_shard(j)
@@ -222,14 +239,14 @@ class Store:
         if self.task == "classify":  # one class per sequence: the label and every class's logit
             return {"input_ids": sh["input_ids"][r, :n], "seq_hash": bytes(sh["seq_hash"][r]), "label": int(sh["label"][r]),
                     "row": int(sh["row"][r]) if "row" in sh else None,
-                    "teachers": {name: {"logits": td["logits"][r]} for name, td in sh["teachers"].items()}}
+                    "teachers": {name: _nest_hidden({a: v[r] for a, v in td.items()}) for name, td in sh["teachers"].items()}}
         return {
             "input_ids": sh["input_ids"][r, :n],
             "seq_hash": bytes(sh["seq_hash"][r]),
             "loss_mask": sh["loss_mask"][r, :n],
             "position_ids": sh["position_ids"][r, :n],
             "row": int(sh["row"][r]) if "row" in sh else None,
-            "teachers": {name: {a: v[r, :n] for a, v in td.items()} for name, td in sh["teachers"].items()},
+            "teachers": {name: _nest_hidden({a: v[r, :n] for a, v in td.items()}) for name, td in sh["teachers"].items()},
         }
 
     def iter_batches(self, batch_size: int, teachers: list[str] | None = None, *, torch: bool = False) -> Iterator[dict]:
@@ -256,3 +273,12 @@ class Store:
                     pending, have = [], 0
         if pending:
             yield join_rows(pending, torch)
+
+
+def _nest_hidden(td: dict) -> dict:
+    """A teacher's arrays for one sequence with its ``hidden_{layer}`` arrays under ``hidden`` {layer: array}."""
+    hidden = {int(a.removeprefix("hidden_")): v for a, v in td.items() if a.startswith("hidden_")}
+    out = {a: v for a, v in td.items() if not a.startswith("hidden_")}
+    if hidden:
+        out["hidden"] = hidden
+    return out

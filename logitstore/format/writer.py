@@ -159,10 +159,13 @@ class BackgroundWriter:
 def encode_teacher_part(encoding: Encoding, vocab: int, res: dict, trained: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """The arrays of a teacher part from ``ids``/``logprobs`` [n, L, k] (log-probs descending) and
     ``tail_mass``, ``gold_logprob``, ``entropy`` [n, L]; with ``trained`` [n, L] bool, only those
-    positions, as ``[P, ...]`` rows in sequence-major order (FORMAT.md, trained-only targets)."""
+    positions, as ``[P, ...]`` rows in sequence-major order (FORMAT.md, trained-only targets).
+    ``hidden_{layer}`` [n, L, dim] arrays in ``res`` (--hidden-layers) are stored alongside, the same rows."""
+    hidden = {name: v for name, v in res.items() if name.startswith("hidden_")}  # [n, L, dim] uint16 (--hidden-layers)
     if trained is not None:
-        return encoding.encode(res["ids"][trained], res["logprobs"][trained], {s: res[s][trained] for s in SCALARS}, vocab)
+        enc = encoding.encode(res["ids"][trained], res["logprobs"][trained], {s: res[s][trained] for s in SCALARS}, vocab)
+        return {**enc, **{name: v[trained] for name, v in hidden.items()}}
     n, L, k = res["ids"].shape
     scal = {s: res[s].reshape(-1) for s in SCALARS}
     enc = encoding.encode(res["ids"].reshape(n * L, k), res["logprobs"].reshape(n * L, k), scal, vocab)
-    return {name: (v if name == "id_order" else v.reshape(n, L, *v.shape[1:])) for name, v in enc.items()}
+    return {**{name: (v if name == "id_order" else v.reshape(n, L, *v.shape[1:])) for name, v in enc.items()}, **hidden}
