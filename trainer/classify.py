@@ -44,6 +44,7 @@ class ClassifyDataset(DistillDataset):
         lengths = np.zeros(B, np.int64)
         labels = np.full(B, -100, np.int64)
         logits = np.zeros((len(self.teachers), B, self.num_labels), np.float32) if self.with_targets else None
+        hidden = {(m, layer): np.zeros((B, self.hidden_dims[m]), np.float32) for m, layer in self.hidden}
         for b, i in enumerate(indices):
             sh, r = rows0[b]
             lengths[b] = sh["length"][r]
@@ -58,12 +59,16 @@ class ClassifyDataset(DistillDataset):
                     raise LogitStoreError(f"--logits {self.urls[si]}: its text for {self.urls[0]}'s text {int(i)} differs "
                                       "(content hash); the stores do not hold the same data")
                 logits[t, b] = tsh["teachers"][name]["logits"][tr]
+                for layer in (layer for m, layer in self.hidden if m == t):  # pooled states (trainer/features.py)
+                    hidden[t, layer][b] = tsh["teachers"][name][f"hidden_{layer}"][tr]
         batch = {"input_ids": torch.from_numpy(input_ids),
                  "attention_mask": torch.from_numpy((np.arange(L)[None, :] < lengths[:, None]).astype(np.int64)),
                  "labels": torch.from_numpy(labels), "index": torch.from_numpy(np.asarray(indices, np.int64)),
                  "weight": torch.from_numpy(np.asarray(weights, np.float32))}
         if logits is not None:
             batch["teacher_logits"] = torch.from_numpy(logits)
+        for (m, layer), v in hidden.items():
+            batch[f"hidden_{m}_{layer}"] = torch.from_numpy(v)  # [B, dim]
         return batch
 
     @property
@@ -92,25 +97,35 @@ class ClassifyModule(torch.nn.Module):
         super().__init__()
         self.student = student
         self.num_labels = num_labels
+        #: feature / relation KD (trainer/features.py) and the pooling of the store's hidden states
+        self.features, self.pooling = None, None
 
-    def logits(self, input_ids, attention_mask) -> torch.Tensor:
+    def logits(self, input_ids, attention_mask, capture=None) -> torch.Tensor:
+        """[B, C]; with ``capture`` (:class:`trainer.features.StudentLayers`) ``(logits, layers [B, L, n, H])``."""
         # decoder classifiers pool at the last token that is not config.pad_token_id: pad with it
         pad = getattr(getattr(self.student, "config", None), "pad_token_id", None)
         if pad is not None:
             input_ids = torch.where(attention_mask.bool(), input_ids, torch.full_like(input_ids, int(pad)))
-        out = self.student(input_ids=input_ids, attention_mask=attention_mask)
+        extra = {"output_hidden_states": capture.arg} if capture is not None else {}
+        out = self.student(input_ids=input_ids, attention_mask=attention_mask, **extra)
         logits = (out.logits if hasattr(out, "logits") else out).float()
         if logits.ndim != 2 or logits.shape != (input_ids.shape[0], self.num_labels or logits.shape[-1]):
             raise ConfigError(f"--student: gives logits of shape {tuple(logits.shape)}, expected [batch, {self.num_labels}] "
                               "(one logit per class of the store)")
-        return logits
+        return logits if capture is None else (logits, capture.pick(getattr(out, "hidden_states", None)))
 
     def forward(self, batch: dict, *, temperature: float, teacher_temperatures: list[float], weights: list[float], fuse_mode: str,
                 loss: str, tail: str, beta: float, chunk_positions: int, vocab_size: int, with_kd: bool = True,
-                return_argmax: bool = False):
-        logits = self.logits(batch["input_ids"], batch["attention_mask"])  # [B, C]
+                return_argmax: bool = False, with_aux: bool = False):
+        """``with_aux`` (training): also the feature and relation terms (see ``DistillModule``)."""
+        cap = self.features.layers if self.features is not None and with_aux else None
+        aux = {}
+        logits = self.logits(batch["input_ids"], batch["attention_mask"], capture=cap)  # [B, C]
         labels = batch["labels"]
         keep = labels != -100
+        if cap is not None:
+            logits, stacked = logits
+            aux.update(self.features(cap.split(stacked), batch, keep, self.pooling, batch["attention_mask"]))
         n = keep.sum()
         ce = F.cross_entropy(logits[keep], labels[keep], reduction="sum") if bool(n) else logits.sum() * 0.0
         kd = logits.sum() * 0.0
@@ -118,9 +133,8 @@ class ClassifyModule(torch.nn.Module):
             target = fuse_classes(batch["teacher_logits"], temperatures=teacher_temperatures, weights=weights, mode=fuse_mode)
             student = torch.log_softmax(logits / temperature, -1)
             kd = dense_divergence(student[keep], target[keep], loss=loss, beta=beta).sum() * temperature ** 2
-        if return_argmax:
-            return ce, kd, n, logits.argmax(-1)
-        return ce, kd, n
+        out = (ce, kd, n, logits.argmax(-1)) if return_argmax else (ce, kd, n)
+        return (*out, aux) if with_aux else out
 
 
 def check_classifier_student(model: torch.nn.Module, vocab_size: int, seq_len: int, where: str) -> None:

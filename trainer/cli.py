@@ -59,6 +59,12 @@ def fit(
     beta: Optional[float] = typer.Option(None, help=_help("beta", "jsd mixture weight of the teacher")),
     tail: Optional[str] = typer.Option(None, help=_help("tail", "bucket or renorm")),
     fuse: Optional[str] = typer.Option(None, help=_help("fuse", "mean-probs or mean-logits")),
+    feature_weight: Optional[float] = typer.Option(None, "--feature-weight", help=_help("feature_weight", "weight of the feature (hidden-state) loss; 0: off")),
+    feature_loss: Optional[str] = typer.Option(None, "--feature-loss", help=_help("feature_loss", "mse or cosine")),
+    feature_map: Optional[str] = typer.Option(None, "--feature-map", help=_help("feature_map", "STUDENT_LAYER:TEACHER_LAYER pairs, e.g. 2:4,4:8")),
+    rkd_distance: Optional[float] = typer.Option(None, "--rkd-distance", help=_help("rkd_distance", "weight of the RKD distance loss; 0: off")),
+    rkd_angle: Optional[float] = typer.Option(None, "--rkd-angle", help=_help("rkd_angle", "weight of the RKD angle loss; 0: off")),
+    rkd_map: Optional[str] = typer.Option(None, "--rkd-map", help=_help("rkd_map", "STUDENT_LAYER:TEACHER_LAYER of the relation loss")),
     online_teacher: Optional[str] = typer.Option(None, "--online-teacher",
                                                  help="baseline: run this teacher on every batch (full-vocabulary KD) instead of the cached targets"),
     device: Optional[str] = typer.Option(None, help=_help("device", "auto, cpu or cuda")),
@@ -91,7 +97,8 @@ def fit(
                      epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, lr=lr, seed=seed, alpha=alpha, temperature=temperature,
                      temperature_schedule=temperature_schedule, loss=loss, beta=beta, tail=tail, fuse=fuse, online_teacher=online_teacher, device=device,
                      precision=precision, param_dtype=param_dtype, save_dtype=save_dtype, num_workers=num_workers, eval_every=eval_every, checkpoint_every=checkpoint_every,
-                     cache_dir=cache_dir, prefetch=prefetch, streams=streams, task=task)
+                     cache_dir=cache_dir, prefetch=prefetch, streams=streams, task=task, feature_weight=feature_weight,
+                     feature_loss=feature_loss, feature_map=feature_map, rkd_distance=rkd_distance, rkd_angle=rkd_angle, rkd_map=rkd_map)
         if resume:
             flags["resume"] = True
         if skip_bad_shards:

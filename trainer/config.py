@@ -49,6 +49,15 @@ class FitConfig:
     beta: float = 0.5
     tail: str = "bucket"
     fuse: str = "mean-probs"
+    #: feature KD from stored hidden states (trainer/features.py): weight (0: off), ``mse`` or
+    #: ``cosine``, and ``STUDENT_LAYER:TEACHER_LAYER`` pairs (``output_hidden_states`` indices)
+    feature_weight: float = 0.0
+    feature_loss: str = "mse"
+    feature_map: str | None = None
+    #: relation KD (RKD) on one vector per sequence: distance and angle weights (0: off), one layer pair
+    rkd_distance: float = 0.0
+    rkd_angle: float = 0.0
+    rkd_map: str | None = None
     #: online KD baseline: this teacher (path, hub id or .gguf) runs on every batch and its full
     #: distribution replaces the stores' targets (the stores then only supply the token windows)
     online_teacher: str | None = None
@@ -148,8 +157,28 @@ class FitConfig:
                "use --param-dtype fp32 (default) or bf16")
         _check(self.save_dtype in ("checkpoint", *DTYPES),
                f"--save-dtype: expected checkpoint or one of {', '.join(DTYPES)}, got {self.save_dtype!r}")
+        from .features import FEATURE_LOSSES, parse_layer_map
+
+        _check(self.feature_loss in FEATURE_LOSSES, f"--feature-loss: expected one of {', '.join(FEATURE_LOSSES)}, got {self.feature_loss!r}")
+        for name in ("feature_weight", "rkd_distance", "rkd_angle"):
+            v = getattr(self, name)
+            _check(math.isfinite(v) and v >= 0, f"--{name.replace('_', '-')}: expected a number >= 0 (0: off), got {v}")
+        pairs = parse_layer_map(self.feature_map, "--feature-map")
+        _check(not self.feature_weight or pairs, "--feature-weight: needs --feature-map STUDENT_LAYER:TEACHER_LAYER,...")
+        _check(not pairs or self.feature_weight, "--feature-map: needs --feature-weight > 0")
+        rkd = parse_layer_map(self.rkd_map, "--rkd-map")
+        _check(len(rkd) <= 1, "--rkd-map: one STUDENT_LAYER:TEACHER_LAYER pair")
+        _check(not (self.rkd_distance or self.rkd_angle) or rkd, "--rkd-distance/--rkd-angle: need --rkd-map STUDENT_LAYER:TEACHER_LAYER")
+        _check(not rkd or self.rkd_distance or self.rkd_angle, "--rkd-map: needs --rkd-distance or --rkd-angle > 0")
+        _check(not (self.uses_hidden and self.online_teacher), "--feature-weight/--rkd-*: use stored hidden states; not with --online-teacher")
+        _check(not (self.uses_hidden and self.fsdp), "--feature-weight/--rkd-*: not with --fsdp")
         if self.teacher_temperatures is not None:
             _check(all(t > 0 for t in self.teacher_temperatures), "--teacher-temperatures: must all be > 0")
+
+    @property
+    def uses_hidden(self) -> bool:
+        """Feature or relation KD: batches carry the teachers' stored hidden states."""
+        return bool(self.feature_weight or self.rkd_distance or self.rkd_angle)
 
     def to_dict(self) -> dict:
         d = asdict(self)

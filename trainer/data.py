@@ -77,6 +77,8 @@ class DistillDataset(EpochOrder, IterableDataset):
         self.prefetch = prefetch
         self.follow = follow
         self.group_by_length = group_by_length
+        self.hidden: list[tuple[int, int]] = []  # (teacher, layer) of stored hidden states batches carry
+        self.hidden_dims: dict[int, int] = {}
         if follow and group_by_length:
             raise ConfigError("--group-by-length: cannot be combined with --follow (the lengths of shards not yet written are unknown)")
         if follow and skip_bad_shards:
@@ -286,6 +288,7 @@ class DistillDataset(EpochOrder, IterableDataset):
         trained = np.zeros((B, L), bool)
         positions = np.zeros((B, L), np.int64) if self.segmented else None
         per_teacher = [{"ids": [], "logprobs": [], "tail_mass": []} for _ in self.teachers]
+        hidden = {(m, layer): np.zeros((B, L, self.hidden_dims[m]), np.float32) for m, layer in self.hidden}
         for b, i in enumerate(indices):
             sh, r = rows0[b]
             lengths[b] = sh["length"][r]
@@ -309,6 +312,9 @@ class DistillDataset(EpochOrder, IterableDataset):
                 td = tsh["teachers"][name]
                 for key in per_teacher[t]:
                     per_teacher[t][key].append(td[key][tr, :L])
+            for m, layer in self.hidden:  # feature / relation KD (trainer/features.py)
+                tsh, tr = rows[self.teachers[m][0]]
+                hidden[m, layer][b] = tsh["teachers"][self.teachers[m][1]][f"hidden_{layer}"][tr, :L]
         pos = np.arange(L)[None, :]
         labels = np.full((B, L), -100, np.int64)
         labels[:, :-1] = input_ids[:, 1:]
@@ -331,7 +337,17 @@ class DistillDataset(EpochOrder, IterableDataset):
                 cached.append({k: v.reshape(B * L, *v.shape[2:]) for k, v in stacked.items()})
             for k, v in build_targets(cached, self.vocab_size).items():
                 batch[k] = torch.from_numpy(v)
+        for (m, layer), v in hidden.items():
+            batch[f"hidden_{m}_{layer}"] = torch.from_numpy(v)  # [B, L, dim]
         return batch
+
+    def request_hidden(self, keys: list[tuple[int, int]], dims: dict[int, int]) -> None:
+        """Batches also carry ``hidden_{m}_{layer}`` (teacher ``m``'s stored hidden states at
+        ``layer``, float32, [B, L, dim] or [B, dim] for classify stores); ``dims`` {m: dim}.
+        Needs ``with_targets`` (the teacher parts are read)."""
+        if keys and not self.with_targets:
+            raise ConfigError("hidden states: the dataset was built without teacher targets")
+        self.hidden, self.hidden_dims = list(keys), dict(dims)
 
 
 def match_teachers(train: "DistillDataset", evalset: "DistillDataset", weights: list[float], url: str) -> list[float]:

@@ -36,6 +36,7 @@ from .config import FitConfig
 from .data import DistillDataset, match_teachers
 from .classify import ClassifyDataset, ClassifyModule, check_classifier_student, evaluate_classify, load_classifier_student
 from .evaluation import all_sum, evaluate
+from .features import build_feature_kd, save_projections
 from .follow import wait_for_shards
 from logitstore.distributions.fusion import normalize_weights
 from .interrupt import Interrupted, StopRequests
@@ -96,7 +97,8 @@ class Run:
         Dataset = ClassifyDataset if self.task == "classify" else DistillDataset
         self.train = Dataset(list(cfg.logits), batch_size=cfg.batch_size, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer,
                                     rank=rank, world_size=world, num_workers=cfg.num_workers, verify_checksums=cfg.verify_checksums,
-                                    with_targets=cfg.alpha > 0 and not cfg.online_teacher, skip_bad_shards=cfg.skip_bad_shards,
+                                    with_targets=(cfg.alpha > 0 and not cfg.online_teacher) or cfg.uses_hidden,
+                                    skip_bad_shards=cfg.skip_bad_shards,
                                     cache_dir=cfg.cache_dir, prefetch=cfg.prefetch, n_streams=cfg.streams, follow=cfg.follow,
                                     group_by_length=cfg.group_by_length)
         wait_for_shards(self.train, cfg.follow_poll, rank == 0)  # --follow: at least one committed shard
@@ -149,6 +151,11 @@ class Run:
             if getattr(getattr(student, "config", None), "pad_token_id", 0) is None:  # a decoder without one: the store's
                 student.config.pad_token_id = m0["tokenizer"]["pad_token_id"]
         self.module = ClassifyModule(student, m0.get("num_labels")) if self.task == "classify" else DistillModule(student)
+        if cfg.uses_hidden:  # feature / relation KD: learned projections trained (and saved) with the student
+            self.module.features, pooling = build_feature_kd(cfg, student, train, self.weights, self.task)
+            if self.task == "classify":
+                self.module.pooling = pooling
+            self.module.features.to(DTYPES[cfg.param_dtype])
         if cfg.fsdp:
             if self.world < 2:
                 raise ConfigError("--fsdp: shards the student across processes; launch with torchrun --nproc-per-node N (N >= 2)")
@@ -241,7 +248,7 @@ class Run:
         kd_args = dict(weights=self.weights, fuse_mode=cfg.fuse, loss=cfg.loss, tail=cfg.tail, beta=cfg.beta,
                        chunk_positions=cfg.chunk_positions, vocab_size=self.train.vocab_size, with_kd=cfg.alpha > 0)
         n_global = all_sum(acc, sum(int((mb["labels"] != -100).sum()) for mb in micro))
-        sums = torch.zeros(3, dtype=torch.float64)
+        sums = torch.zeros(6, dtype=torch.float64)  # loss, kd, ce, feature, rkd distance, rkd angle
         module.train()
         for i, mb in enumerate(micro):
             mb = {k: v.to(acc.device, non_blocking=True) for k, v in mb.items()}
@@ -254,10 +261,12 @@ class Run:
             else:
                 sync, cast = (nullcontext() if last else acc.no_sync(module)), nullcontext()
             with sync, cast:
-                ce, kd, _ = module(mb, temperature=T, teacher_temperatures=temps, **kd_args)
-                loss = cfg.alpha * kd + (1 - cfg.alpha) * ce
+                ce, kd, _, *rest = module(mb, temperature=T, teacher_temperatures=temps, with_aux=cfg.uses_hidden, **kd_args)
+                aux = rest[0] if rest else {}  # feature / relation terms (trainer/features.py), weighted sums
+                loss = cfg.alpha * kd + (1 - cfg.alpha) * ce + sum(aux.values())
                 acc.backward(loss * self.world / max(n_global, 1))  # DDP and FSDP average over ranks
-            sums += torch.tensor([float(loss.detach()), float(kd.detach()), float(ce.detach())], dtype=torch.float64)
+            extra = [float(aux[k].detach()) if aux else 0.0 for k in ("feature", "rkd_distance", "rkd_angle")]
+            sums += torch.tensor([float(loss.detach()), float(kd.detach()), float(ce.detach()), *extra], dtype=torch.float64)
         grad_norm = _clip(acc, module, cfg) if cfg.grad_clip > 0 else None
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses (get_last_lr after step() is the next one's)
         if n_global:  # a step of only filler rows (the end of an uneven epoch) leaves the weights and moments alone
@@ -268,8 +277,10 @@ class Run:
         state.step += 1
         state.tokens += all_sum(acc, sum(int(mb["attention_mask"].sum()) for mb in micro))
         state.elapsed = time.perf_counter() - self.t_start
+        hidden = ({"feature_loss": float(totals[3]), "rkd_distance_loss": float(totals[4]), "rkd_angle_loss": float(totals[5])}
+                  if cfg.uses_hidden else {})  # weighted, as they enter the loss
         return {"step": state.step, "epoch": state.epoch, "loss": float(totals[0]), "kd_loss": float(totals[1]),
-                "ce_loss": float(totals[2]), "lr": lr, "temperature": T, "tokens": state.tokens,
+                "ce_loss": float(totals[2]), **hidden, "lr": lr, "temperature": T, "tokens": state.tokens,
                 "grad_norm": float(grad_norm) if grad_norm is not None else None, "data_wait_s": data_wait,
                 "tokens_per_s": state.tokens / state.elapsed if state.elapsed else None}
 
@@ -316,8 +327,10 @@ class Run:
         result = {"steps": state.step, "tokens": state.tokens, "seconds": state.elapsed, "eval": final_eval, "run_dir": str(self.out)}
         if self.rank == 0:
             final = self.out / "final"
-            save_final(acc.unwrap_model(self.module).student, final, tokenizer or find_tokenizer(cfg.student, self.train), weights_sd,
-                       dtype=self.save_dtype)
+            inner = acc.unwrap_model(self.module)
+            save_final(inner.student, final, tokenizer or find_tokenizer(cfg.student, self.train), weights_sd, dtype=self.save_dtype)
+            if inner.features is not None:
+                save_projections(inner.features, final)
             self.log.close()
             from .plots import plot_curves
 

@@ -126,29 +126,42 @@ class DistillModule(torch.nn.Module):
         # family's transform); any other student gives full logits through its own forward.
         self._head = head_for(student)
         self.fused_head = self._head is not None
+        #: feature / relation KD (trainer/features.py), set by ``trainer fit`` when asked for
+        self.features = None
 
-    def logits(self, input_ids, attention_mask, position_ids=None):
+    def logits(self, input_ids, attention_mask, position_ids=None, capture=None):
+        """[B, L, V]; with ``capture`` (:class:`trainer.features.StudentLayers`) ``(logits, layers [B, L, n, H])``."""
         if position_ids is not None and takes_position_ids(self.student):
             # no KV cache (with one, transformers builds a plain causal mask and documents would mix);
             # flash kernels get the rows flattened (logitstore.capture.lm_head.packed_call)
-            return forward_logits(self.student, input_ids, attention_mask, position_ids)
-        out = self.student(input_ids=input_ids, attention_mask=attention_mask)
-        return out.logits if hasattr(out, "logits") else out
+            return forward_logits(self.student, input_ids, attention_mask, position_ids, capture=capture)
+        extra = {"output_hidden_states": capture.arg} if capture is not None else {}
+        out = self.student(input_ids=input_ids, attention_mask=attention_mask, **extra)
+        logits = out.logits if hasattr(out, "logits") else out
+        return logits if capture is None else (logits, capture.pick(getattr(out, "hidden_states", None)))
 
     def forward(self, batch: dict, *, temperature: float, teacher_temperatures: list[float], weights: list[float], fuse_mode: str,
                 loss: str, tail: str, beta: float, chunk_positions: int, vocab_size: int, with_kd: bool = True,
-                return_argmax: bool = False):
+                return_argmax: bool = False, with_aux: bool = False):
         """``return_argmax`` (evaluation): also the student's top-1 id per position [B * L], from the
-        same chunked pass (see :func:`trainer.losses.kd_ce_loss`)."""
+        same chunked pass (see :func:`trainer.losses.kd_ce_loss`). ``with_aux`` (training): also the
+        feature and relation terms of :attr:`features` (a dict of weighted sums), from the same forward."""
         ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
         pos = batch.get("position_ids")  # packed documents (a store with doc_start): attention stays in each
         B, L = ids.shape
+        cap = self.features.layers if self.features is not None and with_aux else None
+        aux = {}
         if self._head is not None:
-            x = self._head.hidden(ids, mask, pos).reshape(B * L, -1)
+            x = self._head.hidden(ids, mask, pos, capture=cap)
             head = self._head
         else:
-            x = self.logits(ids, mask, pos).reshape(B * L, -1)
+            x = self.logits(ids, mask, pos, capture=cap)
             head = None
+        if cap is not None:
+            x, stacked = x
+            aux.update(self.features(cap.split(stacked), batch, labels != -100, None))
+        x = x.reshape(B * L, -1)
+        if head is None:
             if x.shape[-1] < vocab_size:
                 raise ConfigError(f"--student: outputs {x.shape[-1]} logits per position, fewer than the store's vocabulary of "
                                   f"{vocab_size}")
@@ -158,8 +171,9 @@ class DistillModule(torch.nn.Module):
         elif with_kd:
             target = fuse(batch["teacher_lp"], batch["rest_lp"], batch["support"], batch["valid"], batch["n_out"],
                           temperatures=teacher_temperatures, weights=weights, mode=fuse_mode)
-        return kd_ce_loss(x, labels.reshape(-1), target, head=head, temperature=temperature, loss=loss, tail=tail, beta=beta,
-                          chunk_positions=chunk_positions, vocab_size=vocab_size, teacher_logits=t_logits, return_argmax=return_argmax)
+        out = kd_ce_loss(x, labels.reshape(-1), target, head=head, temperature=temperature, loss=loss, tail=tail, beta=beta,
+                         chunk_positions=chunk_positions, vocab_size=vocab_size, teacher_logits=t_logits, return_argmax=return_argmax)
+        return (*out, aux) if with_aux else out
 
 
 def takes_position_ids(model: torch.nn.Module) -> bool:

@@ -10,7 +10,9 @@ compact encoding). Columns, with ``n`` the sequence's length and per teacher ``T
   targets at other positions are zeros in a store of trained positions only), ``position_ids``
   list<int32> [n] where it records document starts, and ``row`` int64 (the ``--data`` row);
 - in a classify store, instead of the teachers' top-k columns: ``label`` int64 and ``T.logits``
-  fixed_size_list<float32, C>.
+  fixed_size_list<float32, C>;
+- for a teacher with hidden states (``--hidden-layers``), ``T.hidden_{layer}``: float32
+  list<fixed_size_list<float32, dim>> [n, dim] per token, or fixed_size_list<float32, dim> pooled.
 
 :func:`join_targets` goes the other way: it adds the teachers' columns to the user's own rows
 (a pre-tokenised dataset dumped with ``--input tokens``), matched by row index and checked by
@@ -73,6 +75,8 @@ def shard_table(store: Store, j: int) -> pa.Table:
         cols["label"] = pa.array(sh["label"].astype(np.int64))
         for name, td in sh["teachers"].items():
             cols[f"{name}.logits"] = pa.FixedSizeListArray.from_arrays(pa.array(td["logits"].reshape(-1)), td["logits"].shape[1])
+            for a in (a for a in td if a.startswith("hidden_")):  # pooled hidden states [S, dim] (--hidden-layers)
+                cols[f"{name}.{a}"] = pa.FixedSizeListArray.from_arrays(pa.array(td[a].reshape(-1)), td[a].shape[1])
         header = {**header_of(store.manifest), "exported_from": source_ref(store.url, store.manifest)}
         return pa.table(cols).replace_schema_metadata({"logitstore": json.dumps(header)})
     for name, td in sh["teachers"].items():
@@ -80,6 +84,8 @@ def shard_table(store: Store, j: int) -> pa.Table:
         cols[f"{name}.logprobs"] = ragged(td["logprobs"], np.float32)
         for s in SCALARS:
             cols[f"{name}.{s}"] = ragged(td[s], np.float32)
+        for a in (a for a in td if a.startswith("hidden_")):  # per token [n, dim] (--hidden-layers)
+            cols[f"{name}.{a}"] = ragged(td[a], np.float32)
     header = {**header_of(store.manifest), "exported_from": source_ref(store.url, store.manifest)}
     return pa.table(cols).replace_schema_metadata({"logitstore": json.dumps(header)})
 

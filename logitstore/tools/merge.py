@@ -49,6 +49,9 @@ def check_compatible(stores: list[Store]) -> None:
             if ia != ib:
                 what = ", ".join(k for k in ia if ia[k] != ib[k])
                 raise ConfigError(f"{s.url}: teacher {b['name']!r} is not the same model or settings as in {first.url} (differs in {what})")
+            if a.get("hidden") != b.get("hidden"):  # layers, width, dtype, pooling and projection of stored hidden states
+                raise ConfigError(f"{s.url}: teacher {b['name']!r} stores other hidden states than in {first.url} "
+                                  f"({b.get('hidden')} vs {a.get('hidden')}); dump both with the same --hidden-* settings")
         fp = m["data"]["fingerprint"]
         if fp in seen:
             raise ConfigError(f"{s.url}: holds the same data as {seen[fp]} (data fingerprint {fp[:12]}); merging would repeat it")
