@@ -92,7 +92,7 @@ def test_feature_and_relation_terms_equal_a_direct_computation(hidden_store, kin
     student = load_student(str(hidden_store["student"]))
     ds = DistillDataset([str(hidden_store["store"])], batch_size=5, shuffle=False)
     entry = ds.stores[0].teacher("t")["hidden"]
-    fk = FeatureKD(feature_map=[(1, 2), (2, 1)], loss=kind, weight=0.7, rkd_map=(2, 2), rkd_distance=2.0, rkd_angle=3.0,
+    fk = FeatureKD(feature_map=[(1, 2), (2, 1)], loss=kind, weight=0.7, norm="none", rkd_map=(2, 2), rkd_distance=2.0, rkd_angle=3.0,
                    teachers=[(0, 1.0, entry)], widths={1: 24, 2: 24})
     ds.request_hidden([(0, 1), (0, 2)], {0: 8})
     module = DistillModule(student)
@@ -137,7 +137,7 @@ def test_fit_trains_the_feature_loss_and_saves_the_projections(hidden_store, tok
                         num_workers=0, device="cpu", progress=False, grad_accum=2), tokenizer=tokenizer)
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"eval"' not in x]
     f = [r["feature_loss"] for r in rows]
-    assert all(np.isfinite(f)) and np.mean(f[-5:]) < 0.5 * np.mean(f[:5]), f
+    assert all(np.isfinite(f)) and np.mean(f[-5:]) < 0.7 * np.mean(f[:5]), f
     assert all(r["rkd_distance_loss"] > 0 for r in rows) and all(r["rkd_angle_loss"] == 0 for r in rows)
     # the loss is the sum of its weighted terms
     for r in rows:
@@ -164,7 +164,7 @@ def test_classify_feature_terms_use_the_stores_pooling(setup, tmp_path, cls_tok)
     student = AutoModelForSequenceClassification.from_pretrained(setup["llama"])  # a decoder student of a BERT teacher
     ds = ClassifyDataset([str(out)], batch_size=6, shuffle=False)
     entry = ds.stores[0].teacher("t")["hidden"]
-    fk = FeatureKD(feature_map=[(1, 2)], loss="mse", weight=1.0, rkd_map=(1, 2), rkd_distance=1.0, rkd_angle=1.0,
+    fk = FeatureKD(feature_map=[(1, 2)], loss="mse", weight=1.0, norm="layer", rkd_map=(1, 2), rkd_distance=1.0, rkd_angle=1.0,
                    teachers=[(0, 1.0, entry)], widths={1: 32})
     ds.request_hidden([(0, 2)], {0: 32})
     module = ClassifyModule(student, 3)
@@ -180,7 +180,9 @@ def test_classify_feature_terms_use_the_stores_pooling(setup, tmp_path, cls_tok)
         with torch.no_grad():
             h = student(input_ids=ids, output_hidden_states=True).hidden_states[1][0, -1].double()
         t = torch.from_numpy(x["teachers"]["t"]["hidden"][2]).double()
-        feat += float(((fk.projections["t0_s1_t2"](h.float()).double() - t) ** 2).mean())
+        p = fk.projections["t0_s1_t2"](h.float()).double()
+        ln = [(v - v.mean()) / torch.sqrt(v.var(unbiased=False) + 1e-5) for v in (p, t)]  # layer norm, no affine
+        feat += float(((ln[0] - ln[1]) ** 2).mean())
         feats_s.append(h.numpy())
         feats_t.append(t.numpy())
     d_ref, a_ref = _direct_rkd(np.stack(feats_s), np.stack(feats_t))

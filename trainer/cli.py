@@ -61,6 +61,7 @@ def fit(
     fuse: Optional[str] = typer.Option(None, help=_help("fuse", "mean-probs or mean-logits")),
     feature_weight: Optional[float] = typer.Option(None, "--feature-weight", help=_help("feature_weight", "weight of the feature (hidden-state) loss; 0: off")),
     feature_loss: Optional[str] = typer.Option(None, "--feature-loss", help=_help("feature_loss", "mse or cosine")),
+    feature_norm: Optional[str] = typer.Option(None, "--feature-norm", help=_help("feature_norm", "layer (MSE of layer-normalised vectors) or none")),
     feature_map: Optional[str] = typer.Option(None, "--feature-map", help=_help("feature_map", "STUDENT_LAYER:TEACHER_LAYER pairs, e.g. 2:4,4:8")),
     rkd_distance: Optional[float] = typer.Option(None, "--rkd-distance", help=_help("rkd_distance", "weight of the RKD distance loss; 0: off")),
     rkd_angle: Optional[float] = typer.Option(None, "--rkd-angle", help=_help("rkd_angle", "weight of the RKD angle loss; 0: off")),
@@ -98,7 +99,7 @@ def fit(
                      temperature_schedule=temperature_schedule, loss=loss, beta=beta, tail=tail, fuse=fuse, online_teacher=online_teacher, device=device,
                      precision=precision, param_dtype=param_dtype, save_dtype=save_dtype, num_workers=num_workers, eval_every=eval_every, checkpoint_every=checkpoint_every,
                      cache_dir=cache_dir, prefetch=prefetch, streams=streams, task=task, feature_weight=feature_weight,
-                     feature_loss=feature_loss, feature_map=feature_map, rkd_distance=rkd_distance, rkd_angle=rkd_angle, rkd_map=rkd_map)
+                     feature_loss=feature_loss, feature_norm=feature_norm, feature_map=feature_map, rkd_distance=rkd_distance, rkd_angle=rkd_angle, rkd_map=rkd_map)
         if resume:
             flags["resume"] = True
         if skip_bad_shards:

@@ -53,6 +53,8 @@ class FitConfig:
     #: ``cosine``, and ``STUDENT_LAYER:TEACHER_LAYER`` pairs (``output_hidden_states`` indices)
     feature_weight: float = 0.0
     feature_loss: str = "mse"
+    #: ``layer``: MSE between layer-normalised vectors (LLM hidden states have outlier dimensions), ``none``: raw
+    feature_norm: str = "layer"
     feature_map: str | None = None
     #: relation KD (RKD) on one vector per sequence: distance and angle weights (0: off), one layer pair
     rkd_distance: float = 0.0
@@ -157,8 +159,9 @@ class FitConfig:
                "use --param-dtype fp32 (default) or bf16")
         _check(self.save_dtype in ("checkpoint", *DTYPES),
                f"--save-dtype: expected checkpoint or one of {', '.join(DTYPES)}, got {self.save_dtype!r}")
-        from .features import FEATURE_LOSSES, parse_layer_map
+        from .features import FEATURE_LOSSES, FEATURE_NORMS, parse_layer_map
 
+        _check(self.feature_norm in FEATURE_NORMS, f"--feature-norm: expected one of {', '.join(FEATURE_NORMS)}, got {self.feature_norm!r}")
         _check(self.feature_loss in FEATURE_LOSSES, f"--feature-loss: expected one of {', '.join(FEATURE_LOSSES)}, got {self.feature_loss!r}")
         for name in ("feature_weight", "rkd_distance", "rkd_angle"):
             v = getattr(self, name)

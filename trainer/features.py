@@ -7,7 +7,13 @@ stored state at layer ``T``, per trained position for LM stores (the positions w
 trained, after the store's loss mask) or per labelled text for classify stores (the student's
 states pooled as the store's were: ``mean``, ``first`` or ``last`` real token)::
 
-    mse:    mean_d (W h_s - h_t)^2          cosine: 1 - cos(W h_s, h_t)
+    mse:    mean_d (LN(W h_s) - LN(h_t))^2          cosine: 1 - cos(W h_s, h_t)
+
+``LN`` is a layer norm without affine parameters (``--feature-norm layer``, the default; ``none``
+compares the raw vectors). Raw MSE is dominated by the massive activations of LLM residual
+streams: SmolLM2-135M's layer 15 has an RMS of 284 with entries up to 4,032 (through the
+recorded projection too, which spreads them over every stored dimension), so an unnormalised
+feature term of ~35,000 per position swamped CE and KD (~10) in ``tools/experiment_features.py``.
 
 summed over positions (or texts) and pairs' mean, over teachers with the fusion weights, and
 normalised like CE and KD (by the step's global count), so the term is the mean per target
@@ -41,6 +47,8 @@ import torch.nn.functional as F
 from logitstore.errors import ConfigError
 
 FEATURE_LOSSES = ("mse", "cosine")
+#: ``layer``: MSE between layer-normalised vectors (default), ``none``: between the raw ones
+FEATURE_NORMS = ("layer", "none")
 
 
 def parse_layer_map(value: str | None, flag: str) -> list[tuple[int, int]]:
@@ -102,10 +110,13 @@ def pool(h: torch.Tensor, mask: torch.Tensor, kind: str) -> torch.Tensor:
     return (h * w).sum(1) / w.sum(1).clamp_min(1.0)
 
 
-def feature_loss(pred: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
-    """Per row loss [N] between ``pred`` and ``target`` [N, d] (float32)."""
+def feature_loss(pred: torch.Tensor, target: torch.Tensor, kind: str, norm: str = "none") -> torch.Tensor:
+    """Per row loss [N] between ``pred`` and ``target`` [N, d] (float32); ``norm="layer"``: both
+    layer-normalised (no affine) before the MSE."""
     pred, target = pred.float(), target.float()
     if kind == "mse":
+        if norm == "layer":
+            pred, target = F.layer_norm(pred, pred.shape[-1:]), F.layer_norm(target, target.shape[-1:])
         return (pred - target).pow(2).mean(-1)
     return 1.0 - F.cosine_similarity(pred, target, dim=-1, eps=1e-8)
 
@@ -150,9 +161,10 @@ class FeatureKD(torch.nn.Module):
     ``widths``: the student's hidden size at each of its mapped layers."""
 
     def __init__(self, *, feature_map: list[tuple[int, int]], loss: str, weight: float, rkd_map: tuple[int, int] | None,
-                 rkd_distance: float, rkd_angle: float, teachers: list[tuple[int, float, dict]], widths: dict[int, int]):
+                 rkd_distance: float, rkd_angle: float, teachers: list[tuple[int, float, dict]], widths: dict[int, int],
+                 norm: str = "layer"):
         super().__init__()
-        self.feature_map, self.loss, self.weight = feature_map, loss, weight
+        self.feature_map, self.loss, self.weight, self.norm = feature_map, loss, weight, norm
         self.rkd_map, self.w_distance, self.w_angle = rkd_map, rkd_distance, rkd_angle
         total = sum(w for _, w, _ in teachers) or 1.0
         self.teachers = [(m, w / total, e) for m, w, e in teachers]
@@ -181,7 +193,7 @@ class FeatureKD(torch.nn.Module):
             for s, t in self.feature_map:
                 target = batch[f"hidden_{m}_{t}"]
                 pred = self.projections[key(m, s, t)](student[s][keep].to(self.projections[key(m, s, t)].weight.dtype))
-                out["feature"] = out["feature"] + self.weight * w * feature_loss(pred, target[keep], self.loss).sum() / len(self.feature_map)
+                out["feature"] = out["feature"] + self.weight * w * feature_loss(pred, target[keep], self.loss, self.norm).sum() / len(self.feature_map)
             if self.rkd_map is not None and (self.w_distance or self.w_angle):
                 s, t = self.rkd_map
                 hs, ht = student[s], batch[f"hidden_{m}_{t}"]
@@ -228,7 +240,7 @@ def build_feature_kd(cfg, student: torch.nn.Module, train, weights: list[float],
     layers = StudentLayers([s for s, _ in fmap] + ([rkd[0]] if rkd else []))
     widths = student_widths(student, layers, train.vocab_size)
     fk = FeatureKD(feature_map=fmap, loss=cfg.feature_loss, weight=cfg.feature_weight, rkd_map=rkd, rkd_distance=cfg.rkd_distance,
-                   rkd_angle=cfg.rkd_angle, teachers=teachers, widths=widths)
+                   rkd_angle=cfg.rkd_angle, teachers=teachers, widths=widths, norm=cfg.feature_norm)
     train.request_hidden([(m, t) for m, _, _ in teachers for t in wanted], {m: e["dim"] for m, _, e in teachers})
     pooling = poolings.pop()
     return fk, (None if task == "lm" else pooling)
@@ -265,7 +277,7 @@ def save_projections(fk: FeatureKD, out) -> None:
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().float().cpu().contiguous() for k, v in fk.projections.state_dict().items()},
               str(out / "feature_projections.safetensors"))
-    meta = {"feature_map": fk.feature_map, "loss": fk.loss, "weight": fk.weight,
+    meta = {"feature_map": fk.feature_map, "loss": fk.loss, "norm": fk.norm, "weight": fk.weight,
             "projections": {key(m, s, t): {"teacher": m, "student_layer": s, "teacher_layer": t, "dim": e["dim"],
                                            "projection": e["projection"]}
                             for m, _, e in fk.teachers for s, t in fk.feature_map}}
