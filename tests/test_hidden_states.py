@@ -161,3 +161,35 @@ def test_a_projection_with_another_hash_is_refused(tmp_path, llama_dir, corpus):
     _rewrite_manifest(out, lambda m: m["teachers"][0]["hidden"]["projection"].update(seed=4))
     with pytest.raises(FormatError, match="projection.sha256: the rebuilt matrix has another hash"):
         logitstore.open(str(out)).hidden_projection("t")
+
+
+def test_store_tools_keep_hidden_states(tmp_path, llama_dir, corpus):
+    import pyarrow.parquet as pq
+
+    from logitstore.tools.convert import convert
+    from logitstore.tools.export import export
+    from logitstore.tools.merge import merge
+    from logitstore.tools.verify import verify
+
+    lines = corpus.read_text().splitlines()
+    halves = [tmp_path / "a.jsonl", tmp_path / "b.jsonl"]
+    halves[0].write_text("\n".join(lines[: len(lines) // 2]) + "\n")
+    halves[1].write_text("\n".join(lines[len(lines) // 2:]) + "\n")
+    base = dict(teachers=(f"t={llama_dir}",), top_k=8, seq_len=32, max_tokens=400, progress=False, hidden_layers="2", hidden_dim=8)
+    a, b, c = tmp_path / "sa", tmp_path / "sb", tmp_path / "sc"
+    dump(DumpConfig(**base, data=str(halves[0]), out=str(a)))
+    dump(DumpConfig(**base, data=str(halves[1]), out=str(b)))
+    dump(DumpConfig(**{**base, "hidden_seed": 1}, data=str(halves[1]), out=str(c)))
+    assert verify(str(a)) == []
+    ref = logitstore.open(str(a))[2]["teachers"]["t"]["hidden"][2]
+    convert(str(a), str(tmp_path / "arrow"), "arrow", progress=False)
+    np.testing.assert_array_equal(logitstore.open(str(tmp_path / "arrow"))[2]["teachers"]["t"]["hidden"][2], ref)
+    merge([str(a), str(b)], str(tmp_path / "m"), progress=False)
+    m = logitstore.open(str(tmp_path / "m"))
+    assert m.teacher("t")["hidden"] == logitstore.open(str(a)).teacher("t")["hidden"]
+    np.testing.assert_array_equal(m[2]["teachers"]["t"]["hidden"][2], ref)
+    with pytest.raises(ConfigError, match="stores other hidden states"):
+        merge([str(a), str(c)], str(tmp_path / "m2"), progress=False)
+    export(str(a), str(tmp_path / "pq"), "parquet", progress=False)
+    table = pq.read_table(sorted((tmp_path / "pq" / "data").glob("*.parquet"))[0])
+    np.testing.assert_array_equal(np.array(table.column("t.hidden_2")[2].as_py(), np.float32), ref)
