@@ -10,7 +10,7 @@ import torch
 
 import logitstore
 from logitstore.dump import DumpConfig, dump
-from logitstore.errors import LogitStoreError
+from logitstore.errors import ConfigError, LogitStoreError
 
 from conftest import corpus_texts
 
@@ -263,3 +263,20 @@ def test_a_saved_datasets_class_labels_map_by_name(setup, tmp_path):
     _dump(setup, out, (f"bert={setup['bert']}",), data=str(tmp_path / "ds"))
     store = logitstore.open(str(out))
     assert [LABELS[store[i]["label"]] for i in range(len(store))] == [names[r["label"]] for r in rows]
+
+
+def test_a_pretrained_student_with_its_classes_in_another_order_is_refused(setup, tmp_path, cls_tok):
+    from trainer.config import FitConfig
+    from trainer.fit import fit
+
+    out = setup["d"] / "order"
+    _dump(setup, out, (f"bert={setup['bert']}",))
+    shuffled = _classifier(tmp_path / "shuffled", cls_tok, labels=[LABELS[1], LABELS[0], LABELS[2]])
+    other = _classifier(tmp_path / "other", cls_tok, labels=["a", "b", "c"])
+    base = dict(logits=(str(out),), max_steps=1, batch_size=4, num_workers=0, device="cpu", progress=False)
+    with pytest.raises(ConfigError, match="in another order than the store's"):
+        fit(FitConfig(**base, student=str(shuffled), out=str(tmp_path / "r1")))
+    with pytest.raises(ConfigError, match="other classes than the store's"):
+        fit(FitConfig(**base, student=str(other), out=str(tmp_path / "r2")))
+    res = fit(FitConfig(**base, student=str(setup["bert"]), out=str(tmp_path / "r3")))  # the same classes in the same order
+    assert res["steps"] == 1

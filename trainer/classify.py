@@ -150,10 +150,37 @@ def check_classifier_student(model: torch.nn.Module, vocab_size: int, seq_len: i
 def load_classifier_student(spec: str, num_labels: int, label_names: list[str], *, trust_remote_code: bool = False):
     """An ``AutoModelForSequenceClassification`` student with the store's classes: from a model
     config file (fresh), or a directory / hub id (a pretrained body; a missing head is initialised)."""
+    from pathlib import Path
+
     from .student import load_student
 
+    if Path(spec).suffix not in (".json", ".yaml", ".yml"):
+        _check_student_labels(spec, label_names, trust_remote_code)
     return load_student(spec, trust_remote_code=trust_remote_code, classify=True, num_labels=num_labels,
                         id2label=dict(enumerate(label_names)), label2id={n: i for i, n in enumerate(label_names)})
+
+
+def _check_student_labels(spec: str, label_names: list[str], trust_remote_code: bool) -> None:
+    """A pretrained classifier whose trained head names other classes, or the store's in another
+    order, is refused: loading it with the store's labels would rename its outputs, not reorder
+    them, and every class would be trained against another's logit."""
+    import re
+
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(spec, trust_remote_code=trust_remote_code)
+    except Exception:  # unreadable: load_student reports it in one line
+        return
+    arch = getattr(config, "architectures", None) or []
+    id2label = getattr(config, "id2label", None) or {}
+    names = [str(id2label.get(i, id2label.get(str(i), ""))) for i in range(len(id2label))]
+    if not any(a.endswith("ForSequenceClassification") for a in arch) or all(re.fullmatch(r"LABEL_\d+", n) for n in names):
+        return  # a body without a trained head, or a head without class names: initialised or used as is
+    if names != list(label_names):
+        how = "in another order" if sorted(names) == sorted(label_names) else "other classes"
+        raise ConfigError(f"--student {spec}: its classification head names {names}, {how} than the store's {list(label_names)}; "
+                          "its logits would be trained against the wrong classes (drop its head, or dump with its labels)")
 
 
 @torch.no_grad()
