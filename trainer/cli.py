@@ -100,16 +100,8 @@ def fit(
                      precision=precision, param_dtype=param_dtype, save_dtype=save_dtype, num_workers=num_workers, eval_every=eval_every, checkpoint_every=checkpoint_every,
                      cache_dir=cache_dir, prefetch=prefetch, streams=streams, task=task, feature_weight=feature_weight,
                      feature_loss=feature_loss, feature_norm=feature_norm, feature_map=feature_map, rkd_distance=rkd_distance, rkd_angle=rkd_angle, rkd_map=rkd_map)
-        if resume:
-            flags["resume"] = True
-        if skip_bad_shards:
-            flags["skip_bad_shards"] = True
-        if group_by_length:
-            flags["group_by_length"] = True
-        if fsdp:
-            flags["fsdp"] = True
-        if follow:
-            flags["follow"] = True
+        switches = dict(resume=resume, skip_bad_shards=skip_bad_shards, group_by_length=group_by_length, fsdp=fsdp, follow=follow)
+        flags.update({k: True for k, on in switches.items() if on})  # off: the config file's (or the default) stands
         if quiet:
             flags["progress"] = False
         cfg = load_config(config, {**{k: v for k, v in flags.items() if v is not None}, **overrides})

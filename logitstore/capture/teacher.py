@@ -234,8 +234,7 @@ class TeacherRunner:
     vocab_size: int
     k: int
     chunk_positions: int = 1024
-    #: --hidden-layers: the teacher's hidden states at some layers, from the same forward
-    #: (:class:`logitstore.capture.hidden.HiddenCapture`); ``run`` then also returns ``hidden_{layer}``
+    #: --hidden-layers (:class:`logitstore.capture.hidden.HiddenCapture`): ``run`` also returns ``hidden_{layer}``
     capture: object | None = None
     forward_seconds: float = field(default=0.0, init=False)
 
@@ -310,25 +309,22 @@ class TeacherRunner:
         cap = self.capture
         if self.head is not None:
             h = self.head.hidden(ids, mask, pos, capture=cap)
-            if cap is not None:
-                h, got = h  # [B, L, n, H], projected a row at a time: [B, L, n, dim]
-                self._layers = torch.cat([cap.project(got[b : b + 1]) for b in range(got.shape[0])])
+            if cap is not None:  # [B, L, n, H], projected a row at a time: [B, L, n, dim]
+                h, self._layers = h[0], torch.cat([cap.project(h[1][b : b + 1]) for b in range(B)])
             flat_h = h.reshape(B * L, -1)  # [B, L, H]: the head runs per chunk
             with self.head.loaded():
                 for s in range(0, B * L, self.chunk_positions):
                     yield s, flat_h[s : s + self.chunk_positions]
             return
-        rows = max(1, self.chunk_positions // L)  # whole sequences per forward: [rows, L, V] logits at a time
-        layers = []
+        rows, layers = max(1, self.chunk_positions // L), []  # whole sequences per forward: [rows, L, V] logits at a time
         for b in range(0, B, rows):
-            logits = forward_logits(self.model, ids[b : b + rows], mask[b : b + rows], None if pos is None else pos[b : b + rows],
-                                    capture=cap)
-            if cap is not None:
+            sl = slice(b, b + rows)
+            logits = forward_logits(self.model, ids[sl], mask[sl], None if pos is None else pos[sl], capture=cap)
+            if cap is not None:  # hidden states projected now: [rows, L, n, dim] stays small
                 logits, got = logits
-                layers.append(cap.project(got))  # projected now: [rows, L, n, dim] stays small
+                layers.append(cap.project(got))
             yield b * L, logits.reshape(-1, logits.shape[-1])
-        if cap is not None:
-            self._layers = torch.cat(layers)
+        self._layers = torch.cat(layers) if cap is not None else None
 
     def run(self, input_ids: np.ndarray, lengths: np.ndarray, position_ids: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """``input_ids`` [B, L], ``lengths`` [B] -> ids/logprobs [B, L, k], scalars [B, L].
@@ -356,8 +352,7 @@ class TeacherRunner:
         flat_next = nxt.reshape(-1)
         keep = mask.reshape(-1).bool()
         outs = {n: [] for n in ("ids", "logprobs", "tail_mass", "gold_logprob", "entropy")}
-        # on CPU the statistics run 128 rows at a time so their float32 temporaries stay in cache
-        # (~20% faster than whole chunks); a GPU takes the chunk in one go
+        # CPU: statistics 128 rows at a time, float32 temporaries in cache (~20% faster); a GPU takes a chunk at once
         rows = self.chunk_positions if self.device.type == "cuda" else 128
         sharded = isinstance(self.head, ShardedHead)
         for s, chunk in self._logit_chunks(ids_t, mask, pos_t):
@@ -385,8 +380,7 @@ class TeacherRunner:
         out.update(hidden)
         return out
 
-    def _hidden(self, mask: torch.Tensor) -> dict[str, np.ndarray]:
-        """The captured layers of this batch, projected, zero at padding: ``hidden_{layer}`` uint16 [B, L, dim]."""
+    def _hidden(self, mask: torch.Tensor) -> dict[str, np.ndarray]:  # this batch's layers: uint16 [B, L, dim], 0 at padding
         stacked, self._layers = self._layers, None
         return self.capture.bits(stacked * mask.to(stacked.device)[:, :, None, None])
 
