@@ -180,7 +180,7 @@ def test_classify_feature_terms_use_the_stores_pooling(setup, tmp_path, cls_tok)
         with torch.no_grad():
             h = student(input_ids=ids, output_hidden_states=True).hidden_states[1][0, -1].double()
         t = torch.from_numpy(x["teachers"]["t"]["hidden"][2]).double()
-        p = fk.projections["t0_s1_t2"](h.float()).double()
+        p = fk.projections["t0_s1_t2"](h.float()).detach().double()
         ln = [(v - v.mean()) / torch.sqrt(v.var(unbiased=False) + 1e-5) for v in (p, t)]  # layer norm, no affine
         feat += float(((ln[0] - ln[1]) ** 2).mean())
         feats_s.append(h.numpy())
