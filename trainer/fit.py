@@ -80,6 +80,8 @@ class Run:
         if cfg.device.startswith("cuda") and not torch.cuda.is_available():
             raise ConfigError(f"--device {cfg.device}: CUDA is not available on this machine")
         self.precision = cfg.precision if cfg.precision != "auto" else ("no" if self.cpu else "bf16")
+        if self.cpu and self.precision == "fp16":  # accelerate would run it as fp32: no fp16 autocast, no loss scaler on CPU
+            raise ConfigError("--precision fp16: needs a CUDA device (on CPU it would silently train in fp32); use bf16 or no")
         # The LR schedule is a function of the optimizer step, stepped once per step on every rank. By
         # default accelerate's scheduler wrapper steps it once per *process* per step (it assumes the
         # schedule was written for a single process's batch size), which would run warm-up and decay
