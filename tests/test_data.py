@@ -324,11 +324,11 @@ def test_prefetch_plans_the_shards_in_the_order_batches_first_read_them(stores, 
         planned[self.url] = (list(shards), depth)
         return real_prefetch(self, shards, teachers, depth)
 
-    def load_shard(self, shard, teachers=None):
+    def load_shard(self, shard, teachers=None, hidden=False):
         loaded.setdefault(self.url, [])
         if shard not in loaded[self.url]:
             loaded[self.url].append(shard)
-        return real_load(self, shard, teachers)
+        return real_load(self, shard, teachers, hidden)
 
     monkeypatch.setattr(Store, "prefetch", prefetch)
     monkeypatch.setattr(Store, "decode_shard", load_shard)

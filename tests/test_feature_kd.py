@@ -192,7 +192,7 @@ def test_classify_feature_terms_use_the_stores_pooling(setup, tmp_path, cls_tok)
 
 
 def test_feature_maps_that_cannot_be_used_are_refused_in_one_line(hidden_store, tmp_path, corpus, llama_dir):
-    base = dict(logits=(str(hidden_store["store"]),), student=str(hidden_store["student"]), max_steps=1, batch_size=2,
+    base = dict(logits=(str(hidden_store["store"]),), student=str(hidden_store["student"]), max_steps=1, batch_size=3,
                 num_workers=0, device="cpu", progress=False)
     with pytest.raises(ConfigError, match=r"teacher t stores hidden states at layers \[1, 2\], not \[0\]"):
         fit(FitConfig(**base, out=str(tmp_path / "a"), feature_weight=1.0, feature_map="1:0"))
@@ -200,6 +200,8 @@ def test_feature_maps_that_cannot_be_used_are_refused_in_one_line(hidden_store, 
         fit(FitConfig(**base, out=str(tmp_path / "b"), feature_weight=1.0, feature_map="5:1"))
     with pytest.raises(ConfigError, match="needs --feature-map"):
         FitConfig(**base, out=str(tmp_path / "c"), feature_weight=1.0)
+    with pytest.raises(ConfigError, match="--batch-size 2 is too few"):  # 2 sequences: no relation to learn
+        FitConfig(**{**base, "batch_size": 2}, out=str(tmp_path / "c"), rkd_distance=1.0, rkd_map="1:1")
     with pytest.raises(ConfigError, match="STUDENT_LAYER:TEACHER_LAYER pairs"):
         FitConfig(**base, out=str(tmp_path / "c"), feature_weight=1.0, feature_map="1-2")
     plain = tmp_path / "plain"

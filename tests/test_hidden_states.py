@@ -52,7 +52,9 @@ def test_stored_hidden_states_equal_the_models_own(tmp_path, llama_dir, corpus, 
             tol = _bf16_tol(ref) if dtype == "bf16" else float(np.abs(ref).max()) * 2.0 ** -11 + 1e-6
             np.testing.assert_allclose(got, ref, atol=tol, rtol=0)
     # padding past a window's end is zero in the decoded shard
-    sh = store.load_shard(0)
+    assert not any(a.startswith("hidden_") for a in store.load_shard(0)["teachers"]["t"])  # decoded only when asked for
+    assert sorted(a for a in store.load_shard(0, hidden=[2])["teachers"]["t"] if a.startswith("hidden_")) == ["hidden_2"]
+    sh = store.load_shard(0, hidden=True)
     pad = np.arange(32)[None, :] >= sh["length"][:, None]
     assert not sh["teachers"]["t"]["hidden_2"][pad].any()
 
@@ -143,6 +145,9 @@ def _rewrite_manifest(path, edit):
     (lambda h: h.update(pooling="mean"), r"hidden.pooling: a lm store's hidden states are pooled 'token'"),
     (lambda h: h.update(projection=None), r"hidden.dim: 8 differs from model_dim 32 without a projection"),
     (lambda h: h["projection"].update(kind="gaussian"), r"hidden.projection: expected"),
+    (lambda h: h["projection"].update(sha256="nothex"), r"hidden.projection: expected"),
+    (lambda h: h.update(dim=64), r"hidden.dim: a projection maps model_dim 32 to fewer dims"),
+    (lambda h: h.update(layers=list(range(40)), dim=8192, model_dim=16384), r"40 layers x dim 8192 values per position, more than"),
 ])
 def test_damaged_hidden_entries_are_refused(tmp_path, llama_dir, corpus, edit, match):
     out = tmp_path / "s"

@@ -173,6 +173,10 @@ class FitConfig:
         _check(len(rkd) <= 1, "--rkd-map: one STUDENT_LAYER:TEACHER_LAYER pair")
         _check(not (self.rkd_distance or self.rkd_angle) or rkd, "--rkd-distance/--rkd-angle: need --rkd-map STUDENT_LAYER:TEACHER_LAYER")
         _check(not rkd or self.rkd_distance or self.rkd_angle, "--rkd-map: needs --rkd-distance or --rkd-angle > 0")
+        # relations are between the sequences of one micro-batch: with 2 the normalised distance is always 1
+        # and there is no angle, so the terms would be 0
+        _check(not (self.rkd_distance or self.rkd_angle) or self.batch_size >= 3,
+               f"--rkd-distance/--rkd-angle: relate the sequences of a micro-batch; --batch-size {self.batch_size} is too few (at least 3)")
         _check(not (self.uses_hidden and self.online_teacher), "--feature-weight/--rkd-*: use stored hidden states; not with --online-teacher")
         _check(not (self.uses_hidden and self.fsdp), "--feature-weight/--rkd-*: not with --fsdp")
         if self.teacher_temperatures is not None:

@@ -138,7 +138,7 @@ class DistillDataset(EpochOrder, IterableDataset):
         for si, store in enumerate(self.stores):
             for j in range(store.n_shards):
                 try:
-                    store.decode_shard(j)
+                    store.decode_shard(j, hidden=True)
                 except FormatError as e:
                     try:
                         store.decode_shard(j, [])
@@ -244,7 +244,7 @@ class DistillDataset(EpochOrder, IterableDataset):
             names = [n for s2, n in self.teachers if s2 == si] if self.with_targets else []
             # the primary's plan bounds memory; a secondary in the same order needs as many, in another order it re-decodes
             cap = None if si == 0 or self._maps[si] is None else max(self.cache_shards, caches[0].max_shards)
-            caches.append(ShardCache(store, rows, names, max_shards=cap))
+            caches.append(ShardCache(store, rows, names, max_shards=cap, hidden=self._hidden_layers()))
         self._start_prefetch(idx)
         try:
             for b, w in zip(idx, wts):
@@ -275,7 +275,11 @@ class DistillDataset(EpochOrder, IterableDataset):
         if caches is not None:
             return caches[si].row(idx)
         j, r = self.stores[si].index.locate(idx)
-        return self.stores[si].load_shard(j, None if self.with_targets else []), r
+        return self.stores[si].load_shard(j, None if self.with_targets else [], self._hidden_layers()), r
+
+    def _hidden_layers(self) -> list[int] | bool:
+        """The stored layers batches carry (decoded with the shard), else False (none decoded)."""
+        return sorted({layer for _, layer in self.hidden}) or False
 
     def make_batch(self, indices: np.ndarray, weights: np.ndarray, caches: list[ShardCache] | None = None) -> dict:
         """The padded batch of primary-store sequences ``indices`` [B] with ``weights`` [B] (0: filler),

@@ -92,7 +92,8 @@ class StudentLayers:
         if len(hidden_states) <= self.layers[-1]:
             raise ConfigError(f"--feature-map/--rkd-map: student layer {self.layers[-1]} does not exist (the student has "
                               f"hidden states 0..{len(hidden_states) - 1})")
-        return torch.stack([hidden_states[i] for i in self.layers], dim=-2)
+        device = hidden_states[self.layers[-1]].device  # a device map may leave layers on several devices
+        return torch.stack([hidden_states[i].to(device) for i in self.layers], dim=-2)
 
     def split(self, stacked: torch.Tensor) -> dict[int, torch.Tensor]:
         return {layer: stacked[..., i, :] for i, layer in enumerate(self.layers)}
@@ -230,6 +231,7 @@ def build_feature_kd(cfg, student: torch.nn.Module, train, weights: list[float],
         if missing:
             raise ConfigError(f"--feature-map/--rkd-map: teacher {train.teacher_names[m]} stores hidden states at layers "
                               f"{entry['layers']}, not {missing}")
+        train.stores[si].hidden_projection(name)  # the recorded projection rebuilt and checked (FormatError if not)
         teachers.append((m, weights[m], entry))
     if not teachers:
         raise ConfigError(f"--feature-weight/--rkd-*: no teacher of --logits {train.urls[0]} stores hidden states "

@@ -19,10 +19,11 @@ class ShardCache:
     """Decoded shards of one store for one worker's plan (``rows``: every sequence index, in
     order, that the plan will read from this store, fillers included)."""
 
-    def __init__(self, store, rows: np.ndarray, teachers: list[str] | None, max_shards: int | None = None):
+    def __init__(self, store, rows: np.ndarray, teachers: list[str] | None, max_shards: int | None = None, hidden=False):
         """``max_shards``: most shards kept at once (default: :func:`open_at_once` of ``rows``, so
-        nothing is decoded twice)."""
+        nothing is decoded twice); ``hidden``: the stored hidden layers to decode too (see ``Store.load_shard``)."""
         self.store = store
+        self.hidden = hidden
         self.teachers = teachers
         shards = store.index.shards_of(np.asarray(rows, np.int64)) if len(rows) else np.zeros(0, np.int64)
         self.max_shards = max(1, open_at_once(shards) if max_shards is None else max_shards)
@@ -35,7 +36,7 @@ class ShardCache:
         j, r = self.store.index.locate(int(i))
         sh = self._live.get(j)
         if sh is None:
-            sh = self.store.decode_shard(j, self.teachers)
+            sh = self.store.decode_shard(j, self.teachers, self.hidden)
             self.decodes[j] = self.decodes.get(j, 0) + 1
             self._live[j] = sh
             while len(self._live) > self.max_shards:

@@ -100,7 +100,8 @@ class HiddenCapture:
         if hidden_states is None or len(hidden_states) <= self.layers[-1]:
             got = 0 if hidden_states is None else len(hidden_states)
             raise ConfigError(f"--hidden-layers: the teacher returned {got} hidden states, fewer than layer {self.layers[-1]} needs")
-        return torch.stack([hidden_states[i] for i in self.layers], dim=2)
+        # under an accelerate device map each layer's output stays on its own GPU: gather them here
+        return torch.stack([hidden_states[i].to(self.device) for i in self.layers], dim=2)
 
     def project(self, h: torch.Tensor) -> torch.Tensor:
         """[..., H] -> [..., dim] float32 (through the recorded projection, if any)."""

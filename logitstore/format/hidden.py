@@ -29,6 +29,7 @@ rebuilt the same matrix.
 from __future__ import annotations
 
 import hashlib
+import re
 
 import numpy as np
 
@@ -40,6 +41,10 @@ POOLINGS = ("token", "mean", "first", "last")
 PROJECTION_KIND = "rademacher-sha256"
 MAX_LAYER = 4096
 MAX_DIM = 1 << 16
+#: stored values per position over all layers (e.g. 32 layers of 8,192), and entries of a projection
+MAX_VALUES = 1 << 18
+MAX_PROJECTION = 1 << 28
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
 def array_name(layer: int) -> str:
@@ -85,13 +90,19 @@ def parse_hidden(h: object, task: str, where: str) -> dict:
     if pooling not in POOLINGS or (pooling == "token") != (task == "lm"):
         want = "'token'" if task == "lm" else "'mean', 'first' or 'last'"
         raise FormatError(f"{where}.pooling: a {task} store's hidden states are pooled {want}, got {pooling!r}")
+    if len(layers) * h["dim"] > MAX_VALUES:
+        raise FormatError(f"{where}: {len(layers)} layers x dim {h['dim']} values per position, more than the {MAX_VALUES} allowed")
     p = h.get("projection")
     if p is None:
         if h["dim"] != h["model_dim"]:
             raise FormatError(f"{where}.dim: {h['dim']} differs from model_dim {h['model_dim']} without a projection")
     elif not (isinstance(p, dict) and p.get("kind") == PROJECTION_KIND and isinstance(p.get("seed"), int)
-              and not isinstance(p.get("seed"), bool) and 0 <= p["seed"] < 1 << 63 and isinstance(p.get("sha256"), str)):
-        raise FormatError(f"{where}.projection: expected {{'kind': {PROJECTION_KIND!r}, 'seed': an integer >= 0, 'sha256': hex}}")
+              and not isinstance(p.get("seed"), bool) and 0 <= p["seed"] < 1 << 63 and isinstance(p.get("sha256"), str)
+              and _HEX64.match(p["sha256"])):
+        raise FormatError(f"{where}.projection: expected {{'kind': {PROJECTION_KIND!r}, 'seed': an integer >= 0, 'sha256': 64 hex digits}}")
+    elif not h["dim"] < h["model_dim"] or h["dim"] * h["model_dim"] > MAX_PROJECTION:
+        raise FormatError(f"{where}.dim: a projection maps model_dim {h['model_dim']} to fewer dims (got {h['dim']}), "
+                          f"at most {MAX_PROJECTION} entries")
     return h
 
 
@@ -131,11 +142,12 @@ def from_bits(bits: np.ndarray, dtype: str, where: str) -> np.ndarray:
     return out
 
 
-def decode_hidden(h: dict, arrays: dict[str, np.ndarray], where: str, trained: np.ndarray | None = None) -> dict[str, np.ndarray]:
+def decode_hidden(h: dict, arrays: dict[str, np.ndarray], where: str, trained: np.ndarray | None = None,
+                  layers: list[int] | None = None) -> dict[str, np.ndarray]:
     """The hidden arrays of a decoded teacher part as float32: ``hidden_{layer}`` [S, L, dim] or [S, dim];
     a trained-only part's ``[P, dim]`` rows scattered back to ``[S, L, dim]`` with zeros elsewhere."""
     out = {}
-    for layer in h["layers"]:
+    for layer in h["layers"] if layers is None else layers:
         name = array_name(layer)
         v = from_bits(arrays[name], h["dtype"], f"{where}/{name}")
         if trained is not None:

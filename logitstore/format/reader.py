@@ -177,24 +177,27 @@ class Store:
         return self.backend.decode_part(self.part_files(shard, part), self.part_specs(shard, part), where)
 
     # ------------------------------------------------------------------ decoded shards
-    def load_shard(self, shard: int, teachers: list[str] | None = None) -> dict:
+    def load_shard(self, shard: int, teachers: list[str] | None = None, hidden=False) -> dict:
         """Decode shard ``shard``: ``input_ids`` [S, L], ``length`` [S], ``seq_hash`` [S, 16],
         ``loss_mask`` [S, L] bool (position ``t`` trains token ``t + 1``), ``position_ids`` [S, L]
         (restarting per document where the store records document starts), ``doc_start`` [S, L] and
         ``row`` [S] where stored, and ``teachers`` {name: {ids, logprobs [S, L, k]; tail_mass,
-        gold_logprob, entropy [S, L]}} (zeros where a trained-only store holds no target)."""
+        gold_logprob, entropy [S, L]}} (zeros where a trained-only store holds no target). ``hidden``
+        (stores dumped with ``--hidden-layers``): also ``hidden_{layer}`` float32 per teacher, for
+        every stored layer (True) or those listed; off by default, as decoding them costs
+        ``4 * dim`` bytes per position and layer."""
         names = tuple(self.teachers if teachers is None else teachers)
-        key = (shard, names)
+        key = (shard, names, hidden if isinstance(hidden, bool) else tuple(sorted(hidden)))
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
-        out = self.decode_shard(shard, list(names))
+        out = self.decode_shard(shard, list(names), hidden)
         self._cache[key] = out
         while len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
         return out
 
-    def decode_shard(self, shard: int, teachers: list[str] | None = None) -> dict:
+    def decode_shard(self, shard: int, teachers: list[str] | None = None, hidden=False) -> dict:
         """:meth:`load_shard` without keeping the result (the caller decides how long it lives)."""
         names = tuple(self.teachers if teachers is None else teachers)
         if not 0 <= shard < self.n_shards:
@@ -206,14 +209,16 @@ class Store:
             t = self.teacher(name)
             part, where = t["part"], self.index.where(shard, t["part"])
             arrays = self.read_part(shard, part)
-            hidden = {}
-            if "hidden" in t:  # --hidden-layers: hidden_{layer} as float32 (logitstore/format/hidden.py)
-                hidden = decode_hidden(t["hidden"], arrays, where, trained)
+            states = {}
+            if "hidden" in t:  # --hidden-layers: hidden_{layer} as float32 (logitstore/format/hidden.py), if asked for
+                if hidden:
+                    want = t["hidden"]["layers"] if hidden is True else [x for x in t["hidden"]["layers"] if x in set(hidden)]
+                    states = decode_hidden(t["hidden"], arrays, where, trained, want)
                 arrays = {a: v for a, v in arrays.items() if not a.startswith("hidden_")}
             if self.task == "classify":
-                out["teachers"][name] = {**decode_class_logits(arrays, where), **hidden}
+                out["teachers"][name] = {**decode_class_logits(arrays, where), **states}
                 continue
-            out["teachers"][name] = {**decode_teacher(self.encoding, arrays, self.vocab_size, where, trained), **hidden}
+            out["teachers"][name] = {**decode_teacher(self.encoding, arrays, self.vocab_size, where, trained), **states}
         return out
 
     def hidden_projection(self, teacher: str) -> np.ndarray | None:
@@ -234,7 +239,7 @@ class Store:
         ``logits`` [C] and ``hidden`` {layer: [dim]}). Position ``t``
         describes the teacher's distribution of token ``t + 1`` given tokens ``<= t`` of its document."""
         j, r = self.index.locate(int(i))
-        sh = self.load_shard(j)
+        sh = self.load_shard(j, hidden=True)
         n = int(sh["length"][r])
         if self.task == "classify":  # one class per sequence: the label and every class's logit
             return {"input_ids": sh["input_ids"][r, :n], "seq_hash": bytes(sh["seq_hash"][r]), "label": int(sh["label"][r]),

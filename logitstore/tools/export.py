@@ -50,7 +50,7 @@ TARGETS = ("parquet", "hf")
 
 def shard_table(store: Store, j: int) -> pa.Table:
     """Shard ``j`` of ``store`` as an Arrow table, one row per sequence (columns in the module docstring)."""
-    sh = store.load_shard(j)
+    sh = store.load_shard(j, hidden=True)
     lengths = sh["length"].astype(np.int64)
     n, L = sh["input_ids"].shape
     valid = (np.arange(L)[None, :] < lengths[:, None]).ravel()

@@ -110,7 +110,7 @@ def _check_inputs(inp: dict, store: Store, entry: dict) -> list[str]:
 
 def _check_teacher(store: Store, j: int, t: dict, entry: dict) -> list[str]:
     where = f"{entry['path']}/{t['part']}"
-    sh = store.load_shard(j, [t["name"]])
+    sh = store.load_shard(j, [t["name"]], hidden=True)
     if store.task == "classify":  # class logits: shape and finiteness are checked by the reader
         return []
     td = sh["teachers"][t["name"]]
