@@ -103,3 +103,67 @@ def test_a_module_without_a_config_saves_its_weights_only(tmp_path):
     assert (tmp_path / "final" / "model.safetensors").is_file()
     with pytest.raises(ConfigError, match="no module.json"):
         load_module(tmp_path / "final")
+
+
+SCRIPT = '''
+import sys
+import torch
+from trainer.config import FitConfig
+from trainer.fit import fit
+
+
+class ScriptLM(torch.nn.Module):
+    def __init__(self, vocab_size, hidden=8):
+        super().__init__()
+        self.config = {"vocab_size": vocab_size, "hidden": hidden}
+        self.emb, self.out = torch.nn.Embedding(vocab_size, hidden), torch.nn.Linear(hidden, vocab_size)
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.out(self.emb(input_ids))
+
+
+if __name__ == "__main__":
+    store, run, vocab = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    torch.manual_seed(0)
+    m = ScriptLM(vocab)
+    fit(FitConfig(logits=(store,), out=run, max_steps=2, batch_size=4, num_workers=0, device="cpu", progress=False,
+                  save_dtype="bf16"), model=m)
+'''
+
+
+def test_a_module_of_a_script_reloads_in_another_process(tmp_path, llama_dir, corpus, tokenizer):
+    import subprocess
+    import sys
+
+    store = tmp_path / "s"
+    dump(DumpConfig(teachers=(f"t={llama_dir}",), data=str(corpus), out=str(store), top_k=8, seq_len=32, max_tokens=512,
+                    progress=False))
+    script = tmp_path / "my_train.py"
+    script.write_text(SCRIPT)
+    r = subprocess.run([sys.executable, str(script), str(store), str(tmp_path / "run"), str(len(tokenizer))], capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rec = json.loads((tmp_path / "run" / "final" / "module.json").read_text())
+    assert rec["class"] == "my_train:ScriptLM" and rec["file"] == str(script.resolve()) and rec["dtype"] == "bfloat16"
+    model = load_module(tmp_path / "run" / "final")  # this process never imported the script
+    assert type(model).__name__ == "ScriptLM" and next(model.parameters()).dtype == torch.bfloat16
+
+
+def test_modules_that_could_not_be_reloaded_are_refused_before_training(tmp_path, llama_dir, corpus, tokenizer):
+    from logitstore.errors import ConfigError
+
+    store = tmp_path / "s"
+    dump(DumpConfig(teachers=(f"t={llama_dir}",), data=str(corpus), out=str(store), top_k=8, seq_len=32, max_tokens=512,
+                    progress=False))
+
+    class Local(LSTMLM):
+        pass
+
+    base = dict(logits=(str(store),), max_steps=1, batch_size=4, num_workers=0, device="cpu", progress=False)
+    with pytest.raises(ConfigError, match="defined inside a function"):
+        fit(FitConfig(**base, out=str(tmp_path / "a")), model=Local(len(tokenizer)), tokenizer=tokenizer)
+    bad = LSTMLM(len(tokenizer))
+    bad.config = {**bad.config, "dtype": torch.float32}
+    with pytest.raises(ConfigError, match="config dict is not JSON"):
+        fit(FitConfig(**base, out=str(tmp_path / "b")), model=bad, tokenizer=tokenizer)
+    assert not (tmp_path / "a").exists() or not (tmp_path / "a" / "final").exists()

@@ -10,6 +10,7 @@ is in it (:func:`trainer.resume.latest_checkpoint`). ``final/`` is ``save_pretra
 from __future__ import annotations
 
 import json
+import sys
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,8 +81,7 @@ def save_final(student, path: Path, tokenizer, state_dict: dict | None = None, d
         save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()}, str(tmp / "model.safetensors"))
         config = getattr(student, "config", None)
         if isinstance(config, dict):  # a module of your own: what load_module needs to build it again
-            cls = type(student)
-            (tmp / MODULE_JSON).write_text(json.dumps({"class": f"{cls.__module__}:{cls.__qualname__}", "kwargs": config}, indent=1))
+            (tmp / MODULE_JSON).write_text(json.dumps(module_record(student, dtype), indent=1))
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     shutil.rmtree(path, ignore_errors=True)
@@ -98,6 +98,7 @@ def load_module(path: str | Path) -> torch.nn.Module:
     weights loaded (strictly). A module without a ``config`` dict saves its weights only; rebuild it
     yourself and ``load_state_dict(safetensors.torch.load_file(path / "model.safetensors"))``."""
     import importlib
+    import importlib.util
 
     from safetensors.torch import load_file
 
@@ -110,14 +111,52 @@ def load_module(path: str | Path) -> torch.nn.Module:
     spec = json.loads(spec_file.read_text())
     mod, _, name = str(spec.get("class", "")).partition(":")
     try:
-        cls = importlib.import_module(mod)
+        try:
+            cls = importlib.import_module(mod)
+        except ImportError:
+            if not spec.get("file") or not Path(spec["file"]).is_file():
+                raise
+            # a class of a script run as __main__: its file, imported under its own name (runs its top level)
+            loader = importlib.util.spec_from_file_location(mod, spec["file"])
+            cls = importlib.util.module_from_spec(loader)
+            sys.modules.setdefault(mod, cls)
+            loader.loader.exec_module(cls)
         for part in name.split("."):
             cls = getattr(cls, part)
     except (ImportError, AttributeError) as e:
         raise ConfigError(f"{spec_file}: class {spec.get('class')!r} cannot be imported ({e})") from None
     model = cls(**spec.get("kwargs", {}))
     model.load_state_dict(load_file(str(path / "model.safetensors")))
+    if spec.get("dtype"):
+        model.to(getattr(torch, spec["dtype"]))
     return model
+
+
+def module_record(student: torch.nn.Module, dtype: torch.dtype | None = None) -> dict:
+    """``module.json`` of a module of your own: its class as ``module:qualname`` (a class of a script
+    run as ``__main__`` is named by the script's file name, with its path in ``file``), its
+    ``config`` dict and the saved dtype. Raises ConfigError, before any training, for a class that
+    cannot be imported again (defined inside a function) or a config that is not JSON."""
+    from logitstore.errors import ConfigError
+
+    cls = type(student)
+    if "<locals>" in cls.__qualname__:
+        raise ConfigError(f"--student {cls.__qualname__}: a class defined inside a function cannot be imported to load "
+                          "final/ again; define it at module level")
+    mod, rec = cls.__module__, {}
+    if mod == "__main__":
+        main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+        if main_file:
+            mod, rec["file"] = Path(main_file).stem, str(Path(main_file).resolve())
+    try:
+        json.dumps(student.config)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"--student {cls.__qualname__}: its config dict is not JSON ({e}); module.json needs plain "
+                          "values (numbers, strings, lists, dicts)") from None
+    rec.update({"class": f"{mod}:{cls.__qualname__}", "kwargs": student.config})
+    if dtype is not None:
+        rec["dtype"] = str(dtype).removeprefix("torch.")
+    return rec
 
 
 def cast_state_dict(sd: dict, dtype: torch.dtype) -> dict:

@@ -31,7 +31,7 @@ from logitstore.errors import ConfigError, LogitStoreError
 from logitstore.format.manifest import store_id
 from logitstore.progress import quiet_libraries
 
-from .checkpoint import TrainState, save_checkpoint, save_final
+from .checkpoint import TrainState, module_record, save_checkpoint, save_final
 from .config import FitConfig
 from .data import DistillDataset, match_teachers
 from .classify import ClassifyDataset, ClassifyModule, check_classifier_student, evaluate_classify, load_classifier_student
@@ -130,6 +130,8 @@ class Run:
         student = model if model is not None else (
             load_classifier_student(cfg.student, m0["num_labels"], m0["label_names"], trust_remote_code=cfg.trust_remote_code)
             if self.task == "classify" else load_student(cfg.student, trust_remote_code=cfg.trust_remote_code))
+        if model is not None and not hasattr(model, "save_pretrained") and isinstance(getattr(model, "config", None), dict):
+            module_record(model)  # a class and config that final/module.json can rebuild, checked before training
         if model is None:
             check_student_tokenizer(cfg.student, train)
             if Path(cfg.student).suffix in (".json", ".yaml", ".yml"):  # a fresh model: the store's special tokens
