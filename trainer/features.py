@@ -44,6 +44,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from logitstore.capture.hidden import pool
 from logitstore.errors import ConfigError
 
 FEATURE_LOSSES = ("mse", "cosine")
@@ -97,18 +98,6 @@ class StudentLayers:
 
     def split(self, stacked: torch.Tensor) -> dict[int, torch.Tensor]:
         return {layer: stacked[..., i, :] for i, layer in enumerate(self.layers)}
-
-
-def pool(h: torch.Tensor, mask: torch.Tensor, kind: str) -> torch.Tensor:
-    """[B, L, H] with ``mask`` [B, L] -> [B, H]: ``mean`` over the masked positions, or the ``first``
-    / ``last`` one (the pooling of a classify store's hidden states)."""
-    if kind == "first":
-        return h[:, 0]
-    if kind == "last":
-        last = mask.long().sum(1).clamp_min(1) - 1
-        return h[torch.arange(h.shape[0], device=h.device), last]
-    w = mask.to(h.dtype)[..., None]
-    return (h * w).sum(1) / w.sum(1).clamp_min(1.0)
 
 
 def feature_loss(pred: torch.Tensor, target: torch.Tensor, kind: str, norm: str = "none") -> torch.Tensor:

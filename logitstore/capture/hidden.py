@@ -20,10 +20,12 @@ import numpy as np
 import torch
 
 from logitstore.errors import ConfigError
+from logitstore.format.hidden import POOLINGS as STORED_POOLINGS
 from logitstore.format.hidden import PROJECTION_KIND, array_name, projection_matrix, projection_sha256, to_bits
 
 HIDDEN_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
-POOLINGS = ("mean", "first", "last")
+#: the per-text poolings of a classify store (FORMAT.md's, less ``token``)
+POOLINGS = tuple(p for p in STORED_POOLINGS if p != "token")
 
 
 def parse_layers(value: str | tuple | list | None) -> tuple[int, ...]:
@@ -113,17 +115,22 @@ class HiddenCapture:
 
     def pool(self, stacked: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """[B, L, n, H] with ``mask`` [B, L] -> one vector per text and layer [B, n, H] (the entry's pooling)."""
-        kind = self.entry["pooling"]
-        m = mask.to(stacked.device)
-        if kind == "first":
-            return stacked[:, 0]
-        if kind == "last":
-            last = m.sum(1).clamp_min(1) - 1
-            return stacked[torch.arange(stacked.shape[0], device=stacked.device), last]
-        w = m.to(torch.float32)[:, :, None, None]
-        return (stacked.float() * w).sum(1) / w.sum(1).clamp_min(1.0)
+        return pool(stacked.float(), mask.to(stacked.device), self.entry["pooling"])
 
     def bits(self, projected: torch.Tensor) -> dict[str, np.ndarray]:
         """[..., n, dim] float32 -> ``{hidden_{layer}: uint16 [..., dim]}``."""
         b = to_bits(projected, self.entry["dtype"])
         return {array_name(layer): np.ascontiguousarray(b[..., i, :]) for i, layer in enumerate(self.layers)}
+
+
+def pool(h: torch.Tensor, mask: torch.Tensor, kind: str) -> torch.Tensor:
+    """``h`` [B, L, ...] with ``mask`` [B, L] -> [B, ...]: ``mean`` over the masked positions, or the
+    ``first`` / ``last`` masked one. The dump pools the teacher's states with it and the trainer the
+    student's, so both sides of a feature loss are pooled alike."""
+    if kind == "first":
+        return h[:, 0]
+    if kind == "last":
+        last = mask.long().sum(1).clamp_min(1) - 1
+        return h[torch.arange(h.shape[0], device=h.device), last]
+    w = mask.to(h.dtype).reshape(*mask.shape, *(1,) * (h.ndim - 2))
+    return (h * w).sum(1) / w.sum(1).clamp_min(1.0)
