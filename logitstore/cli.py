@@ -50,6 +50,10 @@ def dump(
     dtype: str = typer.Option("auto", help="auto (bf16 on cuda, fp32 on cpu), bf16, fp16 or fp32"),
     format: str = typer.Option("zarr", "--format", help="zarr, or arrow (Parquet files; 'parquet' is accepted too)"),
     encoding: str = typer.Option("compact", help="compact or lossless"),
+    value_bits: int = typer.Option(8, "--value-bits", help="compact: log-prob precision, 6, 7 or 8 (max error 1/4, 1/8, "
+                                                           "1/16 nat; FORMAT.md)"),
+    codebook: str = typer.Option("companded", "--codebook", help="compact: companded (fine steps where the probability "
+                                                                 "is), or uniform (readable by versions before it)"),
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="stop after this many corpus tokens"),
     text_field: str = typer.Option("text", "--text-field"),
     pack: Optional[bool] = typer.Option(None, "--pack/--no-pack", help="pack documents into full windows, or one document per "
@@ -90,7 +94,8 @@ def dump(
         quiet_libraries()
     call(lambda: run_dump(DumpConfig(
         teachers=tuple(teacher), data=data, out=out, top_k=top_k, seq_len=seq_len, batch_size=batch_size, device=device,
-        dtype=dtype, format=format, encoding=encoding, max_tokens=max_tokens, text_field=text_field, pack=pack, bos=bos,
+        dtype=dtype, format=format, encoding=encoding, value_bits=value_bits, codebook=codebook, max_tokens=max_tokens,
+        text_field=text_field, pack=pack, bos=bos,
         shard_sequences=shard_sequences, trust_remote_code=trust_remote_code, device_map=device_map, max_memory=max_memory,
         offload_folder=offload_folder, tp=tp, progress=not quiet, input=input, messages_field=messages_field,
         chat_template=chat_template, train_on=train_on, overlong=overlong, doc_boundaries=doc_boundaries,

@@ -62,7 +62,7 @@ def test_lossless_is_exact(vocab, k):
 def test_compact_within_documented_bound(vocab, k, bits):
     rng = np.random.default_rng(k * bits)
     ids, lp, sc = random_topk(rng, 64, vocab, k)
-    enc = Encoding("compact", value_bits=bits)
+    enc = Encoding("compact", value_bits=bits, codebook="uniform")
     arrays = enc.encode(ids, lp, sc, vocab)
     i2, l2, s2 = enc.decode(arrays, vocab)
     bound = documented_bound(arrays, bits)  # FORMAT.md's, not the code's own error_bound()
@@ -84,7 +84,7 @@ def test_compact_bound_is_tight_enough_to_matter():
     # the bound is half a step of the position's range: 7 bits over a ~10-nat range is < 0.05 nats
     rng = np.random.default_rng(0)
     ids, lp, sc = random_topk(rng, 32, 5000, 64)
-    enc = Encoding("compact")
+    enc = Encoding("compact", value_bits=7, codebook="uniform")
     rng_span = lp.max(1).astype(np.float64) - lp.min(1)
     bound = documented_bound(enc.encode(ids, lp, sc, 5000), 7)
     # the stored range is the true one widened by at most 2/64 nat (bounds rounded outwards)
@@ -109,7 +109,9 @@ def test_compact_detects_ids_outside_vocab():
 
 
 @pytest.mark.parametrize("bad", [{"name": "zip"}, {"name": "compact", "value_bits": 12}, {"name": "compact", "x": 1}, "compact",
-                                 {"name": "compact", "value_bits": 7, "tail": "bf16"}, {"name": "lossless", "tail": "log"}])
+                                 {"name": "compact", "value_bits": 7, "tail": "bf16"}, {"name": "lossless", "tail": "log"},
+                                 {"name": "compact", "value_bits": 5, "codebook": "companded"}, {"name": "compact", "codebook": "mu-law"},
+                                 {"name": "lossless", "codebook": "companded"}])
 def test_unknown_encodings_are_refused(bad):
     with pytest.raises(FormatError, match="encoding"):
         Encoding.from_dict(bad)
@@ -168,7 +170,7 @@ def test_stores_of_the_first_version_with_float16_tails_still_read(tmp_path, lla
     dump(DumpConfig(teachers=(f"t={llama_dir}",), data=str(corpus), out=str(out), top_k=4, seq_len=16, max_tokens=200,
                     shard_sequences=4, progress=False))
     store = logitstore.open(str(out))
-    assert store.manifest["encoding"] == {"name": "compact", "value_bits": 7, "tail": "log"}
+    assert store.manifest["encoding"] == {"name": "compact", "value_bits": 8, "tail": "log", "codebook": "companded"}
     new_tails = np.concatenate([store.load_shard(j)["teachers"]["t"]["tail_mass"] for j in range(store.n_shards)])
     old = Encoding.from_dict({"name": "compact", "value_bits": 7})
     m = json.loads((out / "manifest.json").read_text())

@@ -100,7 +100,9 @@ def main() -> None:
         rows.append({"k": k, "scheme": "DistillKit (bit-packed ids + bf16)", "backend": "-", "B/token": dk_bytes,
                      "x DistillKit": 1.0, "max |err|": float(np.abs(lp_bf16 - lp).max()),
                      "mean KL": kl_recon(lp, tail, lp_bf16, tail)})
-        for enc in (Encoding("lossless"), Encoding("compact", 6), Encoding("compact", 7), Encoding("compact", 8)):
+        encodings = [Encoding("lossless")] + [Encoding("compact", b, codebook="uniform") for b in (7, 8)] + \
+            [Encoding("compact", b) for b in (6, 7, 8)]
+        for enc in encodings:
             for bname in ("zarr", "arrow"):
                 backend = get_backend(bname)
                 t0 = time.perf_counter()
@@ -133,7 +135,7 @@ def main() -> None:
                     timings[check] = float(np.median(times))  # robust to another process taking the core
                 lp_back = match_back(ids, lp, ids_hat, lp_hat)
                 rows.append({
-                    "k": k, "scheme": enc.name + (f" {enc.value_bits}-bit" if enc.name == "compact" else ""), "backend": bname,
+                    "k": k, "scheme": enc.name + (f" {enc.codebook} {enc.value_bits}-bit" if enc.name == "compact" else ""), "backend": bname,
                     "B/token": nbytes / N, "x DistillKit": nbytes / N / dk_bytes,
                     "max |err|": float(np.abs(lp_back - lp).max()), "mean KL": kl_recon(lp, tail, lp_back, sc_hat["tail_mass"]),
                     "encode Mtok/s": N / enc_s / 1e6, "decode Mtok/s": N / timings[False] / 1e6,

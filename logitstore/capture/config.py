@@ -13,7 +13,8 @@ from logitstore.capture.sources import INPUT_KINDS, OVERLONG, Source, resolve_ki
 from logitstore.capture.teacher import DTYPES
 from logitstore.capture.windows import WindowSpec
 from logitstore.errors import ConfigError
-from logitstore.format.codec import ENCODINGS
+from logitstore.format.codebook import BITS
+from logitstore.format.codec import CODEBOOKS, ENCODINGS
 from logitstore.format.hashing import sha256_hex
 
 
@@ -31,6 +32,10 @@ class DumpConfig:
     dtype: str = "auto"
     format: str = "zarr"
     encoding: str = "compact"
+    #: compact only: precision of the log-prob codes (6, 7 or 8; the uniform codebook takes 2..8) and
+    #: the codebook (``companded``, or ``uniform`` for stores older readers can open): FORMAT.md
+    value_bits: int = 8
+    codebook: str = "companded"
     max_tokens: int | None = None
     text_field: str = "text"
     #: None: pack text and conversations, keep one row per window for token rows (``--pack/--no-pack``)
@@ -90,6 +95,11 @@ class DumpConfig:
             raise ConfigError(f"--format: expected zarr, arrow or parquet (= arrow), got {self.format!r}")
         if self.encoding not in ENCODINGS:
             raise ConfigError(f"--encoding: expected one of {', '.join(ENCODINGS)}, got {self.encoding!r}")
+        if self.codebook not in CODEBOOKS:
+            raise ConfigError(f"--codebook: expected one of {', '.join(CODEBOOKS)}, got {self.codebook!r}")
+        allowed = BITS if self.codebook == "companded" else tuple(range(2, 9))
+        if self.value_bits not in allowed:
+            raise ConfigError(f"--value-bits: the {self.codebook} codebook takes {', '.join(map(str, allowed))}, got {self.value_bits!r}")
         if self.dtype not in ("auto", *DTYPES):
             raise ConfigError(f"--dtype: expected auto, {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.max_tokens is not None and self.max_tokens <= 0:

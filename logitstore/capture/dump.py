@@ -138,7 +138,7 @@ def _dump(cfg: DumpConfig, ranks: Ranks) -> DumpResult:
     corpus, described = CorpusPlan.from_dict(shared["plan"]), shared["key"]["source"]
     new_plan_key = None if shared["reused"] else shared["key"]  # a plan to record in the store
     n_seq = corpus.n_sequences
-    encoding = Encoding(cfg.encoding)
+    encoding = Encoding(cfg.encoding, value_bits=cfg.value_bits, codebook=cfg.codebook)
     teacher_ids = [{**s.identity(t), "dtype": dtype_name, "k": cfg.top_k, "part": layout.teacher_part(i)}
                    for i, (s, t) in enumerate(zip(specs, tokenizers))]
     for s, t in zip(specs, teacher_ids):  # --hidden-layers: checked against each teacher's config (logitstore/capture/hidden.py)

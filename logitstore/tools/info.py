@@ -41,7 +41,8 @@ def format_info(d: dict) -> str:
         f"store        {d['url']}",
         f"id           {d['id']}",
         f"format       v{d['format_version']}, {d['backend']}, encoding {d['encoding']['name']}"
-        + (f" ({d['encoding']['value_bits']}-bit values)" if "value_bits" in d["encoding"] else ""),
+        + (f" ({d['encoding']['value_bits']}-bit {d['encoding'].get('codebook', 'uniform')} values)"
+           if "value_bits" in d["encoding"] else ""),
         f"tokenizer    {d['tokenizer']['fingerprint'][:16]}, vocab {d['tokenizer']['vocab_size']:,}",
         f"data         {d['sequences']:,} sequences x {d['seq_len']} ({'packed' if d['packed'] else 'per document'}), "
         f"{d['tokens']:,} tokens, {d['shards']} shard(s)",
