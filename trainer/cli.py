@@ -59,6 +59,9 @@ def fit(
     beta: Optional[float] = typer.Option(None, help=_help("beta", "jsd mixture weight of the teacher")),
     tail: Optional[str] = typer.Option(None, help=_help("tail", "bucket or renorm")),
     fuse: Optional[str] = typer.Option(None, help=_help("fuse", "mean-probs or mean-logits")),
+    fuse_weights: Optional[str] = typer.Option(None, "--fuse-weights", help=_help("fuse_weights", "per-position teacher weights: fixed, entropy (confident teachers count more) or gold (likelier real next token counts more)")),
+    fuse_weight_temperature: Optional[float] = typer.Option(None, "--fuse-weight-temperature", help=_help("fuse_weight_temperature", "tau of the entropy / gold weights")),
+    kd_positions: Optional[str] = typer.Option(None, "--kd-positions", help=_help("kd_positions", "all, teacher-entropy:FRAC or student-entropy:FRAC (KD on each batch's most uncertain FRAC; CE on all)")),
     feature_weight: Optional[float] = typer.Option(None, "--feature-weight", help=_help("feature_weight", "weight of the feature (hidden-state) loss; 0: off")),
     feature_loss: Optional[str] = typer.Option(None, "--feature-loss", help=_help("feature_loss", "mse or cosine")),
     feature_norm: Optional[str] = typer.Option(None, "--feature-norm", help=_help("feature_norm", "layer (MSE of layer-normalised vectors) or none")),
@@ -96,7 +99,8 @@ def fit(
         overrides = dict(parse_override(a) for a in ctx.args)  # KEY=VALUE; anything else is refused with the reason
         flags = dict(logits=logits or None, student=student, out=out, weights=weights, eval_logits=eval_logits, max_steps=max_steps,
                      epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, lr=lr, seed=seed, alpha=alpha, temperature=temperature,
-                     temperature_schedule=temperature_schedule, loss=loss, beta=beta, tail=tail, fuse=fuse, online_teacher=online_teacher, device=device,
+                     temperature_schedule=temperature_schedule, loss=loss, beta=beta, tail=tail, fuse=fuse, fuse_weights=fuse_weights,
+                     fuse_weight_temperature=fuse_weight_temperature, kd_positions=kd_positions, online_teacher=online_teacher, device=device,
                      precision=precision, param_dtype=param_dtype, save_dtype=save_dtype, num_workers=num_workers, eval_every=eval_every, checkpoint_every=checkpoint_every,
                      cache_dir=cache_dir, prefetch=prefetch, streams=streams, task=task, feature_weight=feature_weight,
                      feature_loss=feature_loss, feature_norm=feature_norm, feature_map=feature_map, rkd_distance=rkd_distance, rkd_angle=rkd_angle, rkd_map=rkd_map)

@@ -10,8 +10,9 @@ import yaml
 
 from logitstore.errors import ConfigError
 
-from logitstore.distributions.fusion import MODES
+from logitstore.distributions.fusion import MODES, WEIGHTINGS
 from .losses import LOSSES, TAILS
+from .positions import parse_kd_positions
 
 SCHEDULES = ("constant", "linear", "cosine", "exp", "step")
 DTYPES = ("fp32", "bf16", "fp16")
@@ -49,6 +50,12 @@ class FitConfig:
     beta: float = 0.5
     tail: str = "bucket"
     fuse: str = "mean-probs"
+    #: per-position teacher weights (logitstore/distributions/fusion.py): ``fixed``, ``entropy`` or
+    #: ``gold``, with the softmax temperature ``tau`` of the stored entropy / gold log-prob
+    fuse_weights: str = "fixed"
+    fuse_weight_temperature: float = 1.0
+    #: KD on a subset of positions (trainer/positions.py): ``all``, ``teacher-entropy:FRAC``, ``student-entropy:FRAC``
+    kd_positions: str = "all"
     #: feature KD from stored hidden states (trainer/features.py): weight (0: off), ``mse`` or
     #: ``cosine``, and ``STUDENT_LAYER:TEACHER_LAYER`` pairs (``output_hidden_states`` indices)
     feature_weight: float = 0.0
@@ -123,6 +130,16 @@ class FitConfig:
         _check(self.loss in LOSSES, f"--loss: expected one of {', '.join(LOSSES)}, got {self.loss!r}")
         _check(self.tail in TAILS, f"--tail: expected one of {', '.join(TAILS)}, got {self.tail!r}")
         _check(self.fuse in MODES, f"--fuse: expected one of {', '.join(MODES)}, got {self.fuse!r}")
+        _check(self.fuse_weights in WEIGHTINGS, f"--fuse-weights: expected one of {', '.join(WEIGHTINGS)}, got {self.fuse_weights!r}")
+        _check(self.fuse_weight_temperature > 0, f"--fuse-weight-temperature: expected > 0, got {self.fuse_weight_temperature}")
+        try:
+            kind, _ = parse_kd_positions(self.kd_positions)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        _check(kind != "teacher-entropy" or not self.online_teacher,
+               "--kd-positions teacher-entropy: uses the stores' entropy; not with --online-teacher (student-entropy works)")
+        _check(self.fuse_weights == "fixed" or not self.online_teacher,
+               "--fuse-weights: entropy and gold weights come from the stores; not with --online-teacher")
         _check(self.temperature_schedule in SCHEDULES, f"--temperature-schedule: expected one of {', '.join(SCHEDULES)}")
         _check(0.0 <= self.alpha <= 1.0, f"--alpha: expected a value in [0, 1], got {self.alpha}")
         _check(self.temperature > 0 and self.temperature_final > 0, "--temperature: must be > 0")

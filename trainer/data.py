@@ -291,7 +291,8 @@ class DistillDataset(EpochOrder, IterableDataset):
         lengths = np.zeros(B, np.int64)
         trained = np.zeros((B, L), bool)
         positions = np.zeros((B, L), np.int64) if self.segmented else None
-        per_teacher = [{"ids": [], "logprobs": [], "tail_mass": []} for _ in self.teachers]
+        # entropy and gold log-prob: per-position fusion weights (--fuse-weights, logitstore/distributions/fusion.py)
+        per_teacher = [{"ids": [], "logprobs": [], "tail_mass": [], "entropy": [], "gold_logprob": []} for _ in self.teachers]
         hidden = {(m, layer): np.zeros((B, L, self.hidden_dims[m]), np.float32) for m, layer in self.hidden}
         for b, i in enumerate(indices):
             sh, r = rows0[b]
@@ -341,6 +342,8 @@ class DistillDataset(EpochOrder, IterableDataset):
                 cached.append({k: v.reshape(B * L, *v.shape[2:]) for k, v in stacked.items()})
             for k, v in build_targets(cached, self.vocab_size).items():
                 batch[k] = torch.from_numpy(v)
+            for key in ("entropy", "gold_logprob"):  # [M, B * L]
+                batch[f"teacher_{key}"] = torch.from_numpy(np.stack([c[key].astype(np.float32) for c in cached]))
         for (m, layer), v in hidden.items():
             batch[f"hidden_{m}_{layer}"] = torch.from_numpy(v)  # [B, L, dim]
         return batch

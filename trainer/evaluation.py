@@ -27,7 +27,7 @@ def evaluate(acc, module, evalset: DistillDataset, cfg, weights: list[float]) ->
     """Validation CE / perplexity, KL(fused teachers || student) at T = 1, and top-1 agreement of the
     student with each teacher and with the fused target, over the whole held-out store. ``weights``:
     one per teacher of ``evalset``, in its order (see :func:`match_teachers`)."""
-    from logitstore.distributions.fusion import fuse
+    from logitstore.distributions.fusion import fuse, position_weights
 
     inner = acc.unwrap_model(module)
     inner.eval()
@@ -41,6 +41,7 @@ def evaluate(acc, module, evalset: DistillDataset, cfg, weights: list[float]) ->
         with acc.autocast():
             # one forward; the LM head, the losses and the top-1 ids run chunk_positions at a time
             ce, kd, n, pred = inner(batch, temperature=1.0, teacher_temperatures=[1.0] * M, weights=w, fuse_mode=cfg.fuse, loss="fkl",
+                                    fuse_weights=cfg.fuse_weights, fuse_tau=cfg.fuse_weight_temperature,
                                     tail="bucket", beta=0.5, chunk_positions=cfg.chunk_positions, vocab_size=evalset.vocab_size,
                                     return_argmax=True)
         keep = batch["labels"].reshape(-1) != -100
@@ -49,8 +50,10 @@ def evaluate(acc, module, evalset: DistillDataset, cfg, weights: list[float]) ->
         for m in range(M):
             top = sup.gather(-1, batch["teacher_lp"][m].argmax(-1, keepdim=True))[:, 0]
             agree.append(float(((top == pred) & keep).sum()))
+        pw = position_weights(cfg.fuse_weights, w, batch.get("teacher_entropy"), batch.get("teacher_gold_logprob"),
+                              cfg.fuse_weight_temperature)
         target = fuse(batch["teacher_lp"], batch["rest_lp"], sup, batch["valid"], batch["n_out"], temperatures=[1.0] * M, weights=w,
-                      mode=cfg.fuse)
+                      mode=cfg.fuse, position_weights=pw)
         fused_top = sup.gather(-1, target.lp.argmax(-1, keepdim=True))[:, 0]
         agree.append(float(((fused_top == pred) & keep).sum()))
         sums += torch.tensor([float(ce), float(kd), float(n), *agree], dtype=torch.float64)

@@ -38,6 +38,7 @@ from .classify import ClassifyDataset, ClassifyModule, check_classifier_student,
 from .evaluation import all_sum, evaluate
 from .features import build_feature_kd, save_projections
 from .follow import wait_for_shards
+from .positions import parse_kd_positions
 from logitstore.distributions.fusion import normalize_weights
 from .interrupt import Interrupted, StopRequests
 from .loader import epoch_batches, make_loader, worker_message
@@ -111,6 +112,9 @@ class Run:
             self.weights = normalize_weights(cfg.weights, self.M)
         except ValueError as e:
             raise ConfigError(f"{e} (teachers: {', '.join(self.train.teacher_names)})") from None
+        # per-position teacher weights (LM stores only: refused for classify below)
+        self.fuse_kwargs = {} if self.task == "classify" else dict(fuse_weights=cfg.fuse_weights, fuse_tau=cfg.fuse_weight_temperature,
+                                                                   kd_positions=parse_kd_positions(cfg.kd_positions))
         if cfg.teacher_temperatures is not None and len(cfg.teacher_temperatures) != self.M:
             raise ConfigError(f"--teacher-temperatures: {len(cfg.teacher_temperatures)} value(s) for {self.M} teacher(s)")
         self.evalset, self.eval_weights = None, None
@@ -124,8 +128,9 @@ class Run:
     # ---------------------------------------------------------------- student
     def build_student(self, model: torch.nn.Module | None) -> None:
         cfg, train = self.cfg, self.train
-        if self.task == "classify" and (cfg.online_teacher or cfg.fsdp):
-            raise ConfigError("--online-teacher/--fsdp: not for classify stores (their teachers ran already; students are small)")
+        if self.task == "classify" and (cfg.online_teacher or cfg.fsdp or cfg.fuse_weights != "fixed" or cfg.kd_positions != "all"):
+            raise ConfigError("--online-teacher/--fsdp/--fuse-weights/--kd-positions: not for classify stores (their teachers ran already; "
+                              "students are small; there is no per-token entropy)")
         m0 = train.stores[0].manifest
         student = model if model is not None else (
             load_classifier_student(cfg.student, m0["num_labels"], m0["label_names"], trust_remote_code=cfg.trust_remote_code)
@@ -249,7 +254,7 @@ class Run:
         T = temperature_at(state.step, self.total, cfg.temperature_schedule, cfg.temperature, cfg.temperature_final,
                            cfg.temperature_gamma, cfg.temperature_every)
         temps = list(cfg.teacher_temperatures) if cfg.teacher_temperatures else [T] * self.M
-        kd_args = dict(weights=self.weights, fuse_mode=cfg.fuse, loss=cfg.loss, tail=cfg.tail, beta=cfg.beta,
+        kd_args = dict(weights=self.weights, fuse_mode=cfg.fuse, loss=cfg.loss, tail=cfg.tail, beta=cfg.beta, **self.fuse_kwargs,
                        chunk_positions=cfg.chunk_positions, vocab_size=self.train.vocab_size, with_kd=cfg.alpha > 0)
         n_global = all_sum(acc, sum(int((mb["labels"] != -100).sum()) for mb in micro))
         sums = torch.zeros(6, dtype=torch.float64)  # loss, kd, ce, feature, rkd distance, rkd angle

@@ -185,7 +185,8 @@ def _chunk_ce_kd(x, head, labels, kd_mask, support, valid, t_lp, t_out, n_out, t
 
 def kd_ce_loss(x: torch.Tensor, labels: torch.Tensor, target: SparseTarget | None, *, head=None, temperature: float = 1.0,
                loss: str = "fkl", tail: str = "bucket", beta: float = 0.5, chunk_positions: int = 1024,
-               vocab_size: int | None = None, teacher_logits: torch.Tensor | None = None, return_argmax: bool = False):
+               vocab_size: int | None = None, teacher_logits: torch.Tensor | None = None, return_argmax: bool = False,
+               kd_positions: torch.Tensor | None = None):
     """Summed CE and KD over positions, computed ``chunk_positions`` at a time.
 
     ``x`` [N, V] logits, or [N, H] hidden states with ``head`` mapping them to logits (then the full
@@ -198,10 +199,13 @@ def kd_ce_loss(x: torch.Tensor, labels: torch.Tensor, target: SparseTarget | Non
     memory is ``chunk_positions * V``, not ``N * V``. Returns ``(ce_sum, kd_sum, n_positions)``, and
     with ``return_argmax`` (no gradients: evaluation) also the student's top-1 id per position [N],
     taken from the same per-chunk logits, so evaluation needs neither a second forward nor ``[N, V]``.
+    ``kd_positions`` [N] bool: KD only there (``--kd-positions``, :mod:`trainer.positions`); CE everywhere.
     """
     N = x.shape[0]
     kd_mask = labels != -100
-    n = kd_mask.sum()
+    if kd_positions is not None:
+        kd_mask = kd_mask & kd_positions
+    n = (labels != -100).sum()
     ce_total = x.new_zeros((), dtype=torch.float32)
     kd_total = x.new_zeros((), dtype=torch.float32)
     preds = []

@@ -14,8 +14,9 @@ import torch
 from logitstore.errors import ConfigError, LogitStoreError
 from logitstore.capture.lm_head import forward_logits, head_for
 
-from logitstore.distributions.fusion import fuse
+from logitstore.distributions.fusion import fuse, position_weights
 from .losses import kd_ce_loss
+from .positions import choose
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -142,7 +143,8 @@ class DistillModule(torch.nn.Module):
 
     def forward(self, batch: dict, *, temperature: float, teacher_temperatures: list[float], weights: list[float], fuse_mode: str,
                 loss: str, tail: str, beta: float, chunk_positions: int, vocab_size: int, with_kd: bool = True,
-                return_argmax: bool = False, with_aux: bool = False):
+                return_argmax: bool = False, with_aux: bool = False, fuse_weights: str = "fixed", fuse_tau: float = 1.0,
+                kd_positions: tuple[str, float] = ("all", 1.0)):
         """``return_argmax`` (evaluation): also the student's top-1 id per position [B * L], from the
         same chunked pass (see :func:`trainer.losses.kd_ce_loss`). ``with_aux`` (training): also the
         feature and relation terms of :attr:`features` (a dict of weighted sums), from the same forward."""
@@ -169,10 +171,18 @@ class DistillModule(torch.nn.Module):
         if t_logits is not None:  # online KD: [B, L, V_teacher] from a teacher run on this batch
             t_logits = t_logits.reshape(B * L, -1)[:, :vocab_size]
         elif with_kd:
+            pw = position_weights(fuse_weights, weights, batch.get("teacher_entropy"), batch.get("teacher_gold_logprob"), fuse_tau)
             target = fuse(batch["teacher_lp"], batch["rest_lp"], batch["support"], batch["valid"], batch["n_out"],
-                          temperatures=teacher_temperatures, weights=weights, mode=fuse_mode)
+                          temperatures=teacher_temperatures, weights=weights, mode=fuse_mode, position_weights=pw)
+        chosen, scale = None, 1.0
+        if with_kd and kd_positions[0] != "all":  # trainer/positions.py
+            chosen, scale = choose(*kd_positions, labels.reshape(-1), teacher_entropy=batch.get("teacher_entropy"), weights=weights,
+                                   x=x, head=head, vocab_size=vocab_size, chunk=chunk_positions)
         out = kd_ce_loss(x, labels.reshape(-1), target, head=head, temperature=temperature, loss=loss, tail=tail, beta=beta,
-                         chunk_positions=chunk_positions, vocab_size=vocab_size, teacher_logits=t_logits, return_argmax=return_argmax)
+                         chunk_positions=chunk_positions, vocab_size=vocab_size, teacher_logits=t_logits, return_argmax=return_argmax,
+                         kd_positions=chosen)
+        if scale != 1.0:
+            out = (out[0], out[1] * scale, *out[2:])
         return (*out, aux) if with_aux else out
 
 

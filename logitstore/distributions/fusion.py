@@ -23,6 +23,18 @@ Modes:
   classic mean of logits; log-probs differ from logits by a per-teacher constant that the
   renormalisation removes), renormalised over the whole vocabulary.
 
+Per-position weights (``--fuse-weights``), from what every store holds per position and teacher:
+- ``fixed`` (default): ``w_m`` as given, the same at every position;
+- ``entropy``: ``w_m(t) ∝ w_m * exp(-H_m(t) / tau)``, with ``H_m(t)`` the teacher's full-vocabulary
+  entropy at ``t`` (stored exactly, not from the top-k): a confident teacher counts more there;
+- ``gold``: ``w_m(t) ∝ w_m * p_m(y_t)^(1 / tau) = w_m * exp(log p_m(y_t) / tau)``, with ``y_t`` the
+  real next token and ``log p_m(y_t)`` its stored gold log-prob (at T = 1): the teacher that found
+  the data likelier counts more. It uses the label, so it is a training-time weighting (at
+  evaluation it weighs teachers with the same labels the student is scored on).
+Both normalise over teachers at each position (a softmax of ``log w_m + score_m / tau``, so teachers of
+weight 0 stay at 0); ``tau -> inf`` gives the fixed weights back, ``tau -> 0`` picks one teacher per
+position. The weights then enter ``mean-probs`` / ``mean-logits`` in place of ``w_m``.
+
 Per-teacher temperature ``T_m``: ``p_m^{(T)} ∝ p_m^{1/T}`` over the whole vocabulary (top-k entries and
 every tail token), i.e. the softmax of the teacher's logits at temperature ``T`` (log-probs and logits
 differ by a constant per position). Weights are normalised to sum to 1.
@@ -35,6 +47,8 @@ from dataclasses import dataclass
 import torch
 
 MODES = ("mean-probs", "mean-logits")
+#: ``--fuse-weights``: how teacher weights vary by position (module docstring)
+WEIGHTINGS = ("fixed", "entropy", "gold")
 
 
 @dataclass
@@ -64,6 +78,22 @@ def normalize_weights(weights, n_teachers: int) -> list[float]:
     return [x / total for x in w]
 
 
+def position_weights(weighting: str, weights: list[float], entropy: torch.Tensor | None, gold_logprob: torch.Tensor | None,
+                     tau: float = 1.0) -> torch.Tensor | None:
+    """Per-position teacher weights ``[M, N]`` (each column sums to 1), or ``None`` for ``fixed``.
+    ``entropy`` / ``gold_logprob``: ``[M, N]``, each teacher's stored scalars at the positions."""
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"--fuse-weights: expected one of {WEIGHTINGS}, got {weighting!r}")
+    if weighting == "fixed":
+        return None
+    if not tau > 0:
+        raise ValueError(f"--fuse-weight-temperature: expected > 0, got {tau}")
+    score = -entropy.float() if weighting == "entropy" else gold_logprob.float()
+    w = torch.tensor(weights, device=score.device, dtype=torch.float32)
+    logw = torch.where(w > 0, torch.log(w.clamp(min=1e-30)), torch.tensor(float("-inf"), device=score.device))
+    return torch.softmax(logw[:, None] + score / tau, dim=0)
+
+
 def _log_n(n_out: torch.Tensor) -> torch.Tensor:
     return torch.where(n_out > 0, torch.log(n_out.clamp(min=1)), torch.full_like(n_out, float("-inf")))
 
@@ -78,8 +108,10 @@ def temper(teacher_lp: torch.Tensor, rest_lp: torch.Tensor, valid: torch.Tensor,
 
 
 def fuse(teacher_lp: torch.Tensor, rest_lp: torch.Tensor, support: torch.Tensor, valid: torch.Tensor, n_out: torch.Tensor,
-         *, temperatures: list[float], weights: list[float], mode: str = "mean-probs") -> SparseTarget:
-    """Fuse ``M`` teachers (see the module docstring for the fields and modes)."""
+         *, temperatures: list[float], weights: list[float], mode: str = "mean-probs",
+         position_weights: torch.Tensor | None = None) -> SparseTarget:
+    """Fuse ``M`` teachers (see the module docstring for the fields and modes). ``position_weights``
+    ``[M, N]`` (from :func:`position_weights`) replaces ``weights`` position by position."""
     if mode not in MODES:
         raise ValueError(f"--fuse: expected one of {MODES}, got {mode!r}")
     M = teacher_lp.shape[0]
@@ -90,16 +122,21 @@ def fuse(teacher_lp: torch.Tensor, rest_lp: torch.Tensor, support: torch.Tensor,
     if M == 1:
         lp, out = parts[0]
         return SparseTarget(support, valid, lp, out, n_out)
-    w = torch.tensor(weights, device=teacher_lp.device, dtype=torch.float32)
+    if position_weights is not None:
+        w = position_weights.to(device=teacher_lp.device, dtype=torch.float32)  # [M, N]
+        wk = w[:, :, None]  # broadcasts over the support
+    else:
+        w = torch.tensor(weights, device=teacher_lp.device, dtype=torch.float32)
+        wk = w
     if mode == "mean-probs":
-        lp = torch.log(sum(w[m] * parts[m][0].exp() for m in range(M)))
+        lp = torch.log(sum(wk[m] * parts[m][0].exp() for m in range(M)))
         out = torch.log(sum(w[m] * parts[m][1].exp() for m in range(M)))
         lp = torch.where(valid, lp, neg_inf)
         return SparseTarget(support, valid, lp, out, n_out)
     # mean-logits: weighted sum of log-probs; off-support tokens all share one value per teacher.
     # Teachers with zero weight must not contribute -inf * 0 = nan.
     log_n = _log_n(n_out)
-    s = sum(torch.where(w[m] > 0, w[m] * parts[m][0], torch.zeros_like(parts[m][0])) for m in range(M))
+    s = sum(torch.where(wk[m] > 0, wk[m] * parts[m][0], torch.zeros_like(parts[m][0])) for m in range(M))
     has_out = n_out > 0
     tok_out = sum(torch.where(w[m] > 0, w[m] * (parts[m][1] - torch.where(has_out, log_n, torch.zeros_like(log_n))),
                               torch.zeros_like(log_n)) for m in range(M))
