@@ -132,3 +132,13 @@ def test_manifest_round_trip_and_old_stores():
     old = Encoding.from_dict({"name": "compact", "value_bits": 7, "tail": "log"})  # written before the codebook
     assert old.codebook == "uniform" and old.to_dict() == {"name": "compact", "value_bits": 7, "tail": "log"}
     assert Encoding("lossless").to_dict() == {"name": "lossless"}
+
+
+@pytest.mark.parametrize("codebook", ["companded", "uniform"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, 0.5])
+def test_values_no_teacher_produces_are_refused_at_encode(codebook, bad):
+    """NaN would otherwise wrap to distance 0 and read back as probability 1."""
+    lp = np.array([[-1.0, bad, -2.0]], np.float32)
+    sc = {"tail_mass": np.zeros(1, np.float32), "gold_logprob": np.zeros(1, np.float32), "entropy": np.zeros(1, np.float32)}
+    with pytest.raises(FormatError, match="logprobs"):
+        Encoding("compact", value_bits=8, codebook=codebook).encode(np.array([[0, 1, 2]]), lp, sc, 3)

@@ -45,6 +45,8 @@ def test_teacher_entropy_picks_the_weighted_most_uncertain_trained_positions():
     assert set(np.flatnonzero(mask.numpy()).tolist()) == want
     assert scale == pytest.approx(trained.size / keep)
     assert choose("all", 1.0, labels) == (None, 1.0)
+    many = torch.arange(100)  # 0.07 * 100 = 7.000000000000001 in floating point: still 7 positions
+    assert int(choose("teacher-entropy", 0.07, many, teacher_entropy=torch.rand(1, 100), weights=[1.0])[0].sum()) == 7
 
 
 def test_student_entropy_is_the_students_own_and_chunking_does_not_matter():

@@ -82,6 +82,9 @@ def test_different_settings_into_existing_store_is_refused(tmp_path, llama_dir, 
         dump(config((str(llama_dir),), corpus, out, top_k=7))
     with pytest.raises(ConfigError, match="different settings"):
         dump(config((str(llama_dir),), corpus, out, seq_len=30))
+    # a store begun before the companded default: the error says how to resume it
+    with pytest.raises(ConfigError, match=r"encoding\.value_bits: 8 -> 7.*dumped with --codebook companded --value-bits 8"):
+        dump(config((str(llama_dir),), corpus, out, codebook="uniform", value_bits=7))
 
 
 def test_non_store_output_directory_is_refused(tmp_path, llama_dir, corpus):

@@ -10,8 +10,9 @@
   float32 at a time; it costs one more head matmul per position).
 
 The KD sum over the chosen positions is scaled by ``n / n_chosen``, so after the trainer's division
-by ``n`` the KD term is the *mean over the chosen positions* and keeps its scale as FRAC changes.
-Selection is per micro-batch and per rank (a global top-FRAC would need the scores of every rank).
+by ``n`` the KD term is each micro-batch's mean over its chosen positions (averaged over micro-batches
+weighted by their ``n``), and keeps its scale as FRAC changes. Selection is per micro-batch and per
+rank (a global top-FRAC would need the scores of every rank).
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ def choose(kind: str, frac: float, labels: torch.Tensor, *, teacher_entropy: tor
     else:
         score = student_entropy(x, head, vocab_size, chunk)
     score = torch.where(trained, score, torch.full_like(score, float("-inf")))
-    keep = max(1, math.ceil(frac * n))
+    keep = max(1, math.ceil(frac * n - 1e-9))  # 0.07 * 100 is 7.000000000000001 in floating point
     idx = torch.topk(score, keep).indices
     mask = torch.zeros_like(trained)
     mask[idx] = True

@@ -98,7 +98,7 @@ class DumpConfig:
         if self.codebook not in CODEBOOKS:
             raise ConfigError(f"--codebook: expected one of {', '.join(CODEBOOKS)}, got {self.codebook!r}")
         allowed = BITS if self.codebook == "companded" else tuple(range(2, 9))
-        if self.value_bits not in allowed:
+        if self.encoding == "compact" and self.value_bits not in allowed:  # lossless stores float32 values
             raise ConfigError(f"--value-bits: the {self.codebook} codebook takes {', '.join(map(str, allowed))}, got {self.value_bits!r}")
         if self.dtype not in ("auto", *DTYPES):
             raise ConfigError(f"--dtype: expected auto, {', '.join(DTYPES)}, got {self.dtype!r}")

@@ -85,7 +85,7 @@ def values(code_lo: np.ndarray, codes: np.ndarray, value_bits: int) -> np.ndarra
     if code_lo.size and int(code_lo.max()) > top:
         raise FormatError(f"code_lo: {int(code_lo.max())} is above {top}, the largest distance of the "
                           f"{value_bits}-bit companded codebook")
-    lo16 = code_lo.astype(np.uint16)[:, None]  # <= 33,536 (checked): exact
+    lo16 = code_lo.astype(np.uint16)[:, None]  # <= 33,664 (checked): exact
     if codes.size and (codes > lo16).any():
         raise FormatError("codes: an offset exceeds its position's code_lo (a negative distance)")
     dist = lo16 - codes  # uint16, in [0, code_lo] after the checks: 3x faster than int32 arithmetic

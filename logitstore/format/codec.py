@@ -148,6 +148,9 @@ class Encoding:
             for s in SCALARS:
                 out[s] = scalars[s].astype(np.float32, copy=False)
             return out
+        if logprobs.size and not float(logprobs.max()) <= VALUE_TOL:  # one reduction; NaN fails it too
+            raise FormatError(f"logprobs: expected values in [-inf, 0], found max {float(logprobs.max())!r} "
+                              f"(NaN or a positive log-prob would be stored as a valid-looking value)")
         out = {}
         # Rank ids by frequency inside this part: frequent ids get small ranks, so gaps between the
         # sorted ranks of one position are small and compress well.

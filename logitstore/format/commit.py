@@ -44,6 +44,10 @@ def check_or_write_plan(fs: StoreFS, plan: dict, out: str) -> bool:
         if old != plan:
             diff = plan_differences(old, plan)
             hint = f" (it was dumped with --bos {'always' if old.get('bos') else 'never'})" if old.get("bos") != plan.get("bos") else ""
+            enc = old.get("encoding") if isinstance(old.get("encoding"), dict) else {}
+            if enc.get("name") == "compact" and enc != plan.get("encoding"):  # e.g. a store begun before the companded default
+                hint += (f" (it was dumped with --codebook {enc.get('codebook', 'uniform')} "
+                         f"--value-bits {enc.get('value_bits', 7)})")
             shown = "; ".join(diff[:3]) + (f"; and {len(diff) - 3} more" if len(diff) > 3 else "")
             raise ConfigError(f"--out {out}: holds a store made with different settings ({shown}){hint}; "
                               f"choose another --out or remove it")

@@ -25,6 +25,15 @@ from logitstore.format.manifest import teacher_identity, written_version
 from logitstore.format.reader import Store
 
 _SAME = ("encoding", "seq_len", "packed", "bos", "tokenizer", "inputs", "targets")
+
+
+def _same_form(key: str, value):
+    """What merge compares: an encoding by what it means (a manifest that spells out a default equals one that omits it)."""
+    if key == "encoding" and isinstance(value, dict):
+        from logitstore.format.codec import Encoding
+
+        return Encoding.from_dict(value).to_dict()
+    return value
 #: fields that older stores may lack, read as these values (FORMAT.md)
 _DEFAULTS = {"bos": False}
 
@@ -37,7 +46,7 @@ def check_compatible(stores: list[Store]) -> None:
     for s in stores[1:]:
         m = s.manifest
         for key in _SAME:
-            if m.get(key, _DEFAULTS.get(key)) != m0.get(key, _DEFAULTS.get(key)):
+            if _same_form(key, m.get(key, _DEFAULTS.get(key))) != _same_form(key, m0.get(key, _DEFAULTS.get(key))):
                 raise ConfigError(f"{s.url}: {key} differs from {first.url}'s ({m.get(key, _DEFAULTS.get(key))!r} vs "
                                   f"{m0.get(key, _DEFAULTS.get(key))!r}); only stores dumped with the same settings can be merged")
         t0 = [(t["name"], t["part"]) for t in m0["teachers"]]
