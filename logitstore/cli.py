@@ -43,7 +43,11 @@ def dump(
     data: str = typer.Option(..., help=".txt (one document per file), .jsonl/.json, .parquet, a saved datasets directory, "
                                        "a directory of .txt files or a quoted glob ('corpus/*.jsonl'); directories and globs in sorted order"),
     out: str = typer.Option(..., help="store directory (or fsspec URL) to create or resume"),
-    top_k: int = typer.Option(64, "--top-k", help="ids and log-probs kept per position"),
+    top_k: int = typer.Option(64, "--top-k", help="ids and log-probs kept per position (with --top-p: the most)"),
+    top_p: Optional[float] = typer.Option(None, "--top-p", help="adaptive k: per position the fewest entries whose mass "
+                                                                "reaches P (at least --min-k, at most --top-k/--max-k)"),
+    min_k: int = typer.Option(1, "--min-k", help="with --top-p: entries kept at every position at least"),
+    max_k: Optional[int] = typer.Option(None, "--max-k", help="with --top-p: another name for --top-k"),
     seq_len: int = typer.Option(512, "--seq-len", help="tokens per window (2 .. the teacher's positions)"),
     batch_size: int = typer.Option(8, "--batch-size"),
     device: str = typer.Option("auto", help="auto, cpu or cuda[:N]"),
@@ -93,7 +97,7 @@ def dump(
     if quiet:
         quiet_libraries()
     call(lambda: run_dump(DumpConfig(
-        teachers=tuple(teacher), data=data, out=out, top_k=top_k, seq_len=seq_len, batch_size=batch_size, device=device,
+        teachers=tuple(teacher), data=data, out=out, top_k=max_k or top_k, top_p=top_p, min_k=min_k, seq_len=seq_len, batch_size=batch_size, device=device,
         dtype=dtype, format=format, encoding=encoding, value_bits=value_bits, codebook=codebook, max_tokens=max_tokens,
         text_field=text_field, pack=pack, bos=bos,
         shard_sequences=shard_sequences, trust_remote_code=trust_remote_code, device_map=device_map, max_memory=max_memory,

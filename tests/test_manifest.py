@@ -142,7 +142,7 @@ def more_shards_than_sequences(m):
     (duplicate_name, "duplicate teacher name"),
     (k_above_vocab, ".k"),
     (newer_version, "newer than this logitstore reads"),
-    (version_zero, "expected one of [1, 2, 3]"),
+    (version_zero, "expected one of [1, 2, 3, 4]"),
     (index_sha_upper, "64 lowercase hex digits"),
     (index_file_missing, "sequences.parquet"),
     (file_name_escapes, "file_names[0]"),

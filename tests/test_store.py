@@ -319,7 +319,7 @@ def test_single_sequence_batches_lru_shards_and_errors_that_name_the_part(small,
     assert [j for j, p in fetched if p == "inputs"] == [0, 1, 2]
     from logitstore.format.codec import Encoding
 
-    def broken(self, arrays, vocab):
+    def broken(self, arrays, vocab, absent=False):
         raise logitstore.FormatError("ids: planted")
 
     monkeypatch.setattr(Encoding, "decode", broken)

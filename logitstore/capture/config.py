@@ -26,6 +26,10 @@ class DumpConfig:
     data: str
     out: str
     top_k: int = 64
+    #: adaptive k (logitstore/capture/adaptive.py): per position the fewest entries whose mass reaches
+    #: ``top_p``, at least ``min_k``, at most ``top_k``; None: always ``top_k``
+    top_p: float | None = None
+    min_k: int = 1
     seq_len: int = 512
     batch_size: int = 8
     device: str = "auto"
@@ -83,6 +87,10 @@ class DumpConfig:
             raise ConfigError("--teacher: at least one teacher is required")
         if not isinstance(self.top_k, int) or self.top_k <= 0:
             raise ConfigError(f"--top-k: expected a positive integer, got {self.top_k}")
+        if self.top_p is not None and not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+            raise ConfigError(f"--top-p: expected a probability in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.min_k, int) or not 1 <= self.min_k <= self.top_k:
+            raise ConfigError(f"--min-k: expected an integer in [1, --top-k = {self.top_k}], got {self.min_k!r}")
         if not isinstance(self.seq_len, int) or self.seq_len <= 0:
             raise ConfigError(f"--seq-len: expected a positive integer, got {self.seq_len}")
         if self.seq_len < 2:  # position t describes token t + 1: a 1-token window has no target

@@ -22,6 +22,7 @@ import torch
 
 from logitstore.format import layout
 from logitstore.format.codec import SCALARS, Encoding
+from logitstore.capture.adaptive import truncate_top_p
 from logitstore.capture.corpus import adds_bos, resolve_bos
 from logitstore.capture.config import DumpConfig, optional_inputs, source_for, window_spec
 from logitstore.capture.placement import Parallel, device_map_kwargs, output_device, parse_device_map, parse_max_memory, tp_kwargs
@@ -139,8 +140,8 @@ def _dump(cfg: DumpConfig, ranks: Ranks) -> DumpResult:
     new_plan_key = None if shared["reused"] else shared["key"]  # a plan to record in the store
     n_seq = corpus.n_sequences
     encoding = Encoding(cfg.encoding, value_bits=cfg.value_bits, codebook=cfg.codebook)
-    teacher_ids = [{**s.identity(t), "dtype": dtype_name, "k": cfg.top_k, "part": layout.teacher_part(i)}
-                   for i, (s, t) in enumerate(zip(specs, tokenizers))]
+    adaptive = {} if cfg.top_p is None else {"top_p": float(cfg.top_p), "min_k": cfg.min_k}  # version 4
+    teacher_ids = [{**s.identity(t), "dtype": dtype_name, "k": cfg.top_k, **adaptive, "part": layout.teacher_part(i)} for i, (s, t) in enumerate(zip(specs, tokenizers))]
     for s, t in zip(specs, teacher_ids):  # --hidden-layers: checked against each teacher's config (logitstore/capture/hidden.py)
         entry = hidden_entry(cfg, s.load_config(), s.source, "lm")
         if entry is not None:
@@ -157,7 +158,7 @@ def _dump(cfg: DumpConfig, ranks: Ranks) -> DumpResult:
         "teachers": teacher_ids,
     }
     optional = optional_inputs(wspec)
-    if optional or cfg.hidden_layers:  # format version 3 (FORMAT.md): per-token inputs, targets at trained positions only, hidden states
+    if optional or cfg.hidden_layers or adaptive:  # format version 3 (4 with adaptive k) (FORMAT.md): per-token inputs, targets at trained positions only, hidden states
         plan.update({"inputs": list(optional), "targets": "trained" if wspec.masked else "all"})
     plan["format_version"] = written_version(plan)
     if rank == 0:
@@ -279,7 +280,10 @@ def _run_teacher(cfg: DumpConfig, spec: TeacherSpec, part: str, todo: list[int],
             res = _run_shard(runner, ids, lens, cfg.batch_size, bar, pos)
             trained = arrays["loss_mask"].astype(bool) if "loss_mask" in arrays else None
             valid = trained if trained is not None else np.arange(cfg.seq_len)[None, :] < lens[:, None]
+            if cfg.top_p is not None:  # adaptive k: the tail takes what the dropped entries held
+                res = truncate_top_p(res, cfg.top_p, cfg.min_k, valid)
             stats = {"n_positions": int(valid.sum()), "sum_tail_mass": float(res["tail_mass"][valid].sum(dtype=np.float64)),
+                     **({"sum_entries": int(res.pop("n_entries")[valid].sum())} if "n_entries" in res else {}),
                      "sum_entropy": float(res["entropy"][valid].sum(dtype=np.float64)),
                      "forward_seconds": runner.forward_seconds - fwd0, "wall_seconds": time.perf_counter() - t_shard,
                      "lm_head": runner.lm_head_path, **mid}
@@ -331,7 +335,7 @@ def _run_shard(runner: TeacherRunner, input_ids: np.ndarray, lengths: np.ndarray
 
 def _write_teacher_part(pw: PartWriter, encoding: Encoding, vocab: int, j: int, part: str, res: dict, stats: dict,
                         trained: np.ndarray | None = None) -> None:
-    pw.write(j, part, encode_teacher_part(encoding, vocab, res, trained), {"stats": stats})
+    pw.write(j, part, encode_teacher_part(encoding, vocab, res, trained, absent="sum_entries" in stats), {"stats": stats})
 
 
 def format_summary(r: DumpResult) -> str:

@@ -1,6 +1,8 @@
 """Aligning several teachers' top-k sets on one support (runs in data-loader workers, numpy).
 
-Input per teacher ``m``: ``ids`` [N, k_m], ``logprobs`` [N, k_m], ``tail_mass`` [N]. Output: the
+Input per teacher ``m``: ``ids`` [N, k_m], ``logprobs`` [N, k_m], ``tail_mass`` [N]; a ``-inf``
+log-prob is an absent entry (adaptive k: FORMAT.md, "Absent entries"), so that position holds fewer
+entries and its tail is spread over ``V - n_m(t)`` tokens. Output: the
 fields documented in :mod:`logitstore.distributions.fusion` (``support``, ``valid``, ``teacher_lp``, ``rest_lp``,
 ``n_out``), as numpy arrays. ``K`` is the largest union size in the batch (at most ``sum k_m``).
 """
@@ -19,23 +21,29 @@ import numpy as np
 TAIL_FLOOR = 1e-10
 
 
-def rest_logprob(tail_mass: np.ndarray, vocab_size: int, k: int) -> np.ndarray:
+def rest_logprob(tail_mass: np.ndarray, vocab_size: int, k) -> np.ndarray:
     """log-prob of one token outside a teacher's top-k: ``log(max(tail, TAIL_FLOOR) / (V - k))``;
-    ``-inf`` when ``k = V`` (there is no such token)."""
-    n = vocab_size - k
-    if n <= 0:
+    ``-inf`` when ``k = V`` (there is no such token). ``k``: an int, or ``[N]`` entries per position."""
+    n = vocab_size - np.asarray(k, dtype=np.int64)
+    if n.ndim == 0 and n <= 0:
         return np.full(tail_mass.shape, -np.inf, dtype=np.float32)
     tail = np.maximum(np.nan_to_num(tail_mass.astype(np.float64), nan=0.0), TAIL_FLOOR)
-    return (np.log(tail) - np.log(n)).astype(np.float32)
+    with np.errstate(divide="ignore"):
+        return np.where(n > 0, np.log(tail) - np.log(np.maximum(n, 1)), -np.inf).astype(np.float32)
 
 
 def build_targets(teachers: list[dict], vocab_size: int) -> dict[str, np.ndarray]:
     N = teachers[0]["ids"].shape[0]
     V = vocab_size
-    all_ids = np.concatenate([t["ids"].astype(np.int64) for t in teachers], axis=1)  # [N, sum k]
+    present = [~np.isneginf(t["logprobs"]) for t in teachers]  # False: absent (-inf)
+    ragged = not all(p.all() for p in present)
+    ids_of = [np.where(p, t["ids"].astype(np.int64), V) if ragged else t["ids"].astype(np.int64) for t, p in zip(teachers, present)]
+    all_ids = np.concatenate(ids_of, axis=1)  # [N, sum k]; absent entries as the sentinel V
     s = np.sort(all_ids, axis=1)
     dup = np.zeros_like(s, dtype=bool)
     dup[:, 1:] = s[:, 1:] == s[:, :-1]
+    if ragged:
+        dup |= s == V
     u = s.shape[1] - dup.sum(1)
     K = int(u.max()) if N else 0
     s = np.sort(np.where(dup, V, s), axis=1)[:, :K]  # unique ids first, sentinel V after
@@ -46,9 +54,9 @@ def build_targets(teachers: list[dict], vocab_size: int) -> dict[str, np.ndarray
     teacher_lp = np.empty((len(teachers), N, K), dtype=np.float32)
     rest = np.empty((len(teachers), N), dtype=np.float32)
     for m, t in enumerate(teachers):
-        k = t["ids"].shape[1]
-        order = np.argsort(t["ids"], axis=1, kind="stable")
-        ids_sorted = np.take_along_axis(t["ids"].astype(np.int64), order, 1)
+        k = present[m].sum(1) if ragged else t["ids"].shape[1]
+        order = np.argsort(ids_of[m], axis=1, kind="stable")
+        ids_sorted = np.take_along_axis(ids_of[m], order, 1)
         lp_sorted = np.take_along_axis(t["logprobs"].astype(np.float32), order, 1)
         keys = (rows * (V + 1) + ids_sorted).ravel()  # globally sorted: rows ascend, ids ascend per row
         pos = np.minimum(np.searchsorted(keys, q), keys.size - 1)

@@ -137,8 +137,11 @@ class Encoding:
         }
 
     # ------------------------------------------------------------------ encode
-    def encode(self, ids: np.ndarray, logprobs: np.ndarray, scalars: dict[str, np.ndarray], vocab_size: int) -> dict[str, np.ndarray]:
+    def encode(self, ids: np.ndarray, logprobs: np.ndarray, scalars: dict[str, np.ndarray], vocab_size: int,
+               absent: bool = False) -> dict[str, np.ndarray]:
         """Encode ``ids``/``logprobs`` [N, k] and ``scalars`` [N] into the arrays of a part.
+        ``absent`` (adaptive k): ``-inf`` log-probs are absent entries, stored as zero id deltas
+        (otherwise a ``-inf`` is a value, stored as the codebook's floor).
 
         Returns flat arrays (``[N, k]`` / ``[N]``) plus, for ``compact``, the part-level ``id_order``.
         """
@@ -152,20 +155,29 @@ class Encoding:
             raise FormatError(f"logprobs: expected values in [-inf, 0], found max {float(logprobs.max())!r} "
                               f"(NaN or a positive log-prob would be stored as a valid-looking value)")
         out = {}
+        absent = np.isneginf(logprobs) if absent else np.zeros(logprobs.shape, bool)  # FORMAT.md, "Absent entries"
+        any_absent = bool(absent.any())
         # Rank ids by frequency inside this part: frequent ids get small ranks, so gaps between the
         # sorted ranks of one position are small and compress well.
-        counts = np.bincount(ids.ravel(), minlength=vocab_size)
+        counts = np.bincount(ids[~absent] if any_absent else ids.ravel(), minlength=vocab_size)
         used = np.flatnonzero(counts)
         id_order = used[np.argsort(-counts[used], kind="stable")].astype(idt)
         rank = np.zeros(vocab_size, dtype=idt)
         rank[id_order] = np.arange(id_order.size, dtype=idt)
         r = rank[ids]
+        lp = logprobs.astype(np.float32, copy=False)
+        if any_absent:  # absent entries sort last; their value is the row's smallest, so no bound moves
+            r = np.where(absent, vocab_size, r.astype(np.int64))
+            row_min = np.where(absent, np.float32(np.inf), lp).min(axis=-1, keepdims=True)
+            lp = np.where(absent, np.where(np.isfinite(row_min), row_min, np.float32(0)), lp)
         perm = np.argsort(r, axis=-1, kind="stable")
         r = np.take_along_axis(r, perm, axis=-1)
-        lp = np.take_along_axis(logprobs.astype(np.float32, copy=False), perm, axis=-1)
-        deltas = np.empty_like(r)
-        deltas[:, 0] = r[:, 0]
-        np.subtract(r[:, 1:], r[:, :-1], out=deltas[:, 1:])
+        lp = np.take_along_axis(lp, perm, axis=-1)
+        deltas = np.empty(r.shape, dtype=idt)
+        deltas[:, 0] = r[:, 0] if not any_absent else np.where(r[:, 0] < vocab_size, r[:, 0], 0)
+        np.subtract(r[:, 1:], r[:, :-1], out=deltas[:, 1:], casting="unsafe")
+        if any_absent:
+            deltas[np.take_along_axis(absent, perm, axis=-1)] = 0
         out["id_order"] = id_order
         out["ids"] = deltas
         if self.codebook == "companded":
@@ -184,6 +196,8 @@ class Encoding:
             q = np.rint((lp - lo32[:, None]) * (self.levels / span)[:, None])
             out["codes"] = np.clip(q, 0, self.levels).astype(np.uint8)
             out["lp_lo"], out["lp_hi"] = lo_q, hi_q
+        if any_absent:
+            out["codes"][np.take_along_axis(absent, perm, axis=-1)] = 0
         if self.tail == "log":
             out["tail_nlog"] = encode_tail(scalars["tail_mass"])
         else:
@@ -195,8 +209,11 @@ class Encoding:
         return out
 
     # ------------------------------------------------------------------ decode
-    def decode(self, arrays: dict[str, np.ndarray], vocab_size: int) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    def decode(self, arrays: dict[str, np.ndarray], vocab_size: int,
+               absent: bool = False) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
         """Inverse of :meth:`encode`: ``(ids [N, k] int64, logprobs [N, k] float32, scalars)``.
+        ``absent`` (a teacher with adaptive k): compact entries after the first whose id delta is 0
+        are absent and read as ``-inf`` (lossless stores them as ``-inf`` already).
 
         Raises :class:`FormatError` if the arrays decode to ids outside the vocabulary.
         """
@@ -219,6 +236,10 @@ class Encoding:
             logprobs = arrays["codes"].astype(np.float32)
             logprobs *= step[:, None]
             logprobs += lo[:, None]
+        if absent and arrays["ids"].shape[-1] > 1:  # a zero delta after the first entry is an absent entry (adaptive k)
+            absent = arrays["ids"][:, 1:] == 0
+            if absent.any():
+                logprobs[:, 1:][absent] = -np.inf
         scalars = {
             "tail_mass": decode_tail(arrays["tail_nlog"]) if self.tail == "log" else arrays["tail_mass"].astype(np.float32),
             "gold_logprob": arrays["gold_logprob"].astype(np.float32) * np.float32(-1.0 / SCALAR_SCALE),
@@ -254,6 +275,8 @@ def check_values(logprobs: np.ndarray | None, scalars: dict[str, np.ndarray]) ->
         if not arr.size:
             continue
         mn, mx = float(arr.min()), float(arr.max())
+        if name == "logprobs" and mn == -np.inf and np.isfinite(mx):  # absent entries (adaptive k)
+            mn = mx
         if not (np.isfinite(mn) and np.isfinite(mx)):
             raise FormatError(f"{name}: non-finite values (found [{mn:.6g}, {mx:.6g}])")
         if not (lo <= mn and mx <= hi):

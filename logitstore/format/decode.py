@@ -15,14 +15,15 @@ def check_lengths(lengths: np.ndarray, seq_len: int, where: str) -> None:
 
 
 def decode_teacher(encoding: Encoding, arrays: dict[str, np.ndarray], vocab_size: int, where: str,
-                   trained: np.ndarray | None = None) -> dict[str, np.ndarray]:
+                   trained: np.ndarray | None = None, absent: bool = False) -> dict[str, np.ndarray]:
     """A teacher part's stored arrays ([S, L, ...] plus ``id_order`` for ``compact``, as
     :meth:`~logitstore.format.reader.Store.read_part` returns them) to ``ids``,
     ``logprobs`` [S, L, k] and ``tail_mass``, ``gold_logprob``, ``entropy`` [S, L].
 
     ``trained`` [S, L] bool: the part holds only these positions, as ``[P, ...]`` rows in
     sequence-major order (``targets: "trained"``); they are scattered back to ``[S, L, ...]`` with
-    zeros elsewhere, as at padding. ``P`` must equal ``trained.sum()``."""
+    zeros elsewhere, as at padding. ``P`` must equal ``trained.sum()``. ``absent``: the teacher has
+    adaptive k (``top_p``), so some entries are absent and read as log-prob ``-inf``."""
     if trained is None:
         n, L, k = arrays["ids"].shape
         flat = {a: v.reshape(n * L, *v.shape[2:]) for a, v in arrays.items() if a != "id_order"}
@@ -35,7 +36,7 @@ def decode_teacher(encoding: Encoding, arrays: dict[str, np.ndarray], vocab_size
     if "id_order" in arrays:
         flat["id_order"] = arrays["id_order"]
     try:
-        ids, lps, scalars = encoding.decode(flat, vocab_size)
+        ids, lps, scalars = encoding.decode(flat, vocab_size, absent=absent)
     except FormatError as e:
         raise FormatError(f"{where}/{e}") from None
     if trained is None:

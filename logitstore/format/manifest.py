@@ -18,10 +18,11 @@ from logitstore.format.hidden import parse_hidden
 FORMAT_NAME = "logitstore"
 #: the newest version this package writes and reads; a store is written as version 2 unless it uses
 #: a field of version 3 (:func:`written_version`), so stores of plain text stay readable by older readers
-FORMAT_VERSION = 3
-#: versions this package reads: 1 (per-shard table inside the manifest), 2 (index files) and 3
-#: (optional per-token inputs: loss mask, document starts, source rows; teacher targets for trained positions only)
-READ_VERSIONS = (1, 2, 3)
+FORMAT_VERSION = 4
+#: versions this package reads: 1 (per-shard table inside the manifest), 2 (index files), 3
+#: (optional per-token inputs: loss mask, document starts, source rows; teacher targets for trained
+#: positions only) and 4 (absent top-k entries: adaptive k, a teacher's ``top_p``/``min_k``)
+READ_VERSIONS = (1, 2, 3, 4)
 #: optional arrays of the inputs part (version 3), named by the manifest's ``inputs``
 OPTIONAL_INPUTS = ("loss_mask", "doc_start", "row", "label")
 #: what a store's teachers predict (version 3 ``task``; absent: ``lm``): the next token at every
@@ -140,7 +141,14 @@ def validate_header(d: object, where: str = MANIFEST) -> dict:
         if name in names:
             raise FormatError(f"{w}.name: duplicate teacher name {name!r}")
         names.add(name)
-        _int(t, "k", w, 1, vocab)
+        k = _int(t, "k", w, 1, vocab)
+        if "top_p" in t or "min_k" in t:  # version 4: adaptive k (FORMAT.md, "Absent entries")
+            if version < 4:
+                raise FormatError(f"{w}.top_p: a version-4 field in a version-{version} store")
+            p = _get(t, "top_p", (int, float), w)
+            if isinstance(p, bool) or not 0 < p <= 1:
+                raise FormatError(f"{w}.top_p: expected a probability in (0, 1], got {p!r}")
+            _int(t, "min_k", w, 1, k)
         check_relpath(_get(t, "part", str, w), f"{w}.part")
         if "hidden" in t:  # version 3: hidden states at some layers (logitstore/format/hidden.py)
             if version < 3:
@@ -185,6 +193,8 @@ def written_version(header: dict) -> int:
     """The version a store with this header is written as: 3 if it has optional inputs,
     trained-only targets, classify teachers or hidden states, else 2."""
     hidden = any(isinstance(t, dict) and "hidden" in t for t in header.get("teachers", []))
+    if any(isinstance(t, dict) and "top_p" in t for t in header.get("teachers", [])):
+        return 4  # absent entries: a reader of version 3 would read them as duplicate ids
     return 3 if header.get("inputs") or header.get("targets", "all") != "all" or header.get("task", "lm") != "lm" or hidden else 2
 
 

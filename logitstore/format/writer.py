@@ -156,16 +156,18 @@ class BackgroundWriter:
         self._thread.join()
 
 
-def encode_teacher_part(encoding: Encoding, vocab: int, res: dict, trained: np.ndarray | None = None) -> dict[str, np.ndarray]:
+def encode_teacher_part(encoding: Encoding, vocab: int, res: dict, trained: np.ndarray | None = None,
+                        absent: bool = False) -> dict[str, np.ndarray]:
     """The arrays of a teacher part from ``ids``/``logprobs`` [n, L, k] (log-probs descending) and
     ``tail_mass``, ``gold_logprob``, ``entropy`` [n, L]; with ``trained`` [n, L] bool, only those
     positions, as ``[P, ...]`` rows in sequence-major order (FORMAT.md, trained-only targets).
-    ``hidden_{layer}`` [n, L, dim] arrays in ``res`` (--hidden-layers) are stored alongside, the same rows."""
+    ``hidden_{layer}`` [n, L, dim] arrays in ``res`` (--hidden-layers) are stored alongside, the same rows.
+    ``absent``: ``-inf`` log-probs are absent entries (adaptive k)."""
     hidden = {name: v for name, v in res.items() if name.startswith("hidden_")}  # [n, L, dim] uint16 (--hidden-layers)
     if trained is not None:
-        enc = encoding.encode(res["ids"][trained], res["logprobs"][trained], {s: res[s][trained] for s in SCALARS}, vocab)
+        enc = encoding.encode(res["ids"][trained], res["logprobs"][trained], {s: res[s][trained] for s in SCALARS}, vocab, absent)
         return {**enc, **{name: v[trained] for name, v in hidden.items()}}
     n, L, k = res["ids"].shape
     scal = {s: res[s].reshape(-1) for s in SCALARS}
-    enc = encoding.encode(res["ids"].reshape(n * L, k), res["logprobs"].reshape(n * L, k), scal, vocab)
+    enc = encoding.encode(res["ids"].reshape(n * L, k), res["logprobs"].reshape(n * L, k), scal, vocab, absent)
     return {**{name: (v if name == "id_order" else v.reshape(n, L, *v.shape[1:])) for name, v in enc.items()}, **hidden}

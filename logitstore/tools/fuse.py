@@ -88,6 +88,13 @@ def fuse_positions(teachers: list[dict], next_ids: np.ndarray, vocab: int, k: in
             "entropy": entropy.clamp(min=0).float().numpy(), "gold_logprob": gold.clamp(max=0).float().numpy()}
 
 
+def _refuse_adaptive(chosen: list) -> None:
+    adaptive = [t["name"] for _, t in chosen if "top_p" in t]
+    if adaptive:
+        raise ConfigError(f"fuse: teacher(s) {', '.join(adaptive)} have adaptive k (--top-p); fusing them into a store is not "
+                          f"supported yet: train from the teachers' stores with trainer fit, which fuses them per batch")
+
+
 def fuse_store(sources: list[str], out: str, *, teachers: list[str] | None = None, weights: list[float] | None = None,
                temperatures: list[float] | None = None, mode: str = "mean-probs", top_k: int | None = None,
                name: str = "fused", progress: bool = True) -> dict:
@@ -123,6 +130,7 @@ def fuse_store(sources: list[str], out: str, *, teachers: list[str] | None = Non
         chosen = [by_name[n] for n in teachers]
     if len(chosen) < 2:
         raise ConfigError("fuse: needs at least two teachers")
+    _refuse_adaptive(chosen)
     try:
         w = normalize_weights(weights, len(chosen))
     except ValueError as e:

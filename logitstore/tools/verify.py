@@ -117,10 +117,15 @@ def _check_teacher(store: Store, j: int, t: dict, entry: dict) -> list[str]:
     # a store of trained positions only holds targets where the loss mask trains (zeros elsewhere)
     valid = sh["loss_mask"] if store.index.trained_only else np.arange(store.seq_len)[None, :] < sh["length"][:, None]
     out = []
+    ragged = "top_p" in t  # adaptive k: absent entries read as -inf (FORMAT.md, "Absent entries")
     for name, arr in td.items():
         if name == "ids":
             continue
         v = arr[valid]
+        if ragged and name == "logprobs":
+            if np.isnan(v).any() or np.isposinf(v).any() or np.isneginf(v[:, 0]).any():
+                out.append(f"{where}/logprobs: non-finite values (other than absent entries after the first)")
+            continue
         if not np.isfinite(v).all():
             out.append(f"{where}/{name}: non-finite values")
     lp, tail = td["logprobs"][valid], td["tail_mass"][valid]
@@ -143,7 +148,7 @@ def _check_teacher(store: Store, j: int, t: dict, entry: dict) -> list[str]:
     if ids.size and int(ids.max()) >= store.vocab_size:
         out.append(f"{where}/ids: id {int(ids.max())} >= vocab_size {store.vocab_size}")
     if ids.size and t["k"] > 1:
-        s = np.sort(ids, axis=-1)
+        s = np.sort(np.where(np.isneginf(td["logprobs"][valid]), -1 - np.arange(ids.shape[-1]), ids), axis=-1)  # absent: distinct
         if (s[:, 1:] == s[:, :-1]).any():
             out.append(f"{where}/ids: a position lists the same id twice")
     return out
