@@ -48,6 +48,10 @@ def dump(
                                                                 "reaches P (at least --min-k, at most --top-k/--max-k)"),
     min_k: int = typer.Option(1, "--min-k", help="with --top-p: entries kept at every position at least"),
     max_k: Optional[int] = typer.Option(None, "--max-k", help="with --top-p: another name for --top-k"),
+    targets: str = typer.Option("topk", "--targets", help="topk, sampled (S teacher draws per position, unbiased) or both "
+                                                           "(exact top-k plus S draws from the rest)"),
+    samples: int = typer.Option(12, "--samples", help="with --targets sampled|both: draws per position (S)"),
+    proposal_temperature: float = typer.Option(1.0, "--proposal-temperature", help="draws from p^(1/tau) (importance-weighted)"),
     seq_len: int = typer.Option(512, "--seq-len", help="tokens per window (2 .. the teacher's positions)"),
     batch_size: int = typer.Option(8, "--batch-size"),
     device: str = typer.Option("auto", help="auto, cpu or cuda[:N]"),
@@ -97,7 +101,8 @@ def dump(
     if quiet:
         quiet_libraries()
     call(lambda: run_dump(DumpConfig(
-        teachers=tuple(teacher), data=data, out=out, top_k=max_k or top_k, top_p=top_p, min_k=min_k, seq_len=seq_len, batch_size=batch_size, device=device,
+        teachers=tuple(teacher), data=data, out=out, top_k=max_k or top_k, top_p=top_p, min_k=min_k, targets=targets, samples=samples,
+        proposal_temperature=proposal_temperature, seq_len=seq_len, batch_size=batch_size, device=device,
         dtype=dtype, format=format, encoding=encoding, value_bits=value_bits, codebook=codebook, max_tokens=max_tokens,
         text_field=text_field, pack=pack, bos=bos,
         shard_sequences=shard_sequences, trust_remote_code=trust_remote_code, device_map=device_map, max_memory=max_memory,

@@ -14,8 +14,9 @@ ALLOWED = {
     "logitstore.sampling": {"logitstore.errors"},
     "logitstore.storage": {"logitstore.errors", "logitstore.progress"},
     "logitstore.format": {"logitstore.errors", "logitstore.version", "logitstore.storage"},
+    # capture draws sampled targets with the estimator's own sampler (logitstore.distributions.sampled)
     "logitstore.capture": {"logitstore.errors", "logitstore.version", "logitstore.progress", "logitstore.storage",
-                           "logitstore.format"},
+                           "logitstore.format", "logitstore.distributions"},
     "logitstore.tools": {"logitstore.errors", "logitstore.version", "logitstore.progress", "logitstore.storage",
                          "logitstore.format", "logitstore.distributions", "logitstore"},
 }

@@ -166,6 +166,8 @@ class DistillDataset(EpochOrder, IterableDataset):
         #: the primary store records document starts: batches carry ``position_ids`` restarting per document
         self.segmented = "doc_start" in inputs_arrays(m0)
         self.teachers: list[tuple[int, str]] = [(si, name) for si, s in enumerate(self.stores) for name in s.teachers]
+        #: per teacher, its ``sampled`` manifest entry (--targets sampled|both) or None
+        self.sampled = [self.stores[si].teacher(name).get("sampled") for si, name in self.teachers]
         refuse_repeated_teachers(self.urls, self.stores, self.teachers, "--logits ")
         names = [n for _, n in self.teachers]
         self.teacher_names = [n if names.count(n) == 1 else f"{self.urls[si]}:{n}" for si, n in self.teachers]
@@ -292,7 +294,8 @@ class DistillDataset(EpochOrder, IterableDataset):
         trained = np.zeros((B, L), bool)
         positions = np.zeros((B, L), np.int64) if self.segmented else None
         # entropy and gold log-prob: per-position fusion weights (--fuse-weights, logitstore/distributions/fusion.py)
-        per_teacher = [{"ids": [], "logprobs": [], "tail_mass": [], "entropy": [], "gold_logprob": []} for _ in self.teachers]
+        per_teacher = [{"ids": [], "logprobs": [], "tail_mass": [], "entropy": [], "gold_logprob": [],
+                        **({"counts": [], "log_z": []} if s else {})} for s in self.sampled]
         hidden = {(m, layer): np.zeros((B, L, self.hidden_dims[m]), np.float32) for m, layer in self.hidden}
         for b, i in enumerate(indices):
             sh, r = rows0[b]
@@ -340,6 +343,9 @@ class DistillDataset(EpochOrder, IterableDataset):
             for t in per_teacher:
                 stacked = {k: np.stack(v) for k, v in t.items()}  # [B, L(, k)]
                 cached.append({k: v.reshape(B * L, *v.shape[2:]) for k, v in stacked.items()})
+            for c, s in zip(cached, self.sampled):  # sampled targets: the estimator's weights (targets.py)
+                if s:
+                    c["proposal_temperature"] = s["proposal_temperature"]
             for k, v in build_targets(cached, self.vocab_size).items():
                 batch[k] = torch.from_numpy(v)
             for key in ("entropy", "gold_logprob"):  # [M, B * L]

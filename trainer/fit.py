@@ -39,6 +39,7 @@ from .evaluation import all_sum, evaluate
 from .features import build_feature_kd, save_projections
 from .follow import wait_for_shards
 from .positions import parse_kd_positions
+from .sampled import refuse_biased
 from logitstore.distributions.fusion import normalize_weights
 from .interrupt import Interrupted, StopRequests
 from .loader import epoch_batches, make_loader, worker_message
@@ -112,6 +113,7 @@ class Run:
             self.weights = normalize_weights(cfg.weights, self.M)
         except ValueError as e:
             raise ConfigError(f"{e} (teachers: {', '.join(self.train.teacher_names)})") from None
+        refuse_biased(cfg, getattr(self.train, "sampled", []), self.train.teacher_names)  # trainer/sampled.py
         # per-position teacher weights (LM stores only: refused for classify below)
         self.fuse_kwargs = {} if self.task == "classify" else dict(fuse_weights=cfg.fuse_weights, fuse_tau=cfg.fuse_weight_temperature,
                                                                    kd_positions=parse_kd_positions(cfg.kd_positions))

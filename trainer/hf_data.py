@@ -61,6 +61,8 @@ class TeacherTargets:
         #: (store index, teacher name) of every teacher, in fusion order
         self.teachers: list[tuple[int, str]] = [(si, n) for si, s in enumerate(self.stores) for n in s.teachers]
         refuse_repeated_teachers(urls, self.stores, self.teachers, "TeacherTargets: ")
+        if any("sampled" in self.stores[si].teacher(n) for si, n in self.teachers):
+            raise ConfigError("TeacherTargets: stores with sampled targets (--targets sampled|both) train with trainer fit only")
         names = [n for _, n in self.teachers]
         self.teacher_names: list[str] = [n if names.count(n) == 1 else f"{urls[si]}:{n}" for si, n in self.teachers]
         primary, self.lengths = self.stores[0].sequences()

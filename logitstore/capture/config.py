@@ -30,6 +30,11 @@ class DumpConfig:
     #: ``top_p``, at least ``min_k``, at most ``top_k``; None: always ``top_k``
     top_p: float | None = None
     min_k: int = 1
+    #: sampled targets (logitstore/capture/sampled_targets.py): ``topk``, ``sampled`` or ``both``,
+    #: ``samples`` draws per position from ``p^(1 / proposal_temperature)``
+    targets: str = "topk"
+    samples: int = 12
+    proposal_temperature: float = 1.0
     seq_len: int = 512
     batch_size: int = 8
     device: str = "auto"
@@ -89,6 +94,14 @@ class DumpConfig:
             raise ConfigError(f"--top-k: expected a positive integer, got {self.top_k}")
         if self.top_p is not None and not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
             raise ConfigError(f"--top-p: expected a probability in (0, 1], got {self.top_p!r}")
+        if self.targets not in ("topk", "sampled", "both"):
+            raise ConfigError(f"--targets: expected topk, sampled or both, got {self.targets!r}")
+        if self.targets != "topk" and (self.top_p is not None or self.tp > 1):
+            raise ConfigError(f"--targets {self.targets}: not with --top-p or --tp (the samples need the full distribution on one device)")
+        if not isinstance(self.samples, int) or not 1 <= self.samples <= 255:
+            raise ConfigError(f"--samples: expected an integer in [1, 255], got {self.samples!r}")
+        if not (isinstance(self.proposal_temperature, (int, float)) and self.proposal_temperature > 0):
+            raise ConfigError(f"--proposal-temperature: expected > 0, got {self.proposal_temperature!r}")
         if not isinstance(self.min_k, int) or not 1 <= self.min_k <= self.top_k:
             raise ConfigError(f"--min-k: expected an integer in [1, --top-k = {self.top_k}], got {self.min_k!r}")
         if not isinstance(self.seq_len, int) or self.seq_len <= 0:

@@ -23,6 +23,7 @@ import torch
 from logitstore.format import layout
 from logitstore.format.codec import SCALARS, Encoding
 from logitstore.capture.adaptive import truncate_top_p
+from logitstore.capture.sampled_targets import Sampler
 from logitstore.capture.corpus import adds_bos, resolve_bos
 from logitstore.capture.config import DumpConfig, optional_inputs, source_for, window_spec
 from logitstore.capture.placement import Parallel, device_map_kwargs, output_device, parse_device_map, parse_max_memory, tp_kwargs
@@ -140,7 +141,7 @@ def _dump(cfg: DumpConfig, ranks: Ranks) -> DumpResult:
     new_plan_key = None if shared["reused"] else shared["key"]  # a plan to record in the store
     n_seq = corpus.n_sequences
     encoding = Encoding(cfg.encoding, value_bits=cfg.value_bits, codebook=cfg.codebook)
-    adaptive = {} if cfg.top_p is None else {"top_p": float(cfg.top_p), "min_k": cfg.min_k}  # version 4
+    adaptive = version4_fields(cfg)
     teacher_ids = [{**s.identity(t), "dtype": dtype_name, "k": cfg.top_k, **adaptive, "part": layout.teacher_part(i)} for i, (s, t) in enumerate(zip(specs, tokenizers))]
     for s, t in zip(specs, teacher_ids):  # --hidden-layers: checked against each teacher's config (logitstore/capture/hidden.py)
         entry = hidden_entry(cfg, s.load_config(), s.source, "lm")
@@ -265,7 +266,8 @@ def _run_teacher(cfg: DumpConfig, spec: TeacherSpec, part: str, todo: list[int],
     (--hidden-layers). Returns (load seconds, forward seconds, tokens run)."""
     t_load = time.perf_counter()
     model = spec.load_model(device, dtype, _placement(cfg, par, ranks))
-    runner = TeacherRunner(model, vocab, cfg.top_k, capture=HiddenCapture(hidden, output_device(model)) if hidden else None)
+    runner = TeacherRunner(model, vocab, cfg.top_k, capture=HiddenCapture(hidden, output_device(model)) if hidden else None,
+                           sampler=sampler(cfg))
     load_seconds = time.perf_counter() - t_load
     mid = model_identity(model, dtype)
     tokens_run = 0
@@ -316,7 +318,7 @@ def _run_shard(runner: TeacherRunner, input_ids: np.ndarray, lengths: np.ndarray
     independent of it). ``position_ids`` [n, L]: restarting per document (attention then stays
     inside each document). Returns ``[n, L, ...]`` arrays, zero past each window's length."""
     n, L = input_ids.shape
-    k = runner.k
+    k = runner.sampler.width(runner.k) if runner.sampler is not None else runner.k  # --targets both: top-k + samples
     out = {"ids": np.zeros((n, L, k), np.int64), "logprobs": np.zeros((n, L, k), np.float32)}
     for s in SCALARS:
         out[s] = np.zeros((n, L), np.float32)
@@ -326,7 +328,7 @@ def _run_shard(runner: TeacherRunner, input_ids: np.ndarray, lengths: np.ndarray
         width = int(lengths[rows].max())
         r = runner.run(input_ids[rows, :width], lengths[rows], None if position_ids is None else position_ids[rows, :width])
         for name, v in r.items():
-            if name not in out:  # hidden_{layer} (--hidden-layers): [n, L, dim] uint16
+            if name not in out:  # hidden_{layer} (--hidden-layers): [n, L, dim] uint16; counts, log_z (--targets)
                 out[name] = np.zeros((n, L, *v.shape[2:]), v.dtype)
             out[name][rows, :width] = v
         bar.update(int(lengths[rows].sum()))
@@ -335,7 +337,20 @@ def _run_shard(runner: TeacherRunner, input_ids: np.ndarray, lengths: np.ndarray
 
 def _write_teacher_part(pw: PartWriter, encoding: Encoding, vocab: int, j: int, part: str, res: dict, stats: dict,
                         trained: np.ndarray | None = None) -> None:
-    pw.write(j, part, encode_teacher_part(encoding, vocab, res, trained, absent="sum_entries" in stats), {"stats": stats})
+    pw.write(j, part, encode_teacher_part(encoding, vocab, res, trained, absent="sum_entries" in stats or "counts" in res),
+             {"stats": stats})
+
+
+def version4_fields(cfg: DumpConfig) -> dict:
+    """A teacher entry's adaptive-k (``top_p``, ``min_k``) or sampled-target (``sampled``; ``k`` = the
+    entries per position) fields (FORMAT.md, "Version 4"); {} for plain top-k."""
+    if sampler(cfg) is not None:
+        return {"k": sampler(cfg).width(cfg.top_k), "sampled": sampler(cfg).entry(cfg.top_k)}
+    return {} if cfg.top_p is None else {"top_p": float(cfg.top_p), "min_k": cfg.min_k}
+
+
+def sampler(cfg: DumpConfig) -> Sampler | None:
+    return None if cfg.targets == "topk" else Sampler(cfg.targets, cfg.samples, cfg.proposal_temperature)
 
 
 def format_summary(r: DumpResult) -> str:

@@ -16,10 +16,9 @@ the model's own forward and falls back to it, with a warning, if they differ. An
 runs its own forward (``model(input_ids, attention_mask).logits``), a few sequences at a time.
 
 Precision: a teacher loads in its ``--dtype`` (``from_pretrained(dtype=...)``, then ``.to(device)``
-only, so buffers that transformers keeps in float32, such as RoPE's ``inv_freq``, stay float32).
-On the chunked path the output layer runs in float32 for every dtype (bf16/fp16 inputs, float32
-accumulation and output), so bf16 logits are not rounded to bf16 before the statistics; the
-statistics are float32. On the fallback path the logits are the model's own, in its dtype.
+only, so float32 buffers such as RoPE's ``inv_freq`` stay float32). On the chunked path the output
+layer runs in float32 for every dtype (float32 accumulation and output), so bf16 logits are not
+rounded before the statistics, which are float32. On the fallback path the logits are the model's own.
 """
 
 from __future__ import annotations
@@ -236,6 +235,7 @@ class TeacherRunner:
     chunk_positions: int = 1024
     #: --hidden-layers (:class:`logitstore.capture.hidden.HiddenCapture`): ``run`` also returns ``hidden_{layer}``
     capture: object | None = None
+    sampler: object | None = None  # --targets sampled|both (logitstore/capture/sampled_targets.py)
     forward_seconds: float = field(default=0.0, init=False)
 
     def __post_init__(self) -> None:
@@ -351,7 +351,7 @@ class TeacherRunner:
         nxt = torch.where(pos[None, :] + 1 < lens_t[:, None], nxt, torch.full_like(nxt, -1))
         flat_next = nxt.reshape(-1)
         keep = mask.reshape(-1).bool()
-        outs = {n: [] for n in ("ids", "logprobs", "tail_mass", "gold_logprob", "entropy")}
+        outs, gen = {}, self.sampler.generator(ids_t) if self.sampler is not None else None
         # CPU: statistics 128 rows at a time, float32 temporaries in cache (~20% faster); a GPU takes a chunk at once
         rows = self.chunk_positions if self.device.type == "cuda" else 128
         sharded = isinstance(self.head, ShardedHead)
@@ -359,14 +359,15 @@ class TeacherRunner:
             if sharded:  # chunk: hidden states; only [chunk, k]-sized partials cross the group
                 st = self.head.stats(chunk, self.k, self.vocab_size, flat_next[s : s + chunk.shape[0]])
                 for n, v in st.items():
-                    outs[n].append(v)
+                    outs.setdefault(n, []).append(v)
                 continue
             logits = self.head(chunk) if self.head is not None else chunk  # [chunk, V]
             for r in range(0, logits.shape[0], rows):
                 e = min(r + rows, logits.shape[0])
                 st = topk_stats(logits[r:e], self.k, self.vocab_size, flat_next[s + r : s + e])
+                st = self.sampler(logits[r:e], st, self.vocab_size, gen) if self.sampler is not None else st
                 for n, v in st.items():
-                    outs[n].append(v)
+                    outs.setdefault(n, []).append(v)
             del logits
         res = {n: torch.cat(v) for n, v in outs.items()}
         for n, v in res.items():  # zero the padding positions

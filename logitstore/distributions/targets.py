@@ -32,9 +32,25 @@ def rest_logprob(tail_mass: np.ndarray, vocab_size: int, k) -> np.ndarray:
         return np.where(n > 0, np.log(tail) - np.log(np.maximum(n, 1)), -np.inf).astype(np.float32)
 
 
+def sampled_weights(t: dict) -> np.ndarray:
+    """log of the estimator's target weights [N, k] for a teacher with sampled targets
+    (:mod:`logitstore.distributions.sampled`): ``lp`` on exact entries (count 0), and on drawn ones
+    ``log((c_i / S) * p_i / q_i)`` with ``log q_i = lp_i / tau - log_z``, ``S`` the row's draws."""
+    c = t["counts"].astype(np.float64)
+    lp = t["logprobs"].astype(np.float64)
+    S = np.maximum(c.sum(1, keepdims=True), 1)
+    tau = float(t["proposal_temperature"])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        w = np.log(c / S) + lp - (lp / tau - t["log_z"].astype(np.float64)[:, None])
+    return np.where(c > 0, w, lp).astype(np.float32)
+
+
 def build_targets(teachers: list[dict], vocab_size: int) -> dict[str, np.ndarray]:
+    """The fused-target fields (module docstring). A teacher dict with ``counts`` (sampled targets)
+    contributes the estimator's weights and nothing off its entries (its tail is what the draws estimate)."""
     N = teachers[0]["ids"].shape[0]
     V = vocab_size
+    teachers = [{**t, "logprobs": sampled_weights(t)} if "counts" in t else t for t in teachers]
     present = [~np.isneginf(t["logprobs"]) for t in teachers]  # False: absent (-inf)
     ragged = not all(p.all() for p in present)
     ids_of = [np.where(p, t["ids"].astype(np.int64), V) if ragged else t["ids"].astype(np.int64) for t, p in zip(teachers, present)]
@@ -61,7 +77,7 @@ def build_targets(teachers: list[dict], vocab_size: int) -> dict[str, np.ndarray
         keys = (rows * (V + 1) + ids_sorted).ravel()  # globally sorted: rows ascend, ids ascend per row
         pos = np.minimum(np.searchsorted(keys, q), keys.size - 1)
         found = (keys[pos] == q).reshape(N, K)
-        rest[m] = rest_logprob(t["tail_mass"], V, k)
+        rest[m] = rest_logprob(t["tail_mass"], V, k) if "counts" not in t else -np.inf
         teacher_lp[m] = np.where(found, lp_sorted.ravel()[pos].reshape(N, K), rest[m][:, None])
         teacher_lp[m][~valid] = -np.inf
     return {"support": support, "valid": valid, "teacher_lp": teacher_lp, "rest_lp": rest,

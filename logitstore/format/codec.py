@@ -138,10 +138,11 @@ class Encoding:
 
     # ------------------------------------------------------------------ encode
     def encode(self, ids: np.ndarray, logprobs: np.ndarray, scalars: dict[str, np.ndarray], vocab_size: int,
-               absent: bool = False) -> dict[str, np.ndarray]:
+               absent: bool = False, draws: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """Encode ``ids``/``logprobs`` [N, k] and ``scalars`` [N] into the arrays of a part.
         ``absent`` (adaptive k): ``-inf`` log-probs are absent entries, stored as zero id deltas
-        (otherwise a ``-inf`` is a value, stored as the codebook's floor).
+        (otherwise a ``-inf`` is a value, stored as the codebook's floor). ``draws`` [N, k] (sampled
+        targets: draws per entry): stored as uint8 ``counts`` in the entries' stored order.
 
         Returns flat arrays (``[N, k]`` / ``[N]``) plus, for ``compact``, the part-level ``id_order``.
         """
@@ -150,6 +151,8 @@ class Encoding:
             out = {"ids": ids.astype(idt, copy=False), "logprobs": logprobs.astype(np.float32, copy=False)}
             for s in SCALARS:
                 out[s] = scalars[s].astype(np.float32, copy=False)
+            if draws is not None:
+                out["counts"] = draws.astype(np.uint8)
             return out
         if logprobs.size and not float(logprobs.max()) <= VALUE_TOL:  # one reduction; NaN fails it too
             raise FormatError(f"logprobs: expected values in [-inf, 0], found max {float(logprobs.max())!r} "
@@ -198,6 +201,8 @@ class Encoding:
             out["lp_lo"], out["lp_hi"] = lo_q, hi_q
         if any_absent:
             out["codes"][np.take_along_axis(absent, perm, axis=-1)] = 0
+        if draws is not None:
+            out["counts"] = np.take_along_axis(draws, perm, axis=-1).astype(np.uint8)
         if self.tail == "log":
             out["tail_nlog"] = encode_tail(scalars["tail_mass"])
         else:

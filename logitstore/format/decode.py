@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from logitstore.errors import FormatError
-from logitstore.format.codec import SCALARS, Encoding
+from logitstore.format.codec import Encoding
 
 
 def check_lengths(lengths: np.ndarray, seq_len: int, where: str) -> None:
@@ -23,32 +23,42 @@ def decode_teacher(encoding: Encoding, arrays: dict[str, np.ndarray], vocab_size
     ``trained`` [S, L] bool: the part holds only these positions, as ``[P, ...]`` rows in
     sequence-major order (``targets: "trained"``); they are scattered back to ``[S, L, ...]`` with
     zeros elsewhere, as at padding. ``P`` must equal ``trained.sum()``. ``absent``: the teacher has
-    adaptive k (``top_p``), so some entries are absent and read as log-prob ``-inf``."""
+    adaptive k (``top_p``) or sampled targets, so some entries are absent and read as log-prob ``-inf``;
+    sampled targets also return ``counts`` and ``log_z`` (FORMAT.md, "Sampled targets")."""
     if trained is None:
-        n, L, k = arrays["ids"].shape
+        n, L = arrays["ids"].shape[:2]
         flat = {a: v.reshape(n * L, *v.shape[2:]) for a, v in arrays.items() if a != "id_order"}
     else:
-        (n, L), k = trained.shape, arrays["ids"].shape[-1]
+        n, L = trained.shape
         if arrays["ids"].shape[0] != int(trained.sum()):
             raise FormatError(f"{where}/ids: holds {arrays['ids'].shape[0]} positions, the inputs' loss_mask trains "
                               f"{int(trained.sum())}")
         flat = {a: v for a, v in arrays.items() if a != "id_order"}
     if "id_order" in arrays:
         flat["id_order"] = arrays["id_order"]
+    sampled = {a: flat.pop(a) for a in ("counts", "log_z") if a in flat}  # sampled targets (FORMAT.md)
     try:
         ids, lps, scalars = encoding.decode(flat, vocab_size, absent=absent)
+        check_sampled(sampled, lps)
     except FormatError as e:
         raise FormatError(f"{where}/{e}") from None
+    per = {"ids": ids, "logprobs": lps, **scalars, **sampled}
     if trained is None:
-        out = {"ids": ids.reshape(n, L, k), "logprobs": lps.reshape(n, L, k)}
-        out.update({s: scalars[s].reshape(n, L) for s in SCALARS})
-        return out
-    out = {"ids": np.zeros((n, L, k), ids.dtype), "logprobs": np.zeros((n, L, k), np.float32)}
-    out["ids"][trained], out["logprobs"][trained] = ids, lps
-    for s in SCALARS:
-        out[s] = np.zeros((n, L), np.float32)
-        out[s][trained] = scalars[s]
+        return {a: v.reshape(n, L, *v.shape[1:]) for a, v in per.items()}
+    out = {}
+    for a, v in per.items():  # zeros where the store holds no targets, as at padding
+        out[a] = np.zeros((n, L, *v.shape[1:]), v.dtype if a != "logprobs" else np.float32)
+        out[a][trained] = v
     return out
+
+
+def check_sampled(sampled: dict, logprobs: np.ndarray) -> None:
+    """Counts only on held entries, and a finite or ``-inf`` ``log_z`` (``-inf``: nothing was drawn)."""
+    if "counts" in sampled and sampled["counts"].size and (sampled["counts"][np.isneginf(logprobs)] > 0).any():
+        raise FormatError("counts: a draw counted on an absent entry")
+    z = sampled.get("log_z")
+    if z is not None and z.size and (np.isnan(z).any() or np.isposinf(z).any()):
+        raise FormatError("log_z: NaN or +inf")
 
 
 def decode_class_logits(arrays: dict[str, np.ndarray], where: str) -> dict[str, np.ndarray]:

@@ -160,6 +160,8 @@ class ShardIndex:
             specs["id_order"] = (id_dtype(V), (AtMost(V),))  # refused before decoding if longer
         if "hidden" in t:  # per token: the same rows as the targets
             specs.update(hidden_specs(t["hidden"], rows))
+        if "sampled" in t:  # version 4: draws per entry (0: exact) and the proposal's log-normaliser
+            specs.update({"counts": (np.dtype(np.uint8), rows + (t["k"],)), "log_z": (np.dtype(np.float32), rows)})
         return specs
 
 

@@ -149,6 +149,8 @@ def validate_header(d: object, where: str = MANIFEST) -> dict:
             if isinstance(p, bool) or not 0 < p <= 1:
                 raise FormatError(f"{w}.top_p: expected a probability in (0, 1], got {p!r}")
             _int(t, "min_k", w, 1, k)
+        if "sampled" in t:  # version 4: sampled targets (FORMAT.md, "Sampled targets")
+            _check_sampled(t["sampled"], k, version, f"{w}.sampled")
         check_relpath(_get(t, "part", str, w), f"{w}.part")
         if "hidden" in t:  # version 3: hidden states at some layers (logitstore/format/hidden.py)
             if version < 3:
@@ -157,6 +159,22 @@ def validate_header(d: object, where: str = MANIFEST) -> dict:
     if len({t["part"] for t in teachers}) != len(teachers) or "inputs" in {t["part"] for t in teachers}:
         raise FormatError(f"{where}.teachers: every teacher needs its own part name, other than 'inputs'")
     return d
+
+
+def _check_sampled(e: object, k: int, version: int, where: str) -> None:
+    if version < 4:
+        raise FormatError(f"{where}: a version-4 field in a version-{version} store")
+    mode = _get(e, "mode", str, where)
+    if mode not in ("sampled", "both"):
+        raise FormatError(f"{where}.mode: expected 'sampled' or 'both', got {mode!r}")
+    s = _int(e, "samples", where, 1, 255)
+    top = _int(e, "top_k", where, 1, k) if mode == "both" else 0
+    tau = _get(e, "proposal_temperature", (int, float), where)
+    if not tau > 0:
+        raise FormatError(f"{where}.proposal_temperature: expected > 0, got {tau!r}")
+    if k != (top + s if mode == "both" else s):
+        raise FormatError(f"{where}: k = {k} entries, but mode {mode!r} with top_k {top} and {s} samples holds "
+                          f"{top + s if mode == 'both' else s}")
 
 
 def _validate_v3_fields(d: dict, version: int, where: str) -> None:
@@ -193,7 +211,7 @@ def written_version(header: dict) -> int:
     """The version a store with this header is written as: 3 if it has optional inputs,
     trained-only targets, classify teachers or hidden states, else 2."""
     hidden = any(isinstance(t, dict) and "hidden" in t for t in header.get("teachers", []))
-    if any(isinstance(t, dict) and "top_p" in t for t in header.get("teachers", [])):
+    if any(isinstance(t, dict) and ("top_p" in t or "sampled" in t) for t in header.get("teachers", [])):
         return 4  # absent entries: a reader of version 3 would read them as duplicate ids
     return 3 if header.get("inputs") or header.get("targets", "all") != "all" or header.get("task", "lm") != "lm" or hidden else 2
 

@@ -218,7 +218,8 @@ class Store:
             if self.task == "classify":
                 out["teachers"][name] = {**decode_class_logits(arrays, where), **states}
                 continue
-            out["teachers"][name] = {**decode_teacher(self.encoding, arrays, self.vocab_size, where, trained, absent="top_p" in t),
+            out["teachers"][name] = {**decode_teacher(self.encoding, arrays, self.vocab_size, where, trained,
+                                                    absent="top_p" in t or "sampled" in t),
                                      **states}
         return out
 

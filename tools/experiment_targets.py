@@ -1,12 +1,14 @@
-"""Adaptive k vs fixed k at about equal bytes: the student's validation CE.
+"""Top-k vs adaptive k vs sampled targets at about equal bytes: the student's validation CE.
 
-    .venv/bin/python tools/experiment_adaptive.py     # 3 stores x 3 seeds (~8 min on 2 CPU cores)
+    .venv/bin/python tools/experiment_targets.py     # 6 stores x 3 seeds (~12 min on 2 CPU cores)
 
-Teacher SmolLM2-135M-Instruct over 8,192 tokens of the bundled prose; stores: top-32, adaptive
-``--top-p 0.9 --top-k 64`` (about the bytes of top-32 on these distributions: tools/bench_adaptive.py)
-and top-16; the KD student of ``tools/experiment_kd.py`` (same arms' settings, ``alpha = 0.5``),
-the same windows and initialisation per seed. Validation: held-out prose, CE and KL to the teacher.
-Writes ``runs/experiment_adaptive/experiment_adaptive.json`` and prints a table.
+Teacher SmolLM2-135M-Instruct over 8,192 tokens of the bundled prose; stores: top-16 and top-32,
+adaptive ``--top-p 0.9 --top-k 64`` (about the bytes of top-32 here: tools/bench_adaptive.py),
+``--targets sampled --samples 12`` and ``--targets both --top-k 8 --samples 12`` (RS-KD: unbiased
+draws from the teacher, alone or after the exact top-8), and top-8 (what ``both`` adds samples to).
+The KD student of ``tools/experiment_kd.py`` (``alpha = 0.5``, T = 1, forward KL), the same windows
+and initialisation per seed. Validation: held-out prose, CE and KL to the teacher. Writes
+``runs/experiment_targets/experiment_targets.json`` and prints a table with each store's bytes.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ from pathlib import Path
 from common import DATA_TRAIN, DATA_VAL, ROOT, machine, print_table, smollm2_dir, write_json, write_student
 from experiment_kd import _init_worker, run_arm
 
-STORES = {"top-16": {"top_k": 16}, "top-32": {"top_k": 32}, "top-p 0.9, k <= 64": {"top_k": 64, "top_p": 0.9}}
+STORES = {"top-8": {"top_k": 8}, "top-16": {"top_k": 16}, "top-32": {"top_k": 32},
+          "top-p 0.9, k <= 64": {"top_k": 64, "top_p": 0.9}, "12 samples": {"targets": "sampled", "samples": 12},
+          "top-8 + 12 samples": {"top_k": 8, "targets": "both", "samples": 12}}
 
 
 def main() -> None:
@@ -32,7 +36,7 @@ def main() -> None:
     ap.add_argument("--train-tokens", type=int, default=8192)
     ap.add_argument("--val-tokens", type=int, default=1536)
     ap.add_argument("--seq-len", type=int, default=128)
-    ap.add_argument("--out", default=str(ROOT / "runs" / "experiment_adaptive"))
+    ap.add_argument("--out", default=str(ROOT / "runs" / "experiment_targets"))
     args = ap.parse_args()
     from logitstore.dump import DumpConfig, dump
 
@@ -68,7 +72,7 @@ def main() -> None:
                      "KL(A||student)": statistics.mean(r["kl_to_A"] for r in rs)})
     print(f"\nmachine: {machine()}")
     print_table(rows)
-    write_json(out / "experiment_adaptive.json", {"machine": machine(), "args": vars(args), "rows": rows, "runs": results,
+    write_json(out / "experiment_targets.json", {"machine": machine(), "args": vars(args), "rows": rows, "runs": results,
                                                   "total_s": time.perf_counter() - t0})
 
 
