@@ -93,7 +93,7 @@ def test_targets_spread_the_tail_over_the_tokens_a_position_does_not_hold():
     n = np.array([1, 2, 5, 3, 1, 4])
     top[np.arange(5)[None, :] >= n[:, None]] = -np.inf
     kept = np.where(np.isfinite(top), np.exp(top.astype(np.float64)), 0).sum(1)
-    t = build_targets([{"ids": ids, "logprobs": top, "tail_mass": (1 - kept).astype(np.float32)}], V)
+    t = build_targets([{"ids": ids, "logprobs": top, "tail_mass": (1 - kept).astype(np.float32), "absent": True}], V)
     for r in range(6):
         sup = t["support"][r][t["valid"][r]]
         assert set(sup.tolist()) == set(ids[r, : n[r]].tolist())

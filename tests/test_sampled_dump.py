@@ -128,3 +128,49 @@ def test_fit_on_sampled_targets_and_what_it_refuses(tmp_path, llama_dir, corpus,
                           (["--tail", "renorm"], "--tail renorm")]:
         r = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "bad"), *extra])
         assert r.exit_code == 2 and needle in r.output and "Traceback" not in r.output, r.output
+
+
+def test_the_tools_know_sampled_and_adaptive_stores(tmp_path, llama_dir, corpus):
+    """verify is clean, export carries counts and log_z, fuse refuses, merge refuses stores of other targets."""
+    import pyarrow.parquet as pq
+
+    from logitstore.errors import ConfigError
+    from logitstore.tools.export import export
+    from logitstore.tools.fuse import fuse_store
+    from logitstore.tools.merge import merge
+    from logitstore.tools.verify import verify
+
+    base = dict(teachers=(f"a={llama_dir}",), data=str(corpus), top_k=4, seq_len=24, progress=False)
+    dump(DumpConfig(out=str(tmp_path / "s1"), max_tokens=200, targets="both", samples=5, **base))
+    dump(DumpConfig(out=str(tmp_path / "p1"), max_tokens=200, **base))  # the same data, plain top-k
+    dump(DumpConfig(out=str(tmp_path / "p2"), max_tokens=400, **base))
+    assert verify(str(tmp_path / "s1")) == []
+    export(str(tmp_path / "s1"), str(tmp_path / "x"), progress=False)
+    cols = set(pq.read_schema(next((tmp_path / "x").rglob("*.parquet"))).names)
+    assert {"a.counts", "a.log_z", "a.ids"} <= cols
+    with pytest.raises(ConfigError, match="sampled targets"):
+        fuse_store([str(tmp_path / "s1"), str(tmp_path / "p1")], str(tmp_path / "f"), teachers=["a", "a"])
+    # both version 3+ (document starts) with 9 entries per position, so only the teachers' targets differ
+    dump(DumpConfig(out=str(tmp_path / "p3"), max_tokens=400, doc_boundaries="on", **{**base, "top_k": 9}))  # 9 = 4 + 5
+    dump(DumpConfig(out=str(tmp_path / "s3"), max_tokens=200, doc_boundaries="on", targets="both", samples=5, **base))
+    for pair in (("p3", "s3"), ("s3", "p3")):
+        with pytest.raises(ConfigError, match="only stores of the same targets can be merged"):
+            merge([str(tmp_path / pair[0]), str(tmp_path / pair[1])], str(tmp_path / "m"), progress=False)
+
+
+def test_minus_inf_is_absent_only_for_teachers_that_say_so():
+    """A plain lossless store's -inf is refused on read, and build_targets keeps a plain teacher's
+    -inf entry on the support (probability 0) rather than moving the id into the tail."""
+    from logitstore.errors import FormatError
+    from logitstore.format.codec import Encoding
+
+    enc = Encoding("lossless")
+    lp = np.array([[-0.1, -np.inf]], np.float32)
+    arrays = enc.encode(np.array([[0, 1]]), lp, {"tail_mass": np.array([0.9], np.float32), "gold_logprob": lp[:, 0],
+                                                "entropy": np.ones(1, np.float32)}, 5)
+    with pytest.raises(FormatError, match="logprobs"):
+        enc.decode(arrays, 5)
+    assert np.isneginf(enc.decode(arrays, 5, absent=True)[1][0, 1])
+    t = {"ids": np.array([[0, 1]]), "logprobs": lp, "tail_mass": np.array([0.9], np.float32)}
+    plain, ragged = build_targets([t], 5), build_targets([{**t, "absent": True}], 5)
+    assert plain["valid"].sum() == 2 and ragged["valid"].sum() == 1

@@ -343,8 +343,9 @@ class DistillDataset(EpochOrder, IterableDataset):
             for t in per_teacher:
                 stacked = {k: np.stack(v) for k, v in t.items()}  # [B, L(, k)]
                 cached.append({k: v.reshape(B * L, *v.shape[2:]) for k, v in stacked.items()})
-            for c, s in zip(cached, self.sampled):  # sampled targets: the estimator's weights (targets.py)
-                if s:
+            for c, s, (si, name) in zip(cached, self.sampled, self.teachers):  # targets.py reads these
+                c["absent"] = s is not None or "top_p" in self.stores[si].teacher(name)  # -inf entries are absent
+                if s:  # sampled targets: the estimator's weights
                     c["proposal_temperature"] = s["proposal_temperature"]
             for k, v in build_targets(cached, self.vocab_size).items():
                 batch[k] = torch.from_numpy(v)

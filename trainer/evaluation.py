@@ -48,7 +48,8 @@ def evaluate(acc, module, evalset: DistillDataset, cfg, weights: list[float]) ->
         sup = batch["support"]
         agree = []
         for m in range(M):
-            top = sup.gather(-1, batch["teacher_lp"][m].argmax(-1, keepdim=True))[:, 0]
+            top = (batch["teacher_top1"][m] if "teacher_top1" in batch  # by the teacher's own log-probs (sampled targets)
+                   else sup.gather(-1, batch["teacher_lp"][m].argmax(-1, keepdim=True))[:, 0])
             agree.append(float(((top == pred) & keep).sum()))
         pw = position_weights(cfg.fuse_weights, w, batch.get("teacher_entropy"), batch.get("teacher_gold_logprob"),
                               cfg.fuse_weight_temperature)

@@ -63,6 +63,8 @@ class TeacherTargets:
         refuse_repeated_teachers(urls, self.stores, self.teachers, "TeacherTargets: ")
         if any("sampled" in self.stores[si].teacher(n) for si, n in self.teachers):
             raise ConfigError("TeacherTargets: stores with sampled targets (--targets sampled|both) train with trainer fit only")
+        #: per teacher: it has absent entries (adaptive k)
+        self.absent = ["top_p" in self.stores[si].teacher(n) for si, n in self.teachers]
         names = [n for _, n in self.teachers]
         self.teacher_names: list[str] = [n if names.count(n) == 1 else f"{urls[si]}:{n}" for si, n in self.teachers]
         primary, self.lengths = self.stores[0].sequences()
@@ -297,6 +299,8 @@ class KDDataCollator:
                 for key in TARGET_FIELDS:
                     per_teacher[t][key][b, :n] = td[key][:n]
         cached = [{k: v.reshape(B * L, *v.shape[2:]) for k, v in t.items()} for t in per_teacher]
+        for c, flag in zip(cached, self.targets.absent):  # adaptive k: -inf entries are absent (FORMAT.md, "Version 4")
+            c["absent"] = flag
         lab = torch.from_numpy(labels)
         batch = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(attention), "labels": lab,
                  "shift_labels": lab}

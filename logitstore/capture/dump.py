@@ -267,7 +267,7 @@ def _run_teacher(cfg: DumpConfig, spec: TeacherSpec, part: str, todo: list[int],
     t_load = time.perf_counter()
     model = spec.load_model(device, dtype, _placement(cfg, par, ranks))
     runner = TeacherRunner(model, vocab, cfg.top_k, capture=HiddenCapture(hidden, output_device(model)) if hidden else None,
-                           sampler=sampler(cfg))
+                           sampler=None if sampler(cfg) is None else replace(sampler(cfg), salt=part))
     load_seconds = time.perf_counter() - t_load
     mid = model_identity(model, dtype)
     tokens_run = 0

@@ -11,8 +11,9 @@ Per position the runner's top-``k`` statistics are replaced by ``k_stored`` entr
 Unused slots are absent entries (log-prob ``-inf``). ``log_z`` [N] is ``logsumexp(lp / tau)`` over
 the ids the draws came from, so a reader recomputes ``log q_i = lp_i / tau - log_z`` from the stored
 log-probs. ``tail_mass`` becomes the exact mass of every id the position does not hold. Draws use a
-generator seeded from the window's token ids, so the same windows give the same samples (a resumed
-or repeated dump writes the same targets).
+generator seeded from the runner batch's token ids and the teacher's part, so a dump repeated with
+the same ``--batch-size`` (and device) writes the same targets; another batch size draws other,
+equally valid samples, and several teachers of one dump draw independently.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ class Sampler:
     mode: str
     samples: int
     proposal_temperature: float = 1.0
+    #: mixed into the seed (the teacher's part): several teachers of one dump draw independently
+    salt: str = ""
 
     def entry(self, k: int) -> dict:
         """The teacher's manifest ``sampled`` entry (version 4); ``top_k`` only in the ``both`` mode."""
@@ -42,7 +45,7 @@ class Sampler:
         return k + self.samples if self.mode == "both" else self.samples
 
     def generator(self, input_ids: torch.Tensor) -> torch.Generator:
-        seed = zlib.crc32(input_ids.detach().cpu().numpy().tobytes())
+        seed = zlib.crc32(input_ids.detach().cpu().numpy().tobytes(), zlib.crc32(self.salt.encode()))
         return torch.Generator(device=input_ids.device).manual_seed(seed)
 
     def __call__(self, logits: torch.Tensor, st: dict, vocab_size: int, gen: torch.Generator) -> dict:

@@ -1,8 +1,9 @@
 """Aligning several teachers' top-k sets on one support (runs in data-loader workers, numpy).
 
-Input per teacher ``m``: ``ids`` [N, k_m], ``logprobs`` [N, k_m], ``tail_mass`` [N]; a ``-inf``
-log-prob is an absent entry (adaptive k: FORMAT.md, "Absent entries"), so that position holds fewer
-entries and its tail is spread over ``V - n_m(t)`` tokens. Output: the
+Input per teacher ``m``: ``ids`` [N, k_m], ``logprobs`` [N, k_m], ``tail_mass`` [N]; with
+``absent: True`` (a teacher with adaptive k or sampled targets: FORMAT.md, "Version 4") a ``-inf``
+log-prob is an absent entry, so that position holds fewer entries and its tail is spread over
+``V - n_m(t)`` tokens. Output: the
 fields documented in :mod:`logitstore.distributions.fusion` (``support``, ``valid``, ``teacher_lp``, ``rest_lp``,
 ``n_out``), as numpy arrays. ``K`` is the largest union size in the batch (at most ``sum k_m``).
 """
@@ -50,8 +51,12 @@ def build_targets(teachers: list[dict], vocab_size: int) -> dict[str, np.ndarray
     contributes the estimator's weights and nothing off its entries (its tail is what the draws estimate)."""
     N = teachers[0]["ids"].shape[0]
     V = vocab_size
+    # each teacher's most probable id (by its own log-probs, before sampled weights): top-1 agreement
+    top1 = np.stack([np.take_along_axis(t["ids"], t["logprobs"].argmax(1)[:, None], 1)[:, 0].astype(np.int64)
+                     if t["ids"].shape[1] else np.zeros(N, np.int64) for t in teachers])
     teachers = [{**t, "logprobs": sampled_weights(t)} if "counts" in t else t for t in teachers]
-    present = [~np.isneginf(t["logprobs"]) for t in teachers]  # False: absent (-inf)
+    present = [~np.isneginf(t["logprobs"]) if t.get("absent") or "counts" in t else np.ones(t["logprobs"].shape, bool)
+               for t in teachers]  # False: an absent entry
     ragged = not all(p.all() for p in present)
     ids_of = [np.where(p, t["ids"].astype(np.int64), V) if ragged else t["ids"].astype(np.int64) for t, p in zip(teachers, present)]
     all_ids = np.concatenate(ids_of, axis=1)  # [N, sum k]; absent entries as the sentinel V
@@ -81,4 +86,4 @@ def build_targets(teachers: list[dict], vocab_size: int) -> dict[str, np.ndarray
         teacher_lp[m] = np.where(found, lp_sorted.ravel()[pos].reshape(N, K), rest[m][:, None])
         teacher_lp[m][~valid] = -np.inf
     return {"support": support, "valid": valid, "teacher_lp": teacher_lp, "rest_lp": rest,
-            "n_out": (V - u).astype(np.float32)}
+            "n_out": (V - u).astype(np.float32), "teacher_top1": top1}

@@ -227,7 +227,7 @@ class Encoding:
             if ids.size and int(ids.max()) >= vocab_size:
                 raise FormatError(f"ids: found id {int(ids.max())} >= vocab_size {vocab_size}")
             scalars = {s: arrays[s] for s in SCALARS}
-            check_values(arrays["logprobs"], scalars)
+            check_values(arrays["logprobs"], scalars, absent=absent)
             return ids, arrays["logprobs"], scalars
         id_order = arrays["id_order"]
         if id_order.size and int(id_order.max()) >= vocab_size:
@@ -268,7 +268,7 @@ class Encoding:
 VALUE_TOL = 1e-4
 
 
-def check_values(logprobs: np.ndarray | None, scalars: dict[str, np.ndarray]) -> None:
+def check_values(logprobs: np.ndarray | None, scalars: dict[str, np.ndarray], absent: bool = False) -> None:
     """Refuse decoded values no teacher can produce (non-finite, log-probs above 0, tails outside
     [0, 1], negative entropy), naming the field; padding positions hold zeros, which pass. Two
     reductions per array (a NaN makes ``min``/``max`` NaN), so it costs little next to decoding."""
@@ -280,7 +280,7 @@ def check_values(logprobs: np.ndarray | None, scalars: dict[str, np.ndarray]) ->
         if not arr.size:
             continue
         mn, mx = float(arr.min()), float(arr.max())
-        if name == "logprobs" and mn == -np.inf and np.isfinite(mx):  # absent entries (adaptive k)
+        if absent and name == "logprobs" and mn == -np.inf and np.isfinite(mx):  # absent entries (version 4)
             mn = mx
         if not (np.isfinite(mn) and np.isfinite(mx)):
             raise FormatError(f"{name}: non-finite values (found [{mn:.6g}, {mx:.6g}])")

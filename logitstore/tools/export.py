@@ -84,6 +84,9 @@ def shard_table(store: Store, j: int) -> pa.Table:
         cols[f"{name}.logprobs"] = ragged(td["logprobs"], np.float32)
         for s in SCALARS:
             cols[f"{name}.{s}"] = ragged(td[s], np.float32)
+        if "counts" in td:  # sampled targets (FORMAT.md): draws per entry and the proposal's log-normaliser
+            cols[f"{name}.counts"] = ragged(td["counts"], np.int32)
+            cols[f"{name}.log_z"] = ragged(td["log_z"], np.float32)
         for a in (a for a in td if a.startswith("hidden_")):  # per token [n, dim] (--hidden-layers)
             cols[f"{name}.{a}"] = ragged(td[a], np.float32)
     header = {**header_of(store.manifest), "exported_from": source_ref(store.url, store.manifest)}
@@ -168,6 +171,7 @@ def join_targets(dataset, src: str, teachers: list[str] | None = None):
         raise ConfigError(f"{src}: not a store of token rows one per window (dump with --input tokens --no-pack)")
     dropped_ok = source.get("overlong") == "drop"
     names = teachers or store.teachers
+    arrays = {n: ("ids", "logprobs", *SCALARS, *(("counts", "log_z") if "sampled" in store.teacher(n) else ())) for n in names}
     where: dict[int, int] = {}
     for j in range(store.n_shards):
         rows = store.read_part(j, "inputs")["row"]
@@ -175,7 +179,7 @@ def join_targets(dataset, src: str, teachers: list[str] | None = None):
         where.update({int(r): start + i for i, r in enumerate(rows)})
 
     def add(batch, indices):
-        out: dict[str, list] = {c: [] for c in ["loss_mask"] + [f"{n}.{a}" for n in names for a in ("ids", "logprobs", *SCALARS)]}
+        out: dict[str, list] = {c: [] for c in ["loss_mask"] + [f"{n}.{a}" for n in names for a in arrays[n]]}
         for b, r in enumerate(indices):
             ids = np.asarray(batch["input_ids"][b], np.int64)
             if batch.get("attention_mask") is not None and batch["attention_mask"][b] is not None:
@@ -197,8 +201,8 @@ def join_targets(dataset, src: str, teachers: list[str] | None = None):
             out["loss_mask"].append(np.asarray(seq["loss_mask"]))
             for n in names:
                 td = seq["teachers"][n]
-                for a in ("ids", "logprobs", *SCALARS):
-                    out[f"{n}.{a}"].append(td[a].astype(np.int32 if a == "ids" else np.float32))
+                for a in arrays[n]:
+                    out[f"{n}.{a}"].append(td[a].astype(np.int32 if a in ("ids", "counts") else np.float32))
         return out
 
     datasets.disable_progress_bars()

@@ -89,10 +89,11 @@ def fuse_positions(teachers: list[dict], next_ids: np.ndarray, vocab: int, k: in
 
 
 def _refuse_adaptive(chosen: list) -> None:
-    adaptive = [t["name"] for _, t in chosen if "top_p" in t]
+    adaptive = [t["name"] for _, t in chosen if "top_p" in t or "sampled" in t]
     if adaptive:
-        raise ConfigError(f"fuse: teacher(s) {', '.join(adaptive)} have adaptive k (--top-p); fusing them into a store is not "
-                          f"supported yet: train from the teachers' stores with trainer fit, which fuses them per batch")
+        raise ConfigError(f"fuse: teacher(s) {', '.join(adaptive)} have adaptive k (--top-p) or sampled targets (--targets); "
+                          f"fusing them into a store is not supported yet: train from the teachers' stores with trainer fit, "
+                          f"which fuses them per batch")
 
 
 def fuse_store(sources: list[str], out: str, *, teachers: list[str] | None = None, weights: list[float] | None = None,

@@ -58,6 +58,10 @@ def check_compatible(stores: list[Store]) -> None:
             if ia != ib:
                 what = ", ".join(k for k in ia if ia[k] != ib[k])
                 raise ConfigError(f"{s.url}: teacher {b['name']!r} is not the same model or settings as in {first.url} (differs in {what})")
+            for f in ("top_p", "min_k", "sampled"):  # what a teacher's entries mean (FORMAT.md, "Version 4")
+                if a.get(f) != b.get(f):
+                    raise ConfigError(f"{s.url}: teacher {b['name']!r} was dumped with {f} {b.get(f)!r}, in {first.url} with "
+                                      f"{a.get(f)!r}; only stores of the same targets can be merged")
             if a.get("hidden") != b.get("hidden"):  # layers, width, dtype, pooling and projection of stored hidden states
                 raise ConfigError(f"{s.url}: teacher {b['name']!r} stores other hidden states than in {first.url} "
                                   f"({b.get('hidden')} vs {a.get('hidden')}); dump both with the same --hidden-* settings")

@@ -117,11 +117,20 @@ def _check_teacher(store: Store, j: int, t: dict, entry: dict) -> list[str]:
     # a store of trained positions only holds targets where the loss mask trains (zeros elsewhere)
     valid = sh["loss_mask"] if store.index.trained_only else np.arange(store.seq_len)[None, :] < sh["length"][:, None]
     out = []
-    ragged = "top_p" in t  # adaptive k: absent entries read as -inf (FORMAT.md, "Absent entries")
+    ragged = "top_p" in t or "sampled" in t  # absent entries read as -inf (FORMAT.md, "Version 4")
     for name, arr in td.items():
         if name == "ids":
             continue
         v = arr[valid]
+        if name == "counts":  # sampled targets: S draws per position (none where nothing could be drawn)
+            sums = v.astype(np.int64).sum(-1)
+            if not np.isin(sums, (0, t["sampled"]["samples"])).all():
+                out.append(f"{where}/counts: a position's draws do not sum to {t['sampled']['samples']}")
+            continue
+        if name == "log_z":  # -inf where nothing could be drawn
+            if np.isnan(v).any() or np.isposinf(v).any():
+                out.append(f"{where}/log_z: NaN or +inf")
+            continue
         if ragged and name == "logprobs":
             if np.isnan(v).any() or np.isposinf(v).any() or np.isneginf(v[:, 0]).any():
                 out.append(f"{where}/logprobs: non-finite values (other than absent entries after the first)")
