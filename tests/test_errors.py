@@ -112,8 +112,8 @@ def tampered_copy(small_store, dest, edit):
 
 
 def test_newer_format_version_refused(tmp_path, small_store):
-    s = tampered_copy(small_store, tmp_path / "newer", lambda m: m.update(format_version=4))
-    with pytest.raises(FormatError, match="format_version: 4 is newer"):
+    s = tampered_copy(small_store, tmp_path / "newer", lambda m: m.update(format_version=5))
+    with pytest.raises(FormatError, match="format_version: 5 is newer"):
         logitstore.open(str(s))
     assert_one_line_error(run_cli("info", s), "newer than this logitstore reads")
 
