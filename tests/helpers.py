@@ -31,3 +31,13 @@ def store_arrays(store, teacher):
     out["input_ids"] = np.concatenate([s["input_ids"] for s in shards])
     out["length"] = np.concatenate([s["length"] for s in shards])
     return out
+
+
+def tiny_student(path, tokenizer):
+    """``path`` (a .json model config): the 2-layer, 32-wide Llama student the trainer tests fit."""
+    import json
+
+    path.write_text(json.dumps({"model_type": "llama", "vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64,
+                                "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 2,
+                                "max_position_embeddings": 64, "tie_word_embeddings": False}))
+    return path

@@ -107,10 +107,9 @@ def test_fit_trains_from_an_adaptive_store_and_bad_flags(tmp_path, llama_dir, co
     store = tmp_path / "s"
     dump(DumpConfig(teachers=(f"a={llama_dir}",), data=str(corpus), out=str(store), top_k=8, top_p=0.9, seq_len=32,
                     max_tokens=600, shard_sequences=8, progress=False))
-    student = tmp_path / "student.json"
-    student.write_text(json.dumps({"model_type": "llama", "vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64,
-                                   "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 2,
-                                   "max_position_embeddings": 64, "tie_word_embeddings": False}))
+    from helpers import tiny_student
+
+    student = tiny_student(tmp_path / "student.json", tokenizer)
     r = CliRunner().invoke(app, ["fit", "--logits", str(store), "--student", str(student), "--out", str(tmp_path / "run"),
                                  "--max-steps", "2", "--batch-size", "4", "-q"])
     assert r.exit_code == 0, r.output

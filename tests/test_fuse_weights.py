@@ -100,10 +100,9 @@ def test_batches_carry_the_stored_scalars_and_a_run_uses_them(tmp_path, llama_di
         assert got.shape == (2, 2 * 32)
         for m, name in enumerate(("a", "b")):
             np.testing.assert_array_equal(got[m], sh["teachers"][name][key][:2].reshape(-1))
-    student = tmp_path / "student.json"
-    student.write_text(json.dumps({"model_type": "llama", "vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64,
-                                   "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 2,
-                                   "max_position_embeddings": 64, "tie_word_embeddings": False}))
+    from helpers import tiny_student
+
+    student = tiny_student(tmp_path / "student.json", tokenizer)
     runs = {}
     for weighting in ("fixed", "entropy", "gold"):
         run = tmp_path / weighting

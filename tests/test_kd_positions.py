@@ -93,10 +93,9 @@ def test_runs_and_bad_flags(tmp_path, llama_dir, corpus, tokenizer):
     store = tmp_path / "s"
     dump(DumpConfig(teachers=(f"a={llama_dir}",), data=str(corpus), out=str(store), top_k=8, seq_len=32, max_tokens=600,
                     shard_sequences=8, progress=False))
-    student = tmp_path / "student.json"
-    student.write_text(json.dumps({"model_type": "llama", "vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64,
-                                   "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 2,
-                                   "max_position_embeddings": 64, "tie_word_embeddings": False}))
+    from helpers import tiny_student
+
+    student = tiny_student(tmp_path / "student.json", tokenizer)
     first = {}
     for spec in ("all", "teacher-entropy:0.5", "student-entropy:0.5"):
         run = tmp_path / spec.replace(":", "-")

@@ -115,10 +115,9 @@ def test_fit_on_sampled_targets_and_what_it_refuses(tmp_path, llama_dir, corpus,
     store = tmp_path / "s"
     dump(DumpConfig(teachers=(f"a={llama_dir}",), data=str(corpus), out=str(store), top_k=4, targets="both", samples=6, seq_len=32,
                     max_tokens=600, shard_sequences=8, progress=False))
-    student = tmp_path / "student.json"
-    student.write_text(json.dumps({"model_type": "llama", "vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64,
-                                   "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 2,
-                                   "max_position_embeddings": 64, "tie_word_embeddings": False}))
+    from helpers import tiny_student
+
+    student = tiny_student(tmp_path / "student.json", tokenizer)
     base = ["fit", "--logits", str(store), "--student", str(student), "--max-steps", "2", "--batch-size", "4", "-q"]
     r = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "run")])
     assert r.exit_code == 0, r.output
