@@ -168,6 +168,8 @@ class DistillDataset(EpochOrder, IterableDataset):
         self.teachers: list[tuple[int, str]] = [(si, name) for si, s in enumerate(self.stores) for name in s.teachers]
         #: per teacher, its ``sampled`` manifest entry (--targets sampled|both) or None
         self.sampled = [self.stores[si].teacher(name).get("sampled") for si, name in self.teachers]
+        #: per teacher: its -inf entries are absent ones (adaptive k or sampled targets; FORMAT.md, "Version 4")
+        self.absent = [s is not None or "top_p" in self.stores[si].teacher(name) for s, (si, name) in zip(self.sampled, self.teachers)]
         refuse_repeated_teachers(self.urls, self.stores, self.teachers, "--logits ")
         names = [n for _, n in self.teachers]
         self.teacher_names = [n if names.count(n) == 1 else f"{self.urls[si]}:{n}" for si, n in self.teachers]
@@ -343,8 +345,8 @@ class DistillDataset(EpochOrder, IterableDataset):
             for t in per_teacher:
                 stacked = {k: np.stack(v) for k, v in t.items()}  # [B, L(, k)]
                 cached.append({k: v.reshape(B * L, *v.shape[2:]) for k, v in stacked.items()})
-            for c, s, (si, name) in zip(cached, self.sampled, self.teachers):  # targets.py reads these
-                c["absent"] = s is not None or "top_p" in self.stores[si].teacher(name)  # -inf entries are absent
+            for c, s, absent in zip(cached, self.sampled, self.absent):  # targets.py reads these
+                c["absent"] = absent
                 if s:  # sampled targets: the estimator's weights
                     c["proposal_temperature"] = s["proposal_temperature"]
             for k, v in build_targets(cached, self.vocab_size).items():

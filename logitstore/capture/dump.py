@@ -266,8 +266,10 @@ def _run_teacher(cfg: DumpConfig, spec: TeacherSpec, part: str, todo: list[int],
     (--hidden-layers). Returns (load seconds, forward seconds, tokens run)."""
     t_load = time.perf_counter()
     model = spec.load_model(device, dtype, _placement(cfg, par, ranks))
+    smp = sampler(cfg)
     runner = TeacherRunner(model, vocab, cfg.top_k, capture=HiddenCapture(hidden, output_device(model)) if hidden else None,
-                           sampler=None if sampler(cfg) is None else replace(sampler(cfg), salt=part))
+                           sampler=None if smp is None else replace(smp, salt=part))
+    absent = bool(version4_fields(cfg))  # adaptive k and sampled targets hold absent entries
     load_seconds = time.perf_counter() - t_load
     mid = model_identity(model, dtype)
     tokens_run = 0
@@ -291,7 +293,7 @@ def _run_teacher(cfg: DumpConfig, spec: TeacherSpec, part: str, todo: list[int],
                      "lm_head": runner.lm_head_path, **mid}
             if par.writer:
                 bg.submit(lambda j=j, res=res, stats=stats, trained=trained:
-                          _write_teacher_part(pw, encoding, vocab, j, part, res, stats, trained))
+                          _write_teacher_part(pw, encoding, vocab, j, part, res, stats, trained, absent))
             tokens_run += int(lens.sum())
     forward = runner.forward_seconds
     del model, runner
@@ -336,16 +338,16 @@ def _run_shard(runner: TeacherRunner, input_ids: np.ndarray, lengths: np.ndarray
 
 
 def _write_teacher_part(pw: PartWriter, encoding: Encoding, vocab: int, j: int, part: str, res: dict, stats: dict,
-                        trained: np.ndarray | None = None) -> None:
-    pw.write(j, part, encode_teacher_part(encoding, vocab, res, trained, absent="sum_entries" in stats or "counts" in res),
-             {"stats": stats})
+                        trained: np.ndarray | None = None, absent: bool = False) -> None:
+    pw.write(j, part, encode_teacher_part(encoding, vocab, res, trained, absent), {"stats": stats})
 
 
 def version4_fields(cfg: DumpConfig) -> dict:
     """A teacher entry's adaptive-k (``top_p``, ``min_k``) or sampled-target (``sampled``; ``k`` = the
     entries per position) fields (FORMAT.md, "Version 4"); {} for plain top-k."""
-    if sampler(cfg) is not None:
-        return {"k": sampler(cfg).width(cfg.top_k), "sampled": sampler(cfg).entry(cfg.top_k)}
+    smp = sampler(cfg)
+    if smp is not None:
+        return {"k": smp.width(cfg.top_k), "sampled": smp.entry(cfg.top_k)}
     return {} if cfg.top_p is None else {"top_p": float(cfg.top_p), "min_k": cfg.min_k}
 
 

@@ -51,14 +51,17 @@ def build_targets(teachers: list[dict], vocab_size: int) -> dict[str, np.ndarray
     contributes the estimator's weights and nothing off its entries (its tail is what the draws estimate)."""
     N = teachers[0]["ids"].shape[0]
     V = vocab_size
-    # each teacher's most probable id (by its own log-probs, before sampled weights): top-1 agreement
-    top1 = np.stack([np.take_along_axis(t["ids"], t["logprobs"].argmax(1)[:, None], 1)[:, 0].astype(np.int64)
-                     if t["ids"].shape[1] else np.zeros(N, np.int64) for t in teachers])
-    teachers = [{**t, "logprobs": sampled_weights(t)} if "counts" in t else t for t in teachers]
-    present = [~np.isneginf(t["logprobs"]) if t.get("absent") or "counts" in t else np.ones(t["logprobs"].shape, bool)
-               for t in teachers]  # False: an absent entry
-    ragged = not all(p.all() for p in present)
-    ids_of = [np.where(p, t["ids"].astype(np.int64), V) if ragged else t["ids"].astype(np.int64) for t, p in zip(teachers, present)]
+    extra = {}
+    if any("counts" in t for t in teachers):  # sampled weights replace the log-probs: keep each teacher's top-1
+        extra["teacher_top1"] = np.stack([np.take_along_axis(t["ids"], t["logprobs"].argmax(1)[:, None], 1)[:, 0].astype(np.int64)
+                                          for t in teachers])
+        teachers = [{**t, "logprobs": sampled_weights(t)} if "counts" in t else t for t in teachers]
+    # absent entries (-inf, only for teachers that declare them) become the sentinel id V
+    holes = [np.isneginf(t["logprobs"]) if t.get("absent") or "counts" in t else None for t in teachers]
+    ragged = any(h is not None and h.any() for h in holes)
+    present = [~h if h is not None else np.ones(t["ids"].shape, bool) for t, h in zip(teachers, holes)] if ragged else None
+    ids_of = [np.where(p, t["ids"].astype(np.int64), V) for t, p in zip(teachers, present)] if ragged else \
+        [t["ids"].astype(np.int64) for t in teachers]
     all_ids = np.concatenate(ids_of, axis=1)  # [N, sum k]; absent entries as the sentinel V
     s = np.sort(all_ids, axis=1)
     dup = np.zeros_like(s, dtype=bool)
@@ -86,4 +89,4 @@ def build_targets(teachers: list[dict], vocab_size: int) -> dict[str, np.ndarray
         teacher_lp[m] = np.where(found, lp_sorted.ravel()[pos].reshape(N, K), rest[m][:, None])
         teacher_lp[m][~valid] = -np.inf
     return {"support": support, "valid": valid, "teacher_lp": teacher_lp, "rest_lp": rest,
-            "n_out": (V - u).astype(np.float32), "teacher_top1": top1}
+            "n_out": (V - u).astype(np.float32), **extra}

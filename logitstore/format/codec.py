@@ -158,11 +158,11 @@ class Encoding:
             raise FormatError(f"logprobs: expected values in [-inf, 0], found max {float(logprobs.max())!r} "
                               f"(NaN or a positive log-prob would be stored as a valid-looking value)")
         out = {}
-        absent = np.isneginf(logprobs) if absent else np.zeros(logprobs.shape, bool)  # FORMAT.md, "Absent entries"
-        any_absent = bool(absent.any())
+        holes = np.isneginf(logprobs) if absent else None  # FORMAT.md, "Version 4": absent entries
+        any_absent = holes is not None and bool(holes.any())
         # Rank ids by frequency inside this part: frequent ids get small ranks, so gaps between the
         # sorted ranks of one position are small and compress well.
-        counts = np.bincount(ids[~absent] if any_absent else ids.ravel(), minlength=vocab_size)
+        counts = np.bincount(ids[~holes] if any_absent else ids.ravel(), minlength=vocab_size)
         used = np.flatnonzero(counts)
         id_order = used[np.argsort(-counts[used], kind="stable")].astype(idt)
         rank = np.zeros(vocab_size, dtype=idt)
@@ -170,9 +170,9 @@ class Encoding:
         r = rank[ids]
         lp = logprobs.astype(np.float32, copy=False)
         if any_absent:  # absent entries sort last; their value is the row's smallest, so no bound moves
-            r = np.where(absent, vocab_size, r.astype(np.int64))
-            row_min = np.where(absent, np.float32(np.inf), lp).min(axis=-1, keepdims=True)
-            lp = np.where(absent, np.where(np.isfinite(row_min), row_min, np.float32(0)), lp)
+            r = np.where(holes, vocab_size, r.astype(np.int64))
+            row_min = np.where(holes, np.float32(np.inf), lp).min(axis=-1, keepdims=True)
+            lp = np.where(holes, np.where(np.isfinite(row_min), row_min, np.float32(0)), lp)
         perm = np.argsort(r, axis=-1, kind="stable")
         r = np.take_along_axis(r, perm, axis=-1)
         lp = np.take_along_axis(lp, perm, axis=-1)
@@ -180,7 +180,8 @@ class Encoding:
         deltas[:, 0] = r[:, 0] if not any_absent else np.where(r[:, 0] < vocab_size, r[:, 0], 0)
         np.subtract(r[:, 1:], r[:, :-1], out=deltas[:, 1:], casting="unsafe")
         if any_absent:
-            deltas[np.take_along_axis(absent, perm, axis=-1)] = 0
+            holes = np.take_along_axis(holes, perm, axis=-1)  # in stored order from here on
+            deltas[holes] = 0
         out["id_order"] = id_order
         out["ids"] = deltas
         if self.codebook == "companded":
@@ -200,7 +201,7 @@ class Encoding:
             out["codes"] = np.clip(q, 0, self.levels).astype(np.uint8)
             out["lp_lo"], out["lp_hi"] = lo_q, hi_q
         if any_absent:
-            out["codes"][np.take_along_axis(absent, perm, axis=-1)] = 0
+            out["codes"][holes] = 0
         if draws is not None:
             out["counts"] = np.take_along_axis(draws, perm, axis=-1).astype(np.uint8)
         if self.tail == "log":
@@ -242,9 +243,9 @@ class Encoding:
             logprobs *= step[:, None]
             logprobs += lo[:, None]
         if absent and arrays["ids"].shape[-1] > 1:  # a zero delta after the first entry is an absent entry (adaptive k)
-            absent = arrays["ids"][:, 1:] == 0
-            if absent.any():
-                logprobs[:, 1:][absent] = -np.inf
+            holes = arrays["ids"][:, 1:] == 0
+            if holes.any():
+                logprobs[:, 1:][holes] = -np.inf
         scalars = {
             "tail_mass": decode_tail(arrays["tail_nlog"]) if self.tail == "log" else arrays["tail_mass"].astype(np.float32),
             "gold_logprob": arrays["gold_logprob"].astype(np.float32) * np.float32(-1.0 / SCALAR_SCALE),

@@ -158,21 +158,22 @@ class BackgroundWriter:
 
 def encode_teacher_part(encoding: Encoding, vocab: int, res: dict, trained: np.ndarray | None = None,
                         absent: bool = False) -> dict[str, np.ndarray]:
-    # sampled targets (FORMAT.md "Sampled targets"): per-entry counts follow the entries, log_z is per position
     """The arrays of a teacher part from ``ids``/``logprobs`` [n, L, k] (log-probs descending) and
     ``tail_mass``, ``gold_logprob``, ``entropy`` [n, L]; with ``trained`` [n, L] bool, only those
     positions, as ``[P, ...]`` rows in sequence-major order (FORMAT.md, trained-only targets).
     ``hidden_{layer}`` [n, L, dim] arrays in ``res`` (--hidden-layers) are stored alongside, the same rows.
-    ``absent``: ``-inf`` log-probs are absent entries (adaptive k)."""
-    hidden = {name: v for name, v in res.items() if name.startswith("hidden_")}  # [n, L, dim] uint16 (--hidden-layers)
-    if trained is not None:
-        enc = encoding.encode(res["ids"][trained], res["logprobs"][trained], {s: res[s][trained] for s in SCALARS}, vocab, absent,
-                              res["counts"][trained] if "counts" in res else None)
-        extra = {"log_z": res["log_z"][trained].astype(np.float32)} if "log_z" in res else {}
-        return {**enc, **extra, **{name: v[trained] for name, v in hidden.items()}}
+    ``absent``: ``-inf`` log-probs are absent entries (adaptive k, sampled targets). Sampled targets'
+    ``counts`` [n, L, k] follow the entries into their stored order; ``log_z`` [n, L] is stored as it is."""
     n, L, k = res["ids"].shape
-    scal = {s: res[s].reshape(-1) for s in SCALARS}
-    enc = encoding.encode(res["ids"].reshape(n * L, k), res["logprobs"].reshape(n * L, k), scal, vocab, absent,
-                          res["counts"].reshape(n * L, k) if "counts" in res else None)
-    extra = {"log_z": res["log_z"].astype(np.float32)} if "log_z" in res else {}
-    return {**{name: (v if name == "id_order" else v.reshape(n, L, *v.shape[1:])) for name, v in enc.items()}, **extra, **hidden}
+
+    def rows(v: np.ndarray) -> np.ndarray:  # [n, L, ...] -> the stored positions, flat
+        return v[trained] if trained is not None else v.reshape(n * L, *v.shape[2:])
+
+    enc = encoding.encode(rows(res["ids"]), rows(res["logprobs"]), {s: rows(res[s]) for s in SCALARS}, vocab, absent,
+                          rows(res["counts"]) if "counts" in res else None)
+    enc.update({name: rows(v) for name, v in res.items() if name.startswith("hidden_")})  # [.., dim] uint16 (--hidden-layers)
+    if "log_z" in res:
+        enc["log_z"] = rows(res["log_z"]).astype(np.float32)
+    if trained is not None:  # trained positions only: [P, ...] rows
+        return enc
+    return {name: (v if name == "id_order" else v.reshape(n, L, *v.shape[1:])) for name, v in enc.items()}
