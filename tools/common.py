@@ -119,3 +119,26 @@ def tiny_bpe_tokenizer(texts: list[str], vocab_size: int):
                                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                                                show_progress=False))
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+
+
+def _one_thread() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def run_jobs(fn, jobs: list, workers: int = 2):
+    """Independent runs (one experiment arm and seed each), ``workers`` at a time and one thread each;
+    yields ``fn(job)`` in job order as they finish. Spawned processes read ``OMP_NUM_THREADS`` when
+    they import torch."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    os.environ["OMP_NUM_THREADS"] = "1"
+    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"), initializer=_one_thread) as pool:
+        yield from pool.map(fn, jobs)
+
+
+def half_range(values) -> float:
+    """Half the range of ``values``: the "±" of the experiments' tables."""
+    return (max(values) - min(values)) / 2

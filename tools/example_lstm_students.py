@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from common import DATA_TRAIN, DATA_VAL, ROOT, machine, print_table, smollm2_dir, write_json
+from common import DATA_TRAIN, DATA_VAL, ROOT, half_range, machine, print_table, smollm2_dir, write_json
 
 
 class LSTMLM(torch.nn.Module):
@@ -141,7 +141,7 @@ def summary(rows: list[dict], metrics: list[str]) -> list[dict]:
         row = {"arm": arm, "seeds": len(rs)}
         for k in metrics:
             vals = [r[k] for r in rs]
-            row[k], row[f"{k} ±"] = statistics.mean(vals), (max(vals) - min(vals)) / 2
+            row[k], row[f"{k} ±"] = statistics.mean(vals), half_range(vals)
         out.append(row)
     return out
 

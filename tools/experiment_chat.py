@@ -29,11 +29,9 @@ import os
 import shutil
 import statistics
 import time
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
 from pathlib import Path
 
-from common import ROOT, machine, print_table, smollm2_dir, write_json, write_student
+from common import ROOT, half_range, machine, print_table, run_jobs, smollm2_dir, write_json, write_student
 
 DATA = ROOT / "data"
 
@@ -62,11 +60,6 @@ def prepare(args, out: Path) -> dict:
         print(f"store {key}: {sm['tokens']:,} tokens, {trained:,} trained, {sm['total_bytes'] / 1e6:.2f} MB", flush=True)
     return {"stores": stores, "info": info}
 
-
-def _init_worker() -> None:
-    import torch
-
-    torch.set_num_threads(1)
 
 
 def run_arm(job: dict) -> dict:
@@ -130,16 +123,14 @@ def main() -> None:
     jobs = [{"arm": arm, "alpha": alpha, "seed": s, "run_dir": str(out / "runs" / f"{arm}-seed{s}"), "stores": prep["stores"],
              "student": str(student), "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr}
             for arm, alpha in (("ce", 0.0), ("kd", 0.5)) for s in args.seeds]
-    os.environ["OMP_NUM_THREADS"] = "1"
     results = []
-    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=get_context("spawn"), initializer=_init_worker) as pool:
-        for r in pool.map(run_arm, jobs):
-            print(f"  {r['arm']} seed {r['seed']}: val CE {r['val_ce']:.3f} ({r['fit_s']:.0f} s)", flush=True)
-            results.append(r)
+    for r in run_jobs(run_arm, jobs, args.jobs):
+        print(f"  {r['arm']} seed {r['seed']}: val CE {r['val_ce']:.3f} ({r['fit_s']:.0f} s)", flush=True)
+        results.append(r)
     rows = []
     for arm in ("ce", "kd"):
         ces = [r["val_ce"] for r in results if r["arm"] == arm]
-        rows.append({"arm": arm, "seeds": len(ces), "val CE (assistant)": statistics.mean(ces), "± (half range)": (max(ces) - min(ces)) / 2,
+        rows.append({"arm": arm, "seeds": len(ces), "val CE (assistant)": statistics.mean(ces), "± (half range)": half_range(ces),
                      "KL(A||student)": statistics.mean(r["kl_to_A"] for r in results if r["arm"] == arm),
                      "top-1 agree A": statistics.mean(r["top1_agree_A"] for r in results if r["arm"] == arm)})
     info = prep["info"]

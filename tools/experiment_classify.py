@@ -31,7 +31,7 @@ import statistics
 import time
 from pathlib import Path
 
-from common import DATA_TRAIN, DATA_VAL, ROOT, cache_dir, machine, print_table, write_json
+from common import DATA_TRAIN, DATA_VAL, ROOT, cache_dir, half_range, machine, print_table, write_json
 
 LABELS = ["tutorial", "howto", "faq"]
 STUDENT = {"model_type": "bert", "hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 512,
@@ -183,7 +183,7 @@ def main() -> None:
     for name, _ in arms:
         rs = [r for r in results if r["arm"] == name]
         acc = [r["accuracy"] for r in rs]
-        rows.append({"model": f"student: {name}", "accuracy": statistics.mean(acc), "± (half range)": (max(acc) - min(acc)) / 2,
+        rows.append({"model": f"student: {name}", "accuracy": statistics.mean(acc), "± (half range)": half_range(acc),
                      "macro-F1": statistics.mean(r["macro_f1"] for r in rs), "val CE": statistics.mean(r["ce"] for r in rs)})
     print()
     print_table(rows)

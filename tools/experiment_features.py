@@ -20,11 +20,9 @@ import os
 import shutil
 import statistics
 import time
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
 from pathlib import Path
 
-from common import DATA_TRAIN, DATA_VAL, ROOT, machine, print_table, smollm2_dir, write_json, write_student
+from common import DATA_TRAIN, DATA_VAL, ROOT, half_range, machine, print_table, run_jobs, smollm2_dir, write_json, write_student
 
 DIMS = (576, 256, 64)
 LAYERS = "15,30"
@@ -87,11 +85,6 @@ def _split_bytes(store) -> tuple[int, int]:
     return hidden, targets
 
 
-def _init_worker() -> None:
-    import torch
-
-    torch.set_num_threads(1)
-
 
 def run_arm(job: dict) -> dict:
     from trainer.config import FitConfig
@@ -138,18 +131,16 @@ def main() -> None:
              "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr} for i, arm in enumerate(arm_list) for s in args.seeds]
     print(f"{len(jobs)} runs ({len(arm_list)} arms x {len(args.seeds)} seeds), {args.steps} steps of {args.batch_size} x {args.seq_len}",
           flush=True)
-    os.environ["OMP_NUM_THREADS"] = "1"
     results = []
-    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=get_context("spawn"), initializer=_init_worker) as pool:
-        for r in pool.map(run_arm, jobs):
-            print(f"  {r['arm']:<20} seed {r['seed']}: val CE {r['val_ce']:.3f} ({r['train_s']:.0f} s)", flush=True)
-            results.append(r)
+    for r in run_jobs(run_arm, jobs, args.jobs):
+        print(f"  {r['arm']:<20} seed {r['seed']}: val CE {r['val_ce']:.3f} ({r['train_s']:.0f} s)", flush=True)
+        results.append(r)
     rows = []
     for arm in arm_list:
         rs = [r for r in results if r["arm"] == arm["name"]]
         ces = [r["val_ce"] for r in rs]
         fl = [r["feature_last"] / r["feature_first"] for r in rs if r.get("feature_first")]
-        rows.append({"arm": arm["name"], "seeds": len(rs), "val CE": statistics.mean(ces), "± (half range)": (max(ces) - min(ces)) / 2,
+        rows.append({"arm": arm["name"], "seeds": len(rs), "val CE": statistics.mean(ces), "± (half range)": half_range(ces),
                      "KL(A||student)": statistics.mean(r["kl_to_A"] for r in rs),
                      "feature loss last/first": statistics.mean(fl) if fl else None,
                      "train s/run": statistics.mean(r["train_s"] for r in rs)})

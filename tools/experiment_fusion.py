@@ -33,11 +33,9 @@ import os
 import shutil
 import statistics
 import time
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
 from pathlib import Path
 
-from common import DATA_TRAIN, DATA_VAL, ROOT, machine, print_table, smollm2_dir, write_json, write_student
+from common import DATA_TRAIN, DATA_VAL, ROOT, half_range, machine, print_table, run_jobs, smollm2_dir, write_json, write_student
 from train_code_teacher import code_teacher_dir
 
 CODE_TRAIN = ROOT / "data" / "pystdlib-train.jsonl"
@@ -137,11 +135,6 @@ def teacher_scores(stores: dict, tau: float) -> list[dict]:
     return rows
 
 
-def _init_worker() -> None:
-    import torch
-
-    torch.set_num_threads(1)
-
 
 def domain_ce(model_dir: Path, seq_len: int, val_tokens: int) -> dict:
     """Mean nats per predicted token of the student on each domain's held-out text."""
@@ -191,7 +184,7 @@ def summarise(results: list[dict], arm_list: list[dict]) -> list[dict]:
         row = {"arm": arm["name"], "seeds": len(rs)}
         for d in ("prose", "code", "overall"):
             v = [r[f"val CE {d}"] for r in rs]
-            row[f"{d} CE"], row[f"{d} ±"] = statistics.mean(v), (max(v) - min(v)) / 2
+            row[f"{d} CE"], row[f"{d} ±"] = statistics.mean(v), half_range(v)
         rows.append(row)
     return rows
 
@@ -263,13 +256,11 @@ def main() -> None:
             for i, arm in enumerate(arm_list) for s in args.seeds]
     print(f"\n{len(jobs)} runs ({len(arm_list)} arms x {len(args.seeds)} seeds), {args.steps} steps of {args.batch_size} x "
           f"{args.seq_len} tokens, {args.jobs} at a time", flush=True)
-    os.environ["OMP_NUM_THREADS"] = "1"
     results = []
-    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=get_context("spawn"), initializer=_init_worker) as pool:
-        for i, r in enumerate(pool.map(run_arm, jobs), 1):
-            print(f"  [{i}/{len(jobs)}] {r['arm']:<12} seed {r['seed']}: prose {r['val CE prose']:.3f}  code {r['val CE code']:.3f}  "
-                  f"overall {r['val CE overall']:.3f}  ({r['train_s']:.0f} s)", flush=True)
-            results.append(r)
+    for i, r in enumerate(run_jobs(run_arm, jobs, args.jobs), 1):
+        print(f"  [{i}/{len(jobs)}] {r['arm']:<12} seed {r['seed']}: prose {r['val CE prose']:.3f}  code {r['val CE code']:.3f}  "
+              f"overall {r['val CE overall']:.3f}  ({r['train_s']:.0f} s)", flush=True)
+        results.append(r)
     rows = summarise(results, arm_list)
     print()
     print_table(rows)

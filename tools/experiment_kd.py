@@ -30,11 +30,9 @@ import os
 import shutil
 import statistics
 import time
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
 from pathlib import Path
 
-from common import DATA_TRAIN, DATA_VAL, ROOT, machine, print_table, smollm2_dir, write_json, write_student
+from common import DATA_TRAIN, DATA_VAL, ROOT, half_range, machine, print_table, run_jobs, smollm2_dir, write_json, write_student
 from train_teacher import teacher_b_dir
 
 
@@ -83,12 +81,6 @@ def prepare(args, out: Path) -> dict:
     return {"stores": stores, "store_info": info, "teacher_a": str(a), "teacher_b": str(b) if b else None}
 
 
-def _init_worker() -> None:
-    import torch
-
-    torch.set_num_threads(1)
-
-
 def run_arm(job: dict) -> dict:
     """One (arm, seed) fit; returns its eval curve, final metrics and wall time."""
     from trainer.config import FitConfig
@@ -121,7 +113,7 @@ def summarise(results: list[dict], arm_list: list[dict], store_info: dict) -> li
         used = [n for i, n in enumerate(info.get("teacher B/token", {})) if arm.get("weights") is None or arm["weights"][i] > 0]
         bpt = info["inputs B/token"] + sum(info["teacher B/token"][n] for n in used) if info else None
         rows.append({
-            "arm": arm["name"], "seeds": len(rs), "val CE": statistics.mean(ces), "± (half range)": (max(ces) - min(ces)) / 2,
+            "arm": arm["name"], "seeds": len(rs), "val CE": statistics.mean(ces), "± (half range)": half_range(ces),
             "val ppl": statistics.mean(r["val_ppl"] for r in rs), "KL(A||student)": statistics.mean(r["kl_to_A"] for r in rs),
             "top-1 agree A": statistics.mean(r["top1_agree_A"] for r in rs), "train s/run": statistics.mean(r["train_s"] for r in rs),
             "cache B/tok": None if arm.get("online") or arm.get("alpha") == 0.0 else bpt,
@@ -180,14 +172,12 @@ def main() -> None:
     jobs.sort(key=lambda j: not j["arm"].get("online"))  # the slow online runs first, so the pool ends together
     print(f"{len(jobs)} runs ({len(arm_list)} arms x {len(args.seeds)} seeds), {args.steps} steps of {args.batch_size} x "
           f"{args.seq_len} tokens, {args.jobs} at a time", flush=True)
-    os.environ["OMP_NUM_THREADS"] = "1"  # read by torch when a worker imports it
     results = []
     t_fit = time.perf_counter()
-    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=get_context("spawn"), initializer=_init_worker) as pool:
-        for r in pool.map(run_arm, jobs):
-            print(f"  {r['arm']:<24} seed {r['seed']}: val CE {r['val_ce']:.3f}  top-1 agree A {r['top1_agree_A']:.3f}  "
-                  f"({r['train_s']:.0f} s)", flush=True)
-            results.append(r)
+    for r in run_jobs(run_arm, jobs, args.jobs):
+        print(f"  {r['arm']:<24} seed {r['seed']}: val CE {r['val_ce']:.3f}  top-1 agree A {r['top1_agree_A']:.3f}  "
+              f"({r['train_s']:.0f} s)", flush=True)
+        results.append(r)
     fit_s = time.perf_counter() - t_fit
     rows = summarise(results, arm_list, prep["store_info"])
     print()

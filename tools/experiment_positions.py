@@ -17,12 +17,9 @@ import os
 import shutil
 import statistics
 import time
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
 from pathlib import Path
 
-from common import DATA_TRAIN, DATA_VAL, ROOT, machine, print_table, smollm2_dir, write_json, write_student
-from experiment_kd import _init_worker
+from common import DATA_TRAIN, DATA_VAL, ROOT, half_range, machine, print_table, run_jobs, smollm2_dir, write_json, write_student
 
 ARMS = ("all", "teacher-entropy:0.5", "teacher-entropy:0.25", "student-entropy:0.5", "student-entropy:0.25")
 
@@ -60,14 +57,12 @@ def main() -> None:
     student = write_student(out, str(val), 128)
     jobs = [{"arm": a, "seed": s, "run_dir": str(out / "runs" / f"{i}-seed{s}"), "train": str(train), "val": str(val),
              "student": str(student), "steps": args.steps} for i, a in enumerate(ARMS) for s in args.seeds]
-    os.environ["OMP_NUM_THREADS"] = "1"
-    with ProcessPoolExecutor(max_workers=2, mp_context=get_context("spawn"), initializer=_init_worker) as pool:
-        results = list(pool.map(run, jobs))
+    results = list(run_jobs(run, jobs, 2))
     rows = []
     for a in ARMS:
         rs = [r for r in results if r["arm"] == a]
         ces = [r["val_ce"] for r in rs]
-        rows.append({"kd positions": a, "seeds": len(rs), "val CE": statistics.mean(ces), "± (half range)": (max(ces) - min(ces)) / 2,
+        rows.append({"kd positions": a, "seeds": len(rs), "val CE": statistics.mean(ces), "± (half range)": half_range(ces),
                      "KL(A||student)": statistics.mean(r["kl"] for r in rs), "s/step": statistics.mean(r["step_s"] for r in rs)})
     print(f"machine: {machine()}")
     print_table(rows)

@@ -17,12 +17,10 @@ import argparse
 import os
 import statistics
 import time
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
 from pathlib import Path
 
-from common import DATA_TRAIN, DATA_VAL, ROOT, machine, print_table, smollm2_dir, write_json, write_student
-from experiment_kd import _init_worker, run_arm
+from common import DATA_TRAIN, DATA_VAL, ROOT, half_range, machine, print_table, run_jobs, smollm2_dir, write_json, write_student
+from experiment_kd import run_arm
 
 STORES = {"top-8": {"top_k": 8}, "top-16": {"top_k": 16}, "top-32": {"top_k": 32},
           "top-p 0.9, k <= 64": {"top_k": 64, "top_p": 0.9}, "12 samples": {"targets": "sampled", "samples": 12},
@@ -60,15 +58,13 @@ def main() -> None:
     jobs = [{"arm": {"name": name, "store": name, "alpha": 0.5}, "seed": s, "run_dir": str(out / "runs" / f"{i}-seed{s}"),
              "stores": stores, "student": str(student), "teacher_a": str(a), "steps": args.steps, "batch_size": 4, "lr": 2e-3}
             for i, name in enumerate(STORES) for s in args.seeds]
-    os.environ["OMP_NUM_THREADS"] = "1"
-    with ProcessPoolExecutor(max_workers=2, mp_context=get_context("spawn"), initializer=_init_worker) as pool:
-        results = list(pool.map(run_arm, jobs))
+    results = list(run_jobs(run_arm, jobs, 2))
     rows = []
     for name in STORES:
         rs = [r for r in results if r["arm"] == name]
         ces = [r["val_ce"] for r in rs]
         rows.append({"store": name, "teacher B/token": info[name]["teacher B/token"], "seeds": len(rs),
-                     "val CE": statistics.mean(ces), "± (half range)": (max(ces) - min(ces)) / 2,
+                     "val CE": statistics.mean(ces), "± (half range)": half_range(ces),
                      "KL(A||student)": statistics.mean(r["kl_to_A"] for r in rs)})
     print(f"\nmachine: {machine()}")
     print_table(rows)
