@@ -130,3 +130,10 @@ def test_version_3_stores_may_not_hold_adaptive_teachers(tmp_path, llama_dir, co
     m["format_version"] = 3
     with pytest.raises(FormatError, match="version-4 field"):
         validate_manifest(m, "manifest.json")
+
+
+def test_entries_counted_are_the_held_ones_when_min_k_keeps_a_masked_id():
+    lp = np.array([[[-0.01, -np.inf, -np.inf], [-1.0, -1.2, -np.inf]]], np.float32)
+    res = {"ids": np.array([[[0, 1, 2], [0, 1, 2]]]), "logprobs": lp, "tail_mass": np.zeros((1, 2), np.float32)}
+    out = truncate_top_p(res, 0.5, 3, np.ones((1, 2), bool))
+    assert out["n_entries"].tolist() == [[1, 2]]  # min_k = 3 keeps slots, but a -inf one holds nothing

@@ -173,3 +173,23 @@ def test_minus_inf_is_absent_only_for_teachers_that_say_so():
     t = {"ids": np.array([[0, 1]]), "logprobs": lp, "tail_mass": np.array([0.9], np.float32)}
     plain, ragged = build_targets([t], 5), build_targets([{**t, "absent": True}], 5)
     assert plain["valid"].sum() == 2 and ragged["valid"].sum() == 1
+
+
+def test_the_sampler_works_a_bounded_number_of_rows_at_a_time(monkeypatch):
+    """Above SAMPLE_BYTES per [rows, V] copy the rows are drawn in blocks: the same fields, shapes and
+    per-row invariants as one block."""
+    import logitstore.capture.sampled_targets as smod
+
+    torch.manual_seed(3)
+    V, N = 50, 37
+    logits = torch.randn(N, V) * 2
+    st = topk_stats(logits, K, V, None)
+    whole = Sampler("both", S)(logits, dict(st), V, torch.Generator().manual_seed(0))
+    monkeypatch.setattr(smod, "SAMPLE_BYTES", 4 * V * 5)  # 5 rows at a time: 8 blocks, the last one short
+    blocks = Sampler("both", S)(logits, dict(st), V, torch.Generator().manual_seed(0))
+    assert whole.keys() == blocks.keys()
+    for key in whole:
+        assert whole[key].shape == blocks[key].shape, key
+    assert (blocks["counts"].sum(-1) == S).all()
+    torch.testing.assert_close(blocks["log_z"], whole["log_z"])  # deterministic per row
+    torch.testing.assert_close(blocks["ids"][:, :K], st["ids"])  # the exact top-k first

@@ -29,5 +29,6 @@ def truncate_top_p(res: dict, top_p: float, min_k: int, valid: np.ndarray) -> di
     res = dict(res)
     res["logprobs"] = np.where(drop, np.float32(-np.inf), lp).astype(np.float32)
     res["tail_mass"] = np.minimum(res["tail_mass"].astype(np.float64) + dropped, 1.0).astype(np.float32)
-    res["n_entries"] = np.where(valid, n_t, 0).astype(np.int32)
+    held = np.minimum(n_t, np.isfinite(lp).sum(-1))  # a masked-vocabulary -inf kept by min_k is absent too
+    res["n_entries"] = np.where(valid, held, 0).astype(np.int32)
     return res

@@ -26,6 +26,8 @@ import torch
 from logitstore.distributions.sampled import draw
 
 MODES = ("topk", "sampled", "both")
+#: bytes of one float32 [rows, V] copy the sampler works on at a time (see Sampler.__call__)
+SAMPLE_BYTES = 256 << 20
 
 
 @dataclass(frozen=True)
@@ -50,7 +52,17 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, st: dict, vocab_size: int, gen: torch.Generator) -> dict:
         """``logits`` [n, V_model] of ``n`` positions, ``st`` their top-k statistics; returns ``st`` with
-        ``ids``/``logprobs`` [n, width], ``counts`` [n, width] (int32), ``log_z`` [n] and the held tail."""
+        ``ids``/``logprobs`` [n, width], ``counts`` [n, width] (int32), ``log_z`` [n] and the held tail.
+        Memory: drawing holds about six float32 ``[rows, V]`` copies, so rows go ``SAMPLE_BYTES`` of
+        one copy at a time (256 MiB: 256 rows of a 262,144-token vocabulary, 1.5 GiB in all)."""
+        rows = max(1, SAMPLE_BYTES // (4 * vocab_size))
+        if logits.shape[0] <= rows:
+            return self._draw(logits, st, vocab_size, gen)
+        parts = [self._draw(logits[a:a + rows], {k: v[a:a + rows] for k, v in st.items()}, vocab_size, gen)
+                 for a in range(0, logits.shape[0], rows)]
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+    def _draw(self, logits: torch.Tensor, st: dict, vocab_size: int, gen: torch.Generator) -> dict:
         lp = torch.log_softmax(logits[:, :vocab_size].float(), dim=-1)  # [n, V]
         exclude = st["ids"] if self.mode == "both" else None
         d = draw(lp, self.samples, self.proposal_temperature, gen, exclude=exclude)

@@ -187,10 +187,13 @@ class Encoding:
         if self.codebook == "companded":
             # offsets from the position's bottom code: most entries of a top-k sit near its bottom, so
             # these cluster near 0 and entropy-code better than distances from the top (measured 20% smaller)
-            dist = cb.distance(lp, self.value_bits)
-            code_lo = dist.max(axis=-1) if dist.size else np.zeros(dist.shape[0], np.int64)
-            out["codes"] = (code_lo[:, None] - dist).astype(np.uint16)
-            out["code_lo"] = code_lo.astype(np.uint32)
+            # a block of rows at a time: distance() holds three float64/int64 copies of its input
+            codes, code_lo = np.empty(lp.shape, np.uint16), np.zeros(lp.shape[0], np.uint32)
+            for a in range(0, lp.shape[0], _ENCODE_ROWS):
+                dist = cb.distance(lp[a:a + _ENCODE_ROWS], self.value_bits)
+                lo = dist.max(axis=-1)
+                codes[a:a + _ENCODE_ROWS], code_lo[a:a + _ENCODE_ROWS] = lo[:, None] - dist, lo
+            out["codes"], out["code_lo"] = codes, code_lo
         else:
             # Per-position affine quantisation. The bounds are rounded outwards to the 1/64-nat grid, so
             # every value lies inside [lo, hi] and the error bound holds for the stored bounds.
@@ -319,6 +322,8 @@ def tail_error_bound(tail: np.ndarray, encoding: "Encoding") -> np.ndarray:
     return np.where(t >= 2.0**-14, 2.0**-11 * t, 2.0**-25)
 
 
+#: rows per block of the companded encode (16,384 x 128 entries: 16 MiB per float64 copy)
+_ENCODE_ROWS = 16384
 #: rows per block when decoding ids: the rank buffer stays in cache (1.4x faster than whole arrays)
 _DECODE_ROWS = 4096
 
